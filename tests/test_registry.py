@@ -1,0 +1,92 @@
+import inspect
+import re
+
+import pytest
+import torch
+
+import upernet
+from upernet.models import zoo
+
+# Reduced widths/depths so that every variant runs in well under a second on 2 cores.
+SMALL_BACKBONE = {
+    "upernet_convnext_*": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
+    "upernet_r*": {"layers": (1, 1, 1, 1), "channels": (4, 8, 16, 32), "stem_width": 8},
+    "upernet_timm": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
+}
+HEAD = {"channels": 16, "aux_channels": 8}
+
+
+def small_args(name: str) -> dict:
+    import fnmatch
+
+    for pattern, args in SMALL_BACKBONE.items():
+        if fnmatch.fnmatch(name, pattern):
+            return {"backbone_args": args, **HEAD}
+    raise KeyError(f"no reduced-size arguments for {name}: add them to SMALL_BACKBONE")
+
+
+@pytest.mark.parametrize("name", upernet.list_models())
+@pytest.mark.parametrize("aux", [True, False])
+def test_variant_forward_backward(name, aux):
+    torch.manual_seed(0)
+    model = upernet.build_model(name, num_classes=5, aux_head=aux, **small_args(name))
+    assert len(model.backbone.channels) == len(model.backbone.strides) == 4
+    assert model.backbone.strides[0] == 4
+    model.train()
+    images = torch.randn(2, 3, 69, 83)  # odd, not a multiple of 32
+    labels = torch.randint(0, 5, (2, 69, 83))
+    labels[:, :4] = 255
+    outputs = model(images)
+    assert outputs["out"].shape == (2, 5, 69, 83)
+    assert ("aux" in outputs) == aux
+    loss = model.loss(outputs, labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    assert not no_grad, f"parameters without a finite gradient: {no_grad[:10]}"
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert set(out) == {"out"} and torch.isfinite(out["out"]).all()
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(ValueError, match="upernet_convnext_tiny"):
+        upernet.build_model("upernet_convnext_tiy")
+
+
+def test_list_models_pattern():
+    assert upernet.list_models("upernet_r50*") == ["upernet_r50", "upernet_r50_d16", "upernet_r50_d8"]
+
+
+def test_dilated_resnet_strides():
+    two_blocks = {**small_args("upernet_r50_d8"), "backbone_args": {**SMALL_BACKBONE["upernet_r*"], "layers": (1, 1, 2, 2)}}
+    d8 = upernet.build_model("upernet_r50_d8", num_classes=3, **two_blocks)
+    d16 = upernet.build_model("upernet_r50_d16", num_classes=3, **small_args("upernet_r50_d16"))
+    assert d8.backbone.strides == [4, 8, 8, 8]
+    assert d16.backbone.strides == [4, 8, 16, 16]
+    # contract_dilation: the first block of a dilated stage uses half the stage's dilation.
+    stage4 = d8.backbone.body.layer4
+    assert stage4[0].conv2.dilation == (2, 2) and stage4[1].conv2.dilation == (4, 4)
+    assert d8.backbone.body.layer3[0].conv2.dilation == (1, 1) and d8.backbone.body.layer3[1].conv2.dilation == (2, 2)
+    stem = d8.backbone.body.conv1
+    assert [m.out_channels for m in stem if isinstance(m, torch.nn.Conv2d)] == [8, 8, 16]  # deep stem w-w-2w
+
+
+@pytest.mark.parametrize("name,expected_millions", [("upernet_convnext_tiny", 60.2), ("upernet_r50", 66.5)])
+def test_published_parameter_counts(name, expected_millions):
+    with torch.device("meta"):
+        model = upernet.build_model(name, num_classes=150)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(params - expected_millions) < 0.5
+
+
+def test_docstring_args_match_signatures():
+    """Every documented `Args:` entry names a real parameter, and every parameter is documented."""
+    from upernet.models.upernet import FCNHead, UPerHead, UPerNet
+
+    for obj in [UPerNet, UPerHead, FCNHead]:
+        doc = inspect.getdoc(obj)
+        documented = re.findall(r"^    (\w+):", doc.split("Args:")[1], flags=re.M)
+        params = [p for p in inspect.signature(obj.__init__).parameters if p != "self"]
+        assert documented == params, obj.__name__

@@ -1,0 +1,4 @@
+"""Backbones: modules that return 4 feature maps and carry `channels` and `strides` for them."""
+from .timm_backbone import TimmBackbone
+
+__all__ = ["TimmBackbone"]

@@ -1,0 +1,37 @@
+"""A tiny registry: variant functions by name, `build_model` and `list_models`."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a variant under its function name; a name can be registered once."""
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"model {fn.__name__!r} is already registered")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style pattern, sorted."""
+    return sorted(name for name in _MODELS if fnmatch.fnmatch(name, pattern))
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered variant; `kwargs` override its defaults (e.g. `num_classes=19`).
+
+    The name and arguments are kept in `model.config`, so that a saved model rebuilds itself.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `upernet.list_models()`."
+        raise ValueError(f"Unknown model name {name!r}.{hint}")
+    model = _MODELS[name](**kwargs)
+    model.config = {"name": name, "args": kwargs}
+    return model

@@ -1,0 +1,36 @@
+"""Parameter and FLOP counts, measured on the real forward pass."""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1) -> int:
+    """Multiply-adds of one eval-mode forward at `shape`, from torch's FLOP counter (FLOPs / 2).
+
+    Counted: convolutions, matmuls and attention. Not counted (as in mmcv/fvcore, whose counts the
+    published tables report): normalisation, activations, pooling, interpolation, element-wise ops.
+    """
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    x = torch.zeros(batch, 3, *shape, dtype=param.dtype, device=param.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def model_stats(model: torch.nn.Module, shape: tuple[int, int] = (512, 512)) -> dict:
+    def params(module) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    return {
+        "params": params(model),
+        "params_backbone": params(model.backbone),
+        "params_decode_head": params(model.decode_head),
+        "params_aux_head": params(getattr(model, "aux_head", None)),
+        "macs": count_macs(model, shape),
+        "channels": list(model.backbone.channels),
+        "strides": list(model.backbone.strides),
+    }

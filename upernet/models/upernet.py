@@ -1,0 +1,217 @@
+"""UPerNet: a backbone's 4 feature levels -> UPerHead (PPM + FPN + fusion) -> per-pixel logits.
+
+Semantics follow mmsegmentation's `UPerHead` and `FCNHead`, which the published checkpoints
+(mmsegmentation, Hugging Face, InternImage) were trained with.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConvBNReLU(nn.Module):
+    """Conv (no bias) -> BatchNorm -> ReLU, the building block of every UPerNet head."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1):
+        super().__init__()
+        padding = dilation * (kernel_size // 2)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize to an exact (H, W); a no-op when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+class UPerHead(nn.Module):
+    """Pyramid Pooling Module on the last level, FPN top-down path, fusion of all levels.
+
+    Args:
+        in_channels: channels of each backbone level, finest (stride 4) first.
+        num_classes: output classes of the classifier.
+        channels: width of every internal feature map.
+        pool_scales: output sizes of the adaptive average pools of the PPM.
+        dropout: Dropout2d probability before the classifier.
+        align_corners: `align_corners` of every bilinear resize inside the head.
+        ppm_upsample_first: resize pooled maps before their 1x1 conv (CSAIL's order) instead of after.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        align_corners: bool = False,
+        ppm_upsample_first: bool = False,
+    ):
+        super().__init__()
+        self.pool_scales = tuple(pool_scales)
+        self.align_corners = align_corners
+        self.ppm_upsample_first = ppm_upsample_first
+        top = in_channels[-1]
+        self.ppm = nn.ModuleList(ConvBNReLU(top, channels, 1) for _ in self.pool_scales)
+        self.ppm_bottleneck = ConvBNReLU(top + len(self.pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
+        self.fusion = ConvBNReLU(len(in_channels) * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def pyramid_pooling(self, x: torch.Tensor) -> torch.Tensor:
+        """PPM on the stride-32 map: pool to each scale, 1x1 conv, resize back, concat, 3x3 conv."""
+        size = x.shape[-2:]
+        branches = [x]
+        for scale, conv in zip(self.pool_scales, self.ppm):
+            pooled = F.adaptive_avg_pool2d(x, scale)
+            if self.ppm_upsample_first:
+                branches.append(conv(resize(pooled, size, self.align_corners)))
+            else:
+                branches.append(resize(conv(pooled), size, self.align_corners))
+        return self.ppm_bottleneck(torch.cat(branches, dim=1))
+
+    def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All levels -> one stride-4 feature map (before dropout and classifier)."""
+        # Lateral 1x1 convs on levels 1/4, 1/8, 1/16; the PPM output stands for 1/32.
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
+        laterals.append(self.pyramid_pooling(features[-1]))
+
+        # Top-down: 1/32 -> 1/16 -> 1/8 -> 1/4, each coarser map resized and added.
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:], self.align_corners)
+
+        # 3x3 FPN convs on the three finer levels; the PPM level is used as it is.
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+
+        # Every level resized to 1/4, concatenated, fused by a 3x3 conv.
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [resize(o, size, self.align_corners) for o in outs[1:]]
+        return self.fusion(torch.cat(outs, dim=1))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.dropout(self.fuse(features)))
+
+
+class FCNHead(nn.Module):
+    """Auxiliary head: `num_convs` 3x3 ConvBNReLU -> Dropout2d -> 1x1 classifier on one level.
+
+    Args:
+        in_channels: channels of the level it reads.
+        num_classes: output classes.
+        channels: width of its convs.
+        num_convs: number of 3x3 convs (0 puts the classifier on the features directly).
+        dropout: Dropout2d probability before the classifier.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, num_convs: int = 1, dropout: float = 0.1):
+        super().__init__()
+        widths = [in_channels] + [channels] * num_convs
+        self.convs = nn.Sequential(*(ConvBNReLU(a, b, 3) for a, b in zip(widths[:-1], widths[1:])))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(widths[-1], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.convs(x)))
+
+
+class UPerNet(nn.Module):
+    """UPerNet on any backbone that exposes `channels` and `strides` for its 4 feature levels.
+
+    Input: normalised images (N, 3, H, W) of any H and W. Convolutions and poolings floor odd sizes
+    (backbones that need it, like Swin, pad internally); the head resizes every level to the size of
+    the stride-4 map, and the logits are resized bilinearly to exactly (H, W), so any size works.
+
+    Args:
+        backbone: module returning a list of 4 maps; has `channels` and `strides` lists.
+        num_classes: number of classes.
+        channels: width of the UPerHead.
+        pool_scales: PPM pooling sizes.
+        dropout: Dropout2d before both classifiers.
+        aux_head: build the auxiliary FCN head (used for the training loss only).
+        aux_level: index of the backbone level the auxiliary head reads (2 = stride 16).
+        aux_channels: width of the auxiliary head.
+        aux_num_convs: number of 3x3 convs in the auxiliary head.
+        aux_loss_weight: weight of the auxiliary loss in `loss`.
+        align_corners: `align_corners` of the resizes inside the head.
+        ppm_upsample_first: PPM order of CSAIL's implementation (resize, then 1x1 conv).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        aux_head: bool = True,
+        aux_level: int = 2,
+        aux_channels: int = 256,
+        aux_num_convs: int = 1,
+        aux_loss_weight: float = 0.4,
+        align_corners: bool = False,
+        ppm_upsample_first: bool = False,
+    ):
+        super().__init__()
+        if len(backbone.channels) != 4:
+            raise ValueError(f"UPerNet needs a backbone with 4 feature levels, got channels {backbone.channels}")
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.aux_level = aux_level
+        self.aux_loss_weight = aux_loss_weight
+        self.decode_head = UPerHead(
+            backbone.channels, num_classes, channels, pool_scales, dropout, align_corners, ppm_upsample_first
+        )
+        self.aux_head = (
+            FCNHead(backbone.channels[aux_level], num_classes, aux_channels, aux_num_convs, dropout) if aux_head else None
+        )
+        self.config: dict = {}  # set by build_model: the name and arguments that rebuild this model
+        self.meta: dict = {}  # class names, palette, normalisation: what predict needs besides weights
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Returns {"out": logits at input size}, plus {"aux": ...} in training mode."""
+        features = self.backbone(images)
+        size = images.shape[-2:]
+        outputs = {"out": resize(self.decode_head(features), size)}
+        if self.training and self.aux_head is not None:
+            outputs["aux"] = resize(self.aux_head(features[self.aux_level]), size)
+        return outputs
+
+    def loss(
+        self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int = 255, average: str = "valid"
+    ) -> torch.Tensor:
+        """Cross-entropy on "out" plus `aux_loss_weight` x cross-entropy on "aux".
+
+        `average="valid"` divides by the number of non-ignored pixels (PyTorch's and Hugging Face's
+        rule); `average="all"` divides by all pixels, mmsegmentation's default (`avg_non_ignore=False`).
+        """
+        total = segmentation_loss(outputs["out"], labels, ignore_index, average)
+        if "aux" in outputs:
+            total = total + self.aux_loss_weight * segmentation_loss(outputs["aux"], labels, ignore_index, average)
+        return total
+
+    def save(self, path: str) -> None:
+        """Write `config.json` + `model.safetensors` into the folder `path`."""
+        from .weights import save_model
+
+        save_model(self, path)
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, average: str = "valid") -> torch.Tensor:
+    """Per-pixel cross-entropy; see `UPerNet.loss` for `average`."""
+    if average == "valid":
+        return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index)
+    if average == "all":
+        summed = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
+        return summed / labels.numel()
+    raise ValueError(f"average must be 'valid' or 'all', got {average!r}")

@@ -1,0 +1,107 @@
+"""Our checkpoint format: a folder with `config.json` (what rebuilds the model) + `model.safetensors`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .registry import build_model
+from .upernet import UPerNet
+
+FORMAT = "upernet"
+FORMAT_VERSION = 1
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def model_config(model: UPerNet) -> dict:
+    """The JSON-able description that `build_model` turns back into this architecture."""
+    if not model.config:
+        raise ValueError("this model was not built by `build_model`, so it cannot describe itself for saving")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config["name"],
+            "model_args": model.config["args"], "meta": model.meta}
+
+
+def save_model(model: UPerNet, path: str | os.PathLike) -> Path:
+    """Save `model` into the folder `path` (created if needed); returns the folder."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    text = json.dumps(model_config(model), indent=2)
+    _atomic_write(folder / "config.json", lambda p: p.write_text(text))
+    return folder
+
+
+def build_from_config(config: dict) -> UPerNet:
+    model = build_model(config["model"], **config.get("model_args", {}))
+    model.meta = dict(config.get("meta", {}))
+    return model
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """Load every tensor or fail with the lists of missing and unexpected keys, naming `source`."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        def listing(title, keys):
+            return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "") if keys else ""
+        raise ValueError(
+            f"{source}: the weights do not fit the model's layout."
+            + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", mismatched)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(path: str | os.PathLike) -> UPerNet:
+    """Rebuild and load a model from our folder format or a Hugging Face UperNet folder.
+
+    Foreign single-file checkpoints (mmsegmentation, sssegmentation, ...) go through `upernet convert`.
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder or file")
+    if folder.is_file():
+        from ..convert import convert_checkpoint
+
+        return convert_checkpoint(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json in it)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    if config.get("model_type") == "upernet":
+        from ..convert.huggingface import convert_huggingface
+
+        return convert_huggingface(folder)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{config_file}: neither an upernet checkpoint (format 'upernet') nor a Hugging Face UperNet "
+                         f"one (model_type 'upernet')")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder}: checkpoint folder without weights (expected {weights.name})")
+    model = build_from_config(config)
+    try:
+        state_dict = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise ValueError(f"{weights}: cannot read the weights ({e})") from None
+    load_state_dict_strict(model, state_dict, str(weights))
+    return model.eval()

@@ -1,0 +1,107 @@
+"""Named UPerNet variants: each sets architecture arguments and calls one creator.
+
+Every variant takes `num_classes`, `backbone_args` (overrides of the backbone's arguments, e.g.
+smaller `depths` for tests), `pretrained_backbone` where timm provides ImageNet weights, and any
+`UPerNet` head argument (`channels`, `aux_head`, ...).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .backbones import TimmBackbone
+from .registry import register_model
+from .upernet import UPerNet
+
+
+def _create(backbone: nn.Module, num_classes: int, **head_args: Any) -> UPerNet:
+    return UPerNet(backbone, num_classes, **head_args)
+
+
+def _timm(model_name: str, defaults: dict, backbone_args: dict | None, pretrained: bool, **kw: Any) -> TimmBackbone:
+    return TimmBackbone(model_name, pretrained=pretrained, **{**defaults, **kw, **(backbone_args or {})})
+
+
+# ---- any timm model --------------------------------------------------------------------------
+@register_model
+def upernet_timm(
+    model_name: str = "convnext_tiny",
+    num_classes: int = 150,
+    backbone_args: dict | None = None,
+    pretrained_backbone: bool = False,
+    output_norms: bool = False,
+    **head_args: Any,
+) -> UPerNet:
+    """UPerNet on the last 4 feature levels of any timm model (`model_name`)."""
+    backbone = _timm(model_name, {}, backbone_args, pretrained_backbone, output_norms=output_norms)
+    return _create(backbone, num_classes, **head_args)
+
+
+# ---- ConvNeXt (timm's, plus the per-level output LayerNorms of the UPerNet checkpoints) ------
+def _convnext(model_name: str, drop_path_rate: float, num_classes: int, backbone_args, pretrained_backbone, **head_args):
+    defaults = {"drop_path_rate": drop_path_rate, "output_norms": True}
+    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone), num_classes, **head_args)
+
+
+@register_model
+def upernet_convnext_tiny(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _convnext("convnext_tiny", 0.4, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_convnext_small(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _convnext("convnext_small", 0.3, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_convnext_base(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _convnext("convnext_base", 0.4, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_convnext_large(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _convnext("convnext_large", 0.4, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_convnext_xlarge(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _convnext("convnext_xlarge", 0.4, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+# ---- ResNet V1c (deep 3x3 stem 32-32-64), output stride 32, 16 (D16) or 8 (D8) -----------------
+# timm dilates a stage's first block with the previous stage's dilation, which is exactly
+# mmsegmentation's `contract_dilation=True` (D8: strides 1,2,1,1 dilations 1,1,2,4).
+def _resnet(model_name: str, output_stride: int, num_classes: int, backbone_args, pretrained_backbone, **head_args):
+    defaults = {"out_indices": (1, 2, 3, 4), "output_stride": output_stride}
+    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone), num_classes, **head_args)
+
+
+@register_model
+def upernet_r50(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet50c", 32, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_r101(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet101c", 32, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_r50_d8(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet50c", 8, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_r50_d16(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet50c", 16, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_r101_d8(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet101c", 8, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_r101_d16(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    return _resnet("resnet101c", 16, num_classes, backbone_args, pretrained_backbone, **head_args)
