@@ -81,8 +81,8 @@ class UPerHead(nn.Module):
                 branches.append(resize(conv(pooled), size, self.align_corners))
         return self.ppm_bottleneck(torch.cat(branches, dim=1))
 
-    def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """All levels -> one stride-4 feature map (before dropout and classifier)."""
+    def pyramid(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The FPN levels [P2 (1/4), P3 (1/8), P4 (1/16), PPM output (1/32)], each `channels` wide."""
         # Lateral 1x1 convs on levels 1/4, 1/8, 1/16; the PPM output stands for 1/32.
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features)]
         laterals.append(self.pyramid_pooling(features[-1]))
@@ -92,8 +92,11 @@ class UPerHead(nn.Module):
             laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:], self.align_corners)
 
         # 3x3 FPN convs on the three finer levels; the PPM level is used as it is.
-        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        return [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
 
+    def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """All levels -> one stride-4 feature map (before dropout and classifier)."""
+        outs = self.pyramid(features)
         # Every level resized to 1/4, concatenated, fused by a 3x3 conv.
         size = outs[0].shape[-2:]
         outs = [outs[0]] + [resize(o, size, self.align_corners) for o in outs[1:]]
