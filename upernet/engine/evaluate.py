@@ -1,0 +1,173 @@
+"""Evaluate a model on a split: infer each image, resize to the label's size, accumulate, summarise.
+
+Distributed evaluation gives exactly the numbers of one process: rank r takes samples
+r, r + world_size, ... (no padded duplicates, unlike `DistributedSampler`), and the confusion
+matrices are summed before any ratio is taken.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .metrics import confusion_matrix, reduce, summarize
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP: its forward broadcasts buffers, a collective that would hang when
+    ranks evaluate different numbers of samples."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _class_names(model: nn.Module, dataset, num_classes: int) -> list[str]:
+    """Class names from the dataset, else from the model's meta, else the indices."""
+    for source in (dataset, getattr(model, "meta", {})):
+        names = source.get("class_names") if isinstance(source, dict) else getattr(source, "class_names", None)
+        if names:
+            if len(names) != num_classes:
+                raise ValueError(f"the model predicts {num_classes} classes but the dataset has {len(names)} "
+                                 f"class names ({', '.join(map(str, names[:5]))}, ...)")
+            return [str(n) for n in names]
+    return [str(i) for i in range(num_classes)]
+
+
+def evaluate_confusion(
+    model: nn.Module,
+    dataset,
+    distributed: bool = False,
+    progress: bool = True,
+    ignore_index: int | None = None,
+    **infer_options,
+) -> tuple[torch.Tensor, list[str]]:
+    """The confusion matrix of `model` over every sample of `dataset` (summed over processes), and the class names.
+
+    Args:
+        model: a segmentation model with `num_classes` (a DDP wrapper is unwrapped).
+        dataset: indexable; items are {"image": normalised (3, H', W'), "label": int64 (H, W) at the
+            original size, "path": str}.
+        distributed: split the samples over the torch.distributed processes and sum the matrices.
+        progress: show a progress bar (on rank 0 only).
+        ignore_index: label value left out; defaults to the dataset's `ignore_index`, else 255.
+        **infer_options: keyword arguments of `inference.infer` (mode, crop_size, stride, scales, flip,
+            autocast_dtype).
+
+    Returns:
+        The int64 (C, C) matrix (rows label, columns prediction), the same on every rank, and C names.
+    """
+    from .inference import infer, resize_probs
+
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed evaluation needs torch.distributed to be initialised (run under torchrun)")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    model = _unwrap(model)
+    num_classes = int(model.num_classes)
+    names = _class_names(model, dataset, num_classes)
+    if ignore_index is None:
+        ignore_index = int(getattr(dataset, "ignore_index", 255))
+    if len(dataset) == 0:
+        raise ValueError("the evaluation dataset is empty")
+    device = next(model.parameters()).device
+    indices = range(rank, len(dataset), world)
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="img", dynamic_ncols=True)
+
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for index in indices:  # `infer` runs the model in eval mode without gradients, then restores its mode
+        sample = dataset[index]
+        label = torch.as_tensor(sample["label"]).to(device)
+        probs = infer(model, sample["image"].to(device), **infer_options)
+        pred = resize_probs(probs, label.shape[-2:]).argmax(dim=1)[0]  # at the label's original size
+        try:
+            confusion += confusion_matrix(pred, label, num_classes, ignore_index)
+        except ValueError as e:
+            raise ValueError(f"{sample.get('path', f'sample {index}')}: {e}") from None
+    if distributed:
+        confusion = reduce(confusion)
+    return confusion, names
+
+
+def evaluate(
+    model: nn.Module,
+    dataset,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    distributed: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = True,
+    ignore_index: int | None = None,
+) -> dict:
+    """aAcc, mIoU, mAcc and per-class IoU/Acc of `model` on every sample of `dataset`.
+
+    Args:
+        model: a segmentation model with `num_classes` (a DDP wrapper is unwrapped).
+        dataset: indexable; items are {"image": normalised (3, H', W'), "label": int64 (H, W) at the
+            original size, "path": str}.
+        mode: "whole" (one forward pass) or "slide" (overlapping crops).
+        crop_size: (h, w) window of slide mode.
+        stride: (h, w) step of slide mode.
+        scales: image scale ratios whose softmax probabilities are averaged.
+        flip: also average the horizontally flipped prediction.
+        distributed: split the samples over the torch.distributed processes and sum the matrices.
+        autocast_dtype: run the forward passes under autocast with this dtype (None: full precision).
+        progress: show a progress bar (on rank 0 only).
+        ignore_index: label value left out; defaults to the dataset's `ignore_index`, else 255.
+
+    Returns:
+        The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
+    """
+    confusion, names = evaluate_confusion(model, dataset, distributed, progress, ignore_index, mode=mode,
+                                          crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                                          autocast_dtype=autocast_dtype)
+    return summarize(confusion, names)
+
+
+def format_table(results: dict) -> str:
+    """The per-class table (Class | IoU | Acc) followed by the summary line, as mmsegmentation logs them."""
+    rows = [(r["class"], f"{r['IoU']:.2f}", f"{r['Acc']:.2f}") for r in results["per_class"]]
+    header = ("Class", "IoU", "Acc")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+
+    def line(cells) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    table = [rule, line(header), rule, *(line(r) for r in rows), rule]
+    summary = "  ".join(f"{key}: {results[key]:.2f}" for key in ("aAcc", "mIoU", "mAcc"))
+    return "\n".join(table) + "\n" + summary
+
+
+def _json_safe(value):
+    """NaN -> null, so that metrics.json is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `metrics.json` (everything; NaN as null) and `per_class.csv` (class, IoU, Acc; NaN as nan)."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, csv_path = folder / "metrics.json", folder / "per_class.csv"
+    json_path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "IoU", "Acc"])
+        for r in results["per_class"]:
+            writer.writerow([r["class"], r["IoU"], r["Acc"]])
+    return json_path, csv_path
