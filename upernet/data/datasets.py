@@ -1,0 +1,494 @@
+"""Segmentation datasets in their standard layouts, checked when they are opened.
+
+`build_dataset(kind, root, split, transform, **options)` opens ADE20K, Cityscapes, Pascal VOC
+2012 (optionally with the SBD "aug" masks), a generic folder of images and masks, or the built-in
+synthetic scenes. Every item is a dict {"image": float32 (3, h, w) normalised, "label": int64
+(h, w) with 255 = ignore, "path": str}.
+
+Checks, each a ValueError naming the file(s) and the fix: image without mask and mask without
+image, an empty split (always, when the dataset is opened); unreadable or truncated files, mask
+size different from the image's, colour (RGB) masks where class indices are expected, label values
+that are neither a class nor the ignore index (on open for small datasets or a sample of big ones,
+and for every item when it is loaded). EXIF orientation is applied to images, never to masks.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES,
+                      VOC_PALETTE, default_palette)
+from .transforms import IGNORE_INDEX, build_eval_transform, to_image_tensor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# Single-channel modes whose pixel values are class indices ("P": the palette only colours them).
+INDEX_MODES = ("L", "P", "I", "I;16", "1")
+EXIF_ORIENTATION = 0x0112
+MAX_LISTED = 10
+
+
+def _listing(items: Sequence[Any], limit: int = MAX_LISTED) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more
+
+
+# ---- reading files ------------------------------------------------------------------------------
+def _open(path: Path, what: str) -> Image.Image:
+    """Open lazily (header only); unreadable files become a ValueError naming the path."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path} cannot be read as an image ({err}); re-export or remove it") from None
+
+
+def _decode(img: Image.Image, path: Path, what: str) -> None:
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{what} {path} is truncated or corrupt ({err}); re-download or remove it") from None
+
+
+def _check_mask_mode(img: Image.Image, path: Path) -> None:
+    if img.mode not in INDEX_MODES:
+        raise ValueError(
+            f"mask {path} is a {img.mode} image, but masks must hold one class index per pixel (a "
+            f"single-channel PNG, mode L or P, values 0..num_classes-1 and 255 = ignore). If it is "
+            f"colour-coded, convert it with upernet.data.colour_mask_to_index(mask, palette) and save "
+            f"the result as a single-channel PNG.")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image as displayed (EXIF orientation applied), from its header only."""
+    with _open(Path(path), "image") as img:
+        width, height = img.size
+        if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
+
+
+def mask_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of a mask from its header only, after checking that it stores indices."""
+    with _open(Path(path), "mask") as img:
+        _check_mask_mode(img, Path(path))
+        width, height = img.size
+    return height, width
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied."""
+    path = Path(path)
+    with _open(path, "image") as img:
+        _decode(img, path, "image")
+        return to_image_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A mask's stored indices as an int64 (H, W) array; EXIF orientation is never applied."""
+    path = Path(path)
+    with _open(path, "mask") as img:
+        _check_mask_mode(img, path)
+        _decode(img, path, "mask")
+        return np.asarray(img).astype(np.int64)
+
+
+def colour_mask_to_index(mask: Image.Image | np.ndarray, palette: Sequence[Sequence[int]],
+                         ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Class indices (uint8 (H, W)) of an RGB colour-coded mask; colours not in `palette` -> ignore."""
+    rgb = np.asarray(mask.convert("RGB") if isinstance(mask, Image.Image) else mask).astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    out = np.full(codes.shape, ignore_index, dtype=np.uint8)
+    for index, (r, g, b) in enumerate(palette):
+        out[codes == ((r << 16) | (g << 8) | b)] = index
+    return out
+
+
+# ---- the dataset classes ------------------------------------------------------------------------
+class SegmentationDataset(Dataset):
+    """Images with per-pixel class indices; subclasses say how sample `i` is loaded.
+
+    Args:
+        classes: class names, index order.
+        palette: one RGB colour per class; default `default_palette`.
+        transform: callable (image, label) -> (image, label); default: normalise only.
+        ignore_index: label value of unlabelled pixels.
+        name: how errors name this dataset.
+    """
+
+    def __init__(self, classes: Sequence[str], palette: Sequence[Sequence[int]] | None = None,
+                 transform: Callable | None = None, ignore_index: int = IGNORE_INDEX, name: str = "dataset"):
+        self.classes = [str(c) for c in classes]
+        self.palette = [list(map(int, c)) for c in (palette or default_palette(len(self.classes)))]
+        if len(self.palette) != len(self.classes):
+            raise ValueError(f"{name}: {len(self.palette)} palette colours for {len(self.classes)} classes")
+        self.transform = transform if transform is not None else build_eval_transform(scale=None)
+        self.ignore_index = ignore_index
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """Sample `index` before the transform: uint8 (3, H, W) image, int64 (H, W) label, path."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image, label, path = self.load(index)
+        image, label = self.transform(image, label)
+        return {"image": image, "label": label, "path": path}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {len(self)} samples, {self.num_classes} classes)"
+
+
+class FileDataset(SegmentationDataset):
+    """Paired image and mask files; every pair is checked when loaded, some or all when opened.
+
+    Args:
+        images: image paths.
+        masks: mask paths, one per image, same order.
+        classes: class names, index order.
+        palette: one RGB colour per class; default `default_palette`.
+        transform: callable (image, label) -> (image, label); default: normalise only.
+        reduce_zero_label: stored 0 means "unlabelled" (-> ignore), every other value minus 1.
+        ignore_index: label value of unlabelled pixels.
+        verify: checks on open: "full" decodes every file; "headers" reads every header (sizes,
+            mask modes) and decodes a sample of 16 pairs; "sample" only decodes the sample;
+            "auto" is full up to 100 pairs, headers up to 5000, sample beyond.
+        name: how errors name this dataset.
+    """
+
+    def __init__(self, images: Sequence[str | Path], masks: Sequence[str | Path], classes: Sequence[str],
+                 palette: Sequence[Sequence[int]] | None = None, transform: Callable | None = None,
+                 reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX, verify: str = "auto",
+                 name: str = "dataset"):
+        super().__init__(classes, palette, transform, ignore_index, name)
+        if len(images) != len(masks):
+            raise ValueError(f"{name}: {len(images)} images but {len(masks)} masks")
+        if not images:
+            raise ValueError(f"{name}: the split is empty (no image/mask pairs)")
+        self.images = [Path(p) for p in images]
+        self.masks = [Path(p) for p in masks]
+        self.reduce_zero_label = reduce_zero_label
+        self.verify(verify)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    # -- per-pair reading and checks
+    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Stored values -> training labels, refusing values that are neither a class nor ignore."""
+        ignore = self.ignore_index
+        label = raw
+        if self.reduce_zero_label:
+            label = raw - 1
+            label[(raw == 0) | (raw == ignore)] = ignore
+        valid = ((label >= 0) & (label < self.num_classes)) | (label == ignore)
+        if not valid.all():
+            bad = np.unique(raw[~valid])
+            stored = f"1..{self.num_classes} (reduce_zero_label: 0 = unlabelled)" if self.reduce_zero_label \
+                else f"0..{self.num_classes - 1}"
+            raise ValueError(
+                f"mask {path} has values {bad[:20].tolist()}{' ...' if len(bad) > 20 else ''} that are neither a "
+                f"class ({self.num_classes} classes: stored values {stored}) nor the ignore index {ignore}. "
+                f"Fix the mask (a JPEG-saved mask gets such values: save masks as PNG), or the class list / "
+                f"reduce_zero_label of the dataset.")
+        return label
+
+    def _read_pair(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
+        image = read_image(self.images[index])
+        raw = read_mask(self.masks[index])
+        if tuple(image.shape[-2:]) != raw.shape:
+            self._size_error(index, tuple(image.shape[-2:]), raw.shape)
+        return image, raw
+
+    def _size_error(self, index: int, image_hw: tuple[int, int], mask_hw: tuple[int, int]):
+        img, msk = self.images[index], self.masks[index]
+        with _open(img, "image") as handle:
+            rotated = handle.getexif().get(EXIF_ORIENTATION, 1) != 1
+        note = (" The image has an EXIF orientation, which is applied to images (never to masks): the mask "
+                "must match the image as displayed.") if rotated else ""
+        raise ValueError(f"mask {msk} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {img} is "
+                         f"{image_hw[1]}x{image_hw[0]}; a mask must cover its image pixel for pixel.{note}")
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image, raw = self._read_pair(index)
+        label = self._labels(raw, self.masks[index])
+        return image, torch.from_numpy(label), str(self.images[index])
+
+    # -- checks on open
+    def verify(self, mode: str = "full") -> None:
+        """Check the files now, reporting every problem found at once (see the class Args)."""
+        n = len(self)
+        if mode == "auto":
+            mode = "full" if n <= 100 else "headers" if n <= 5000 else "sample"
+        if mode not in ("full", "headers", "sample"):
+            raise ValueError(f"verify must be 'auto', 'full', 'headers' or 'sample', got {mode!r}")
+        problems: list[str] = []
+        if mode == "headers":
+            for i in range(n):
+                try:
+                    image_hw, mask_hw = image_size(self.images[i]), mask_size(self.masks[i])
+                    if image_hw != mask_hw:
+                        self._size_error(i, image_hw, mask_hw)
+                except ValueError as err:
+                    problems.append(str(err))
+        decoded = range(n) if mode == "full" else sorted(set(np.linspace(0, n - 1, min(n, 16)).astype(int).tolist()))
+        stored: set[int] = set()
+        for i in decoded:
+            try:
+                _, raw = self._read_pair(i)
+                self._labels(raw, self.masks[i])
+                stored.update(np.unique(raw).tolist())
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError(f"{self.name}: {len(problems)} problem(s) found when opening the dataset:\n"
+                             + _listing([p.replace("\n", " ") for p in problems]))
+        if stored and stored <= {0, self.ignore_index} and self.num_classes > 1 and self.ignore_index in stored:
+            raise ValueError(
+                f"{self.name}: the masks (e.g. {self.masks[0]}) hold only the values 0 and {self.ignore_index}, "
+                f"and {self.ignore_index} is the ignore index, so every foreground pixel would be ignored. "
+                f"Store binary masks as 0/1 (e.g. mask // 255) with 2 classes.")
+
+
+# ---- pairing files on disk --------------------------------------------------------------------
+def _index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
+    """Files under `folder` (recursive, hidden ones skipped) by relative path minus suffix."""
+    found: dict[str, Path] = {}
+    duplicates = []
+    for path in sorted(folder.rglob("*")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        suffix = next((s for s in suffixes if path.name.lower().endswith(s.lower())), None)
+        if suffix is None:
+            continue
+        key = str(path.relative_to(folder))[: -len(suffix)]
+        if key in found:
+            duplicates.append(f"{found[key]} and {path}")
+        found[key] = path
+    if duplicates:
+        raise ValueError(f"files with the same name but different suffixes in {folder}; keep one of each:\n"
+                         + _listing(duplicates))
+    return found
+
+
+def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str | Sequence[str] | None = None,
+               seg_suffix: str = ".png", name: str = "dataset") -> tuple[list[Path], list[Path]]:
+    """(images, masks) matched by relative path minus suffix; unmatched files on either side are errors.
+
+    Args:
+        img_dir: folder of images (searched recursively).
+        ann_dir: folder of masks, same relative layout.
+        img_suffix: image file ending(s); None accepts the common image formats.
+        seg_suffix: mask file ending.
+        name: how errors name the dataset.
+    """
+    img_dir, ann_dir = Path(img_dir), Path(ann_dir)
+    for folder, what in ((img_dir, "image"), (ann_dir, "mask")):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{name}: {what} folder {folder} does not exist")
+    suffixes = IMAGE_SUFFIXES if img_suffix is None else [img_suffix] if isinstance(img_suffix, str) else img_suffix
+    images = _index_files(img_dir, suffixes)
+    masks = _index_files(ann_dir, [seg_suffix])
+    if not images:
+        raise ValueError(f"{name}: the split is empty: no images ({', '.join(suffixes)}) in {img_dir}")
+    lonely_images = [images[k] for k in images if k not in masks]
+    lonely_masks = [masks[k] for k in masks if k not in images]
+    if lonely_images or lonely_masks:
+        parts = []
+        if lonely_images:
+            parts.append(f"{len(lonely_images)} image(s) without a mask (expected <name>{seg_suffix} in "
+                         f"{ann_dir}):\n" + _listing(lonely_images))
+        if lonely_masks:
+            parts.append(f"{len(lonely_masks)} mask(s) without an image (expected <name>"
+                         f"{'|'.join(suffixes)} in {img_dir}):\n" + _listing(lonely_masks))
+        raise ValueError(f"{name}: images and masks do not pair up. " + "\n".join(parts)
+                         + "\nAdd the missing files or remove the unpaired ones.")
+    keys = sorted(images)
+    return [images[k] for k in keys], [masks[k] for k in keys]
+
+
+# ---- standard layouts -------------------------------------------------------------------------
+def _split_name(split: str, names: dict[str, str], dataset: str) -> str:
+    if split in names.values():
+        return split
+    if split not in names:
+        raise ValueError(f"{dataset}: unknown split {split!r}; use one of {sorted(names)}")
+    return names[split]
+
+
+def ade20k(root: str | Path, split: str, transform: Callable | None = None, verify: str = "auto") -> FileDataset:
+    """ADE20K (SceneParsing, 150 classes): `ADEChallengeData2016/{images,annotations}/{training,validation}`.
+
+    Stored label 0 ("other") is ignored and the others shifted down by one (reduce_zero_label).
+
+    Args:
+        root: the `ADEChallengeData2016` folder or its parent.
+        split: "train"/"training" or "val"/"validation".
+        transform: callable (image, label) -> (image, label).
+        verify: checks on open, see `FileDataset`.
+    """
+    root = Path(root)
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    folder = _split_name(split, {"train": "training", "val": "validation"}, "ade20k")
+    name = f"ade20k {folder} ({root})"
+    images, masks = pair_files(root / "images" / folder, root / "annotations" / folder, ".jpg", ".png", name)
+    return FileDataset(images, masks, ADE20K_CLASSES, ADE20K_PALETTE, transform, reduce_zero_label=True,
+                       verify=verify, name=name)
+
+
+def cityscapes(root: str | Path, split: str, transform: Callable | None = None, verify: str = "auto") -> FileDataset:
+    """Cityscapes fine annotations in the 19 train ids: `leftImg8bit/{split}/<city>/*_leftImg8bit.png`
+    with `gtFine/{split}/<city>/*_gtFine_labelTrainIds.png`.
+
+    Args:
+        root: the folder holding `leftImg8bit` and `gtFine`.
+        split: "train", "val" or "test".
+        transform: callable (image, label) -> (image, label).
+        verify: checks on open, see `FileDataset`.
+    """
+    root = Path(root)
+    split = _split_name(split, {"train": "train", "val": "val", "test": "test"}, "cityscapes")
+    ann_dir = root / "gtFine" / split
+    name = f"cityscapes {split} ({root})"
+    if ann_dir.is_dir() and not any(ann_dir.rglob("*_gtFine_labelTrainIds.png")) and any(ann_dir.rglob("*_labelIds.png")):
+        raise ValueError(f"{name}: {ann_dir} has *_gtFine_labelIds.png but no *_gtFine_labelTrainIds.png; create "
+                         f"them with cityscapesscripts' createTrainIdLabelImgs (CITYSCAPES_DATASET={root}).")
+    images, masks = pair_files(root / "leftImg8bit" / split, ann_dir, "_leftImg8bit.png",
+                               "_gtFine_labelTrainIds.png", name)
+    return FileDataset(images, masks, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, transform, verify=verify, name=name)
+
+
+def _read_id_list(path: Path, name: str) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: split list {path} does not exist")
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"{name}: the split is empty: {path} lists no images")
+    return ids
+
+
+def _listed_pairs(root: Path, ids: Sequence[str], mask_folder: str, list_file: Path, name: str):
+    images = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
+    masks = [root / mask_folder / f"{i}.png" for i in ids]
+    missing = [p for pair in zip(images, masks) for p in pair if not p.is_file()]
+    if missing:
+        raise ValueError(f"{name}: {len(missing)} file(s) listed in {list_file} do not exist:\n" + _listing(missing)
+                         + "\nRestore them or remove their ids from the list.")
+    return images, masks
+
+
+def voc(root: str | Path, split: str, transform: Callable | None = None, aug: bool = False,
+        verify: str = "auto") -> FileDataset:
+    """Pascal VOC 2012 (21 classes with background; 255 = object borders, ignored).
+
+    `ImageSets/Segmentation/{split}.txt` lists ids of `JPEGImages/<id>.jpg` and
+    `SegmentationClass/<id>.png` (palette PNGs whose indices are the labels). With `aug` the train
+    split is mmsegmentation's VOC-aug: train.txt with SegmentationClass followed by the SBD list
+    (`aug.txt`, also found as train_aug.txt/trainaug.txt) with `SegmentationClassAug` masks
+    (1464 + 10582 samples in the standard release); other splits ignore `aug`.
+
+    Args:
+        root: the `VOC2012` folder, or a parent holding `VOC2012` or `VOCdevkit/VOC2012`.
+        split: "train", "val" or "trainval".
+        transform: callable (image, label) -> (image, label).
+        aug: add the SBD augmented set to the train split.
+        verify: checks on open, see `FileDataset`.
+    """
+    root = Path(root)
+    for candidate in (root / "VOCdevkit" / "VOC2012", root / "VOC2012"):
+        if candidate.is_dir():
+            root = candidate
+    name = f"voc {split}{' (aug)' if aug and split == 'train' else ''} ({root})"
+    lists = root / "ImageSets" / "Segmentation"
+    list_file = lists / f"{split}.txt"
+    images, masks = _listed_pairs(root, _read_id_list(list_file, name), "SegmentationClass", list_file, name)
+    if aug and split == "train":
+        aug_list = next((lists / f for f in ("aug.txt", "train_aug.txt", "trainaug.txt") if (lists / f).is_file()), None)
+        if aug_list is None:
+            raise FileNotFoundError(f"{name}: no SBD list ({lists}/aug.txt); build SegmentationClassAug and aug.txt "
+                                    f"with mmsegmentation's tools/dataset_converters/voc_aug.py")
+        more = _listed_pairs(root, _read_id_list(aug_list, name), "SegmentationClassAug", aug_list, name)
+        images, masks = images + more[0], masks + more[1]
+    return FileDataset(images, masks, VOC_CLASSES, VOC_PALETTE, transform, verify=verify, name=name)
+
+
+def folder(root: str | Path, split: str, transform: Callable | None = None, classes: Sequence[str] | int | None = None,
+           palette: Sequence[Sequence[int]] | None = None, reduce_zero_label: bool = False,
+           img_dir: str = "img_dir", ann_dir: str = "ann_dir", img_suffix: str | None = None,
+           seg_suffix: str = ".png", verify: str = "auto") -> FileDataset:
+    """Your own data: `root/img_dir/<split>/**/<name><img_suffix>` with `root/ann_dir/<split>/**/<name><seg_suffix>`.
+
+    Args:
+        root: the dataset folder.
+        split: sub-folder of `img_dir` and `ann_dir` ("train", "val", ...).
+        transform: callable (image, label) -> (image, label).
+        classes: class names in index order, or their number.
+        palette: one RGB colour per class; default `default_palette`.
+        reduce_zero_label: stored 0 means "unlabelled", every other value minus 1.
+        img_dir: image folder, relative to `root` (or absolute).
+        ann_dir: mask folder, relative to `root` (or absolute).
+        img_suffix: image file ending; None accepts .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp.
+        seg_suffix: mask file ending.
+        verify: checks on open, see `FileDataset`.
+    """
+    if classes is None:
+        raise ValueError("folder dataset: give the class names (classes=[...]) or their number (classes=N)")
+    if isinstance(classes, int):
+        classes = [f"class_{i}" for i in range(classes)]
+    root = Path(root)
+    name = f"folder {split} ({root})"
+    images, masks = pair_files(root / img_dir / split, root / ann_dir / split, img_suffix, seg_suffix, name)
+    return FileDataset(images, masks, classes, palette, transform, reduce_zero_label=reduce_zero_label,
+                       verify=verify, name=name)
+
+
+def _synthetic(root: str | Path | None, split: str, transform: Callable | None = None, **options) -> SegmentationDataset:
+    from .synthetic import SyntheticDataset
+
+    return SyntheticDataset(split=split, transform=transform, **options)
+
+
+DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
+    "ade20k": ade20k, "cityscapes": cityscapes, "voc": voc, "folder": folder, "synthetic": _synthetic}
+
+
+def build_dataset(kind: str, root: str | Path | None, split: str, transform: Callable | None = None,
+                  **options: Any) -> SegmentationDataset:
+    """Open a dataset by kind; `options` are the keyword arguments of that kind's function.
+
+    Args:
+        kind: "ade20k", "cityscapes", "voc", "folder" or "synthetic".
+        root: the dataset folder (unused by "synthetic").
+        split: "train", "val", ... (see each kind).
+        transform: callable (image, label) -> (image, label), e.g. `build_train_transform()`.
+        **options: voc: aug; folder: classes, palette, reduce_zero_label, img_dir, ann_dir,
+            img_suffix, seg_suffix; synthetic: num_samples, image_size, seed; all file kinds: verify.
+    """
+    if kind not in DATASETS:
+        raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASETS)}")
+    if kind == "synthetic":
+        from .synthetic import SyntheticDataset
+
+        known = set(inspect.signature(SyntheticDataset).parameters) - {"split", "transform"}
+    else:
+        if root is None:
+            raise ValueError(f"dataset {kind!r} needs a root folder")
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"dataset {kind!r}: root folder {root} does not exist")
+        known = set(inspect.signature(DATASETS[kind]).parameters) - {"root", "split", "transform"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for dataset {kind!r}; known: {sorted(known)}")
+    return DATASETS[kind](root, split, transform, **options)

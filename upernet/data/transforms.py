@@ -1,0 +1,296 @@
+"""Paired image/mask transforms with mmsegmentation's training and test semantics.
+
+Training (the published UPerNet recipes): RandomResize (keep ratio, ratio range 0.5-2.0) ->
+RandomCrop (`cat_max_ratio`, up to 10 tries) -> RandomFlip -> PhotoMetricDistortion ->
+Normalize -> pad to the crop size (image 0 after normalisation, mask 255). Evaluation: keep-ratio
+resize of the image only; the label stays at its original size, the metric is computed there.
+
+Images are uint8 tensors (3, H, W) between steps, masks int64 `tv_tensors.Mask` (1, H, W), so
+torchvision.transforms.v2 resizes masks with nearest. Every random draw comes from the
+`generator` passed to `__call__`, or from the global torch RNG when it is None; in DataLoader
+workers that RNG is seeded from the loader's base seed, so restoring the loader's generator
+restores the augmentations.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as TF
+
+from .classes import IMAGENET_MEAN, IMAGENET_STD
+
+IGNORE_INDEX = 255
+
+
+# ---- conversions --------------------------------------------------------------------------------
+def to_image_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A uint8 (3, H, W) tensor from a PIL image, an (H, W, 3) uint8 array or a (3, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return TF.pil_to_tensor(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) image array, got shape {image.shape}")
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8:
+            raise ValueError(f"expected a uint8 image tensor (0-255), got {image.dtype}")
+        return image.as_subclass(torch.Tensor)
+    raise TypeError(f"unsupported image type {type(image).__name__}")
+
+
+def to_mask(mask: Image.Image | np.ndarray | torch.Tensor) -> tv_tensors.Mask:
+    """An int64 (1, H, W) `tv_tensors.Mask` from a PIL image, an (H, W) array or tensor."""
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask)
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(mask.astype(np.int64, copy=False))
+    if mask.ndim == 3 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 2:
+        raise ValueError(f"expected an (H, W) mask, got shape {tuple(mask.shape)}")
+    return tv_tensors.Mask(mask.long().unsqueeze(0))
+
+
+# ---- steps, in pipeline order -----------------------------------------------------------------
+def rescale_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
+    """mmcv's keep-ratio size: the largest (H, W) whose long side <= max(scale), short <= min(scale)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_pair(image: torch.Tensor, mask: tv_tensors.Mask | None, size: tuple[int, int]):
+    """Bilinear (no antialias, as cv2 INTER_LINEAR) for the image, nearest for the mask."""
+    if tuple(image.shape[-2:]) != tuple(size):
+        image = TF.resize(image, list(size), antialias=False)
+        if mask is not None:
+            mask = TF.resize(mask, list(size))
+    return image, mask
+
+
+def random_resize(image, mask, scale: Sequence[int], ratio_range: Sequence[float], generator=None):
+    """RandomResize: scale (long, short) multiplied by a ratio uniform in `ratio_range`, keep ratio."""
+    ratio = ratio_range[0] + torch.rand((), generator=generator).item() * (ratio_range[1] - ratio_range[0])
+    target = (int(scale[0] * ratio), int(scale[1] * ratio))
+    return resize_pair(image, mask, rescale_size(*image.shape[-2:], target))
+
+
+def random_crop(image, mask, crop_size: Sequence[int], cat_max_ratio: float = 1.0,
+                ignore_index: int = IGNORE_INDEX, generator=None):
+    """RandomCrop of at most `crop_size` (H, W); with `cat_max_ratio` < 1 retried up to 10 times.
+
+    A crop is accepted when it holds at least two classes (ignoring `ignore_index`) and the most
+    frequent one covers less than `cat_max_ratio` of the labelled pixels; after 10 refusals the
+    next random crop is used unchecked (mmsegmentation's rule).
+    """
+    height, width = image.shape[-2:]
+    crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
+
+    def draw() -> tuple[int, int]:
+        top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
+        left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
+        return top, left
+
+    top, left = draw()
+    if cat_max_ratio < 1.0:
+        for _ in range(10):
+            window = mask[..., top:top + crop_h, left:left + crop_w].flatten()
+            counts = torch.bincount(window[window != ignore_index])
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
+                break
+            top, left = draw()
+    return TF.crop(image, top, left, crop_h, crop_w), TF.crop(mask, top, left, crop_h, crop_w)
+
+
+def random_flip(image, mask, prob: float = 0.5, generator=None):
+    """Horizontal flip of both with probability `prob`."""
+    if torch.rand((), generator=generator).item() < prob:
+        return TF.horizontal_flip(image), TF.horizontal_flip(mask)
+    return image, mask
+
+
+def _coin(generator) -> bool:
+    return bool(torch.randint(0, 2, (), generator=generator))
+
+
+def _uniform(low: float, high: float, generator) -> float:
+    return low + torch.rand((), generator=generator).item() * (high - low)
+
+
+def _affine(image: torch.Tensor, alpha: float = 1.0, beta: float = 0.0) -> torch.Tensor:
+    """image * alpha + beta, clipped and truncated to uint8 as mmsegmentation's `convert`."""
+    return (image.float() * alpha + beta).clamp_(0, 255).to(torch.uint8)
+
+
+def _scale_saturation(image: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Multiply HSV saturation by `alpha` (clipped at 1), keeping hue and value.
+
+    With hue and value fixed every channel is V - (V - c) * S'/S, so the HSV round trip reduces to
+    one factor per pixel: `alpha`, or V / (V - min) where the saturation would pass 1.
+    """
+    x = image.float()
+    value = x.amax(0, keepdim=True)
+    spread = value - x.amin(0, keepdim=True)
+    limit = torch.where(spread > 0, value / spread.clamp(min=1e-6), torch.full_like(spread, alpha))
+    factor = torch.minimum(torch.full_like(limit, alpha), limit)
+    return (value - (value - x) * factor).clamp_(0, 255).to(torch.uint8)
+
+
+def photometric_distortion(image: torch.Tensor, brightness_delta: int = 32,
+                           contrast_range: Sequence[float] = (0.5, 1.5),
+                           saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18,
+                           generator=None) -> torch.Tensor:
+    """mmsegmentation's PhotoMetricDistortion: each step applied with probability 1/2.
+
+    Order: brightness (+delta), then contrast (x alpha) either second or last (a coin decides),
+    saturation (x alpha in HSV), hue (+delta on OpenCV's 0-180 uint8 hue scale, i.e. +-36 degrees).
+    """
+    if _coin(generator):
+        image = _affine(image, beta=_uniform(-brightness_delta, brightness_delta, generator))
+    contrast_first = _coin(generator)
+
+    def contrast(img):
+        if _coin(generator):
+            return _affine(img, alpha=_uniform(*contrast_range, generator))
+        return img
+
+    if contrast_first:
+        image = contrast(image)
+    if _coin(generator):
+        image = _scale_saturation(image, _uniform(*saturation_range, generator))
+    if _coin(generator):
+        shift = int(torch.randint(-hue_delta, hue_delta + 1, (), generator=generator))
+        image = TF.adjust_hue(image, shift / 180.0)
+    if not contrast_first:
+        image = contrast(image)
+    return image
+
+
+def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(image - mean) / std per channel, with mean/std on the 0-255 scale; returns float32."""
+    return TF.normalize(image.float(), list(mean), list(std))
+
+
+def pad_pair(image: torch.Tensor, mask, size: Sequence[int], ignore_index: int = IGNORE_INDEX):
+    """Pad bottom/right to at least `size` (H, W): image with 0, mask with `ignore_index`."""
+    pad_h, pad_w = max(size[0] - image.shape[-2], 0), max(size[1] - image.shape[-1], 0)
+    if pad_h or pad_w:
+        image = TF.pad(image, [0, 0, pad_w, pad_h], fill=0)
+        mask = TF.pad(mask, [0, 0, pad_w, pad_h], fill=ignore_index)
+    return image, mask
+
+
+# ---- pipelines ------------------------------------------------------------------------------------
+class TrainTransform:
+    """The training pipeline of the published recipes; see `build_train_transform`."""
+
+    def __init__(self, crop_size: Sequence[int] | None, scale: Sequence[int] | None,
+                 ratio_range: Sequence[float] | None, cat_max_ratio: float, flip_prob: float,
+                 photometric: bool, mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int = IGNORE_INDEX):
+        self.crop_size = tuple(crop_size) if crop_size else None
+        self.scale = tuple(scale) if scale else None
+        self.ratio_range = tuple(ratio_range) if ratio_range else (1.0, 1.0)
+        self.cat_max_ratio = cat_max_ratio
+        self.flip_prob = flip_prob
+        self.photometric = photometric
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ignore_index = ignore_index
+
+    def __call__(self, image, mask, generator: torch.Generator | None = None):
+        """(image, mask) -> (float32 (3, h, w) normalised image, int64 (h, w) label)."""
+        image, mask = to_image_tensor(image), to_mask(mask)
+        if image.shape[-2:] != mask.shape[-2:]:
+            raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ")
+        if self.scale:
+            image, mask = random_resize(image, mask, self.scale, self.ratio_range, generator)
+        if self.crop_size:
+            image, mask = random_crop(image, mask, self.crop_size, self.cat_max_ratio, self.ignore_index, generator)
+        if self.flip_prob > 0:
+            image, mask = random_flip(image, mask, self.flip_prob, generator)
+        if self.photometric:
+            image = photometric_distortion(image, generator=generator)
+        image = normalize(image, self.mean, self.std)
+        if self.crop_size:
+            image, mask = pad_pair(image, mask, self.crop_size, self.ignore_index)
+        return image, mask.as_subclass(torch.Tensor)[0]
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(crop_size={self.crop_size}, scale={self.scale}, ratio_range={self.ratio_range}, "
+                f"cat_max_ratio={self.cat_max_ratio}, flip_prob={self.flip_prob}, photometric={self.photometric})")
+
+
+class EvalTransform:
+    """Keep-ratio resize of the image only and normalisation; the label keeps its original size."""
+
+    def __init__(self, scale: Sequence[int] | None, mean: Sequence[float], std: Sequence[float]):
+        self.scale = tuple(scale) if scale else None
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, image, mask=None, generator: torch.Generator | None = None):
+        """(image, mask) -> (float32 (3, h, w) normalised image, int64 (H, W) label at original size).
+
+        `mask` may be None (prediction without labels); the second output is then None.
+        """
+        image = to_image_tensor(image)
+        if self.scale:
+            image, _ = resize_pair(image, None, rescale_size(*image.shape[-2:], self.scale))
+        label = None if mask is None else to_mask(mask).as_subclass(torch.Tensor)[0]
+        return normalize(image, self.mean, self.std), label
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(scale={self.scale})"
+
+
+def build_train_transform(
+    crop_size: Sequence[int] | None = (512, 512),
+    scale: Sequence[int] | None = (2048, 512),
+    ratio_range: Sequence[float] | None = (0.5, 2.0),
+    cat_max_ratio: float = 0.75,
+    flip_prob: float = 0.5,
+    photometric: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    ignore_index: int = IGNORE_INDEX,
+) -> TrainTransform:
+    """The mmsegmentation training pipeline as one callable `(image, mask, generator=None)`.
+
+    Args:
+        crop_size: (H, W) of the random crop and of the padded output; None keeps the whole image.
+        scale: (long, short) base scale of RandomResize; None skips resizing.
+        ratio_range: range of the uniform factor applied to `scale`; None means exactly `scale`.
+        cat_max_ratio: largest share one class may take of an accepted crop (1.0 disables retries).
+        flip_prob: probability of a horizontal flip.
+        photometric: apply PhotoMetricDistortion.
+        mean: per-channel mean on the 0-255 scale (RGB).
+        std: per-channel std on the 0-255 scale (RGB).
+        ignore_index: label of unlabelled pixels, also the mask padding value.
+    """
+    if crop_size is not None and len(crop_size) != 2:
+        raise ValueError(f"crop_size must be (H, W), got {crop_size}")
+    if scale is not None and len(scale) != 2:
+        raise ValueError(f"scale must be (long, short), got {scale}")
+    return TrainTransform(crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, mean, std, ignore_index)
+
+
+def build_eval_transform(
+    scale: Sequence[int] | None = (2048, 512),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> EvalTransform:
+    """The mmsegmentation test pipeline: keep-ratio resize of the image, label at original size.
+
+    Args:
+        scale: (long, short) bound of the keep-ratio resize; None keeps the image size.
+        mean: per-channel mean on the 0-255 scale (RGB).
+        std: per-channel std on the 0-255 scale (RGB).
+    """
+    if scale is not None and len(scale) != 2:
+        raise ValueError(f"scale must be (long, short), got {scale}")
+    return EvalTransform(scale, mean, std)
