@@ -96,7 +96,10 @@ class UPerHead(nn.Module):
 
     def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """All levels -> one stride-4 feature map (before dropout and classifier)."""
-        outs = self.pyramid(features)
+        return self.fuse_levels(self.pyramid(features))
+
+    def fuse_levels(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output of `pyramid` -> the fused stride-4 map."""
         # Every level resized to 1/4, concatenated, fused by a 3x3 conv.
         size = outs[0].shape[-2:]
         outs = [outs[0]] + [resize(o, size, self.align_corners) for o in outs[1:]]

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import upernet
+from upernet.models.upp import PartLayout
+
+SMALL_R50 = {"backbone_args": {"layers": (1, 1, 1, 1), "channels": (4, 8, 16, 32), "stem_width": 8}}
+TASKS = {"object": 5, "part": {"objects": [1, 3], "num_parts": [3, 2]}, "material": 4, "scene": 6, "texture": 7}
+
+
+def build(tasks=TASKS, base="upernet_upp_r50"):
+    torch.manual_seed(0)
+    return upernet.build_model(base, tasks=tasks, base_args=SMALL_R50, channels=16)
+
+
+def test_outputs_per_task():
+    model = build().eval()
+    out = model(torch.randn(2, 3, 65, 70))
+    assert out["object"].shape == (2, 5, 65, 70)
+    assert out["part"].shape == (2, 5, 65, 70)  # 3 + 2 (object, part) channels
+    assert out["material"].shape == (2, 4, 65, 70)
+    assert out["scene"].shape == (2, 6) and out["texture"].shape == (2, 7)
+    only = model(torch.randn(1, 3, 64, 64), tasks=["scene"])
+    assert set(only) == {"scene"}
+
+
+def test_texture_gradient_stops_at_backbone():
+    model = build().train()
+    model(torch.randn(2, 3, 64, 64), tasks=["texture"])["texture"].sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.heads["texture"].parameters())
+
+
+def test_part_layout_slices():
+    layout = PartLayout(objects=[1, 3], num_parts=[3, 2])
+    logits = torch.arange(5.0).view(1, 5, 1, 1)
+    (o1, s1), (o3, s3) = layout.split(logits)
+    assert (o1, o3) == (1, 3)
+    assert s1.flatten().tolist() == [0, 1, 2] and s3.flatten().tolist() == [3, 4]
+    with pytest.raises(ValueError):
+        PartLayout(objects=[1], num_parts=[1])
+
+
+def test_any_registered_backbone_and_save_roundtrip(tmp_path):
+    model = upernet.build_model(
+        "upernet_upp", tasks={"object": 3, "material": 2}, base="upernet_convnext_tiny",
+        base_args={"backbone_args": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}}, channels=16,
+    ).eval()
+    model.save(tmp_path / "upp")
+    loaded = upernet.load_model(tmp_path / "upp")
+    x = torch.randn(1, 3, 48, 48)
+    for k, v in model(x).items():
+        torch.testing.assert_close(loaded(x)[k], v)
+
+
+def test_unknown_task_rejected():
+    with pytest.raises(ValueError, match="tasks"):
+        build(tasks={"depth": 1})
