@@ -151,6 +151,8 @@ class UPerNet(nn.Module):
         aux_loss_weight: weight of the auxiliary loss in `loss`.
         align_corners: `align_corners` of the resizes inside the head.
         ppm_upsample_first: PPM order of CSAIL's implementation (resize, then 1x1 conv).
+        output_align_corners: `align_corners` of the final resize of the logits to the input size
+            (segmentation-models-pytorch upsamples its stride-4 logits with True).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class UPerNet(nn.Module):
         aux_loss_weight: float = 0.4,
         align_corners: bool = False,
         ppm_upsample_first: bool = False,
+        output_align_corners: bool = False,
     ):
         super().__init__()
         if len(backbone.channels) != 4:
@@ -175,6 +178,7 @@ class UPerNet(nn.Module):
         self.num_classes = num_classes
         self.aux_level = aux_level
         self.aux_loss_weight = aux_loss_weight
+        self.output_align_corners = output_align_corners
         self.decode_head = UPerHead(
             backbone.channels, num_classes, channels, pool_scales, dropout, align_corners, ppm_upsample_first
         )
@@ -188,7 +192,7 @@ class UPerNet(nn.Module):
         """Returns {"out": logits at input size}, plus {"aux": ...} in training mode."""
         features = self.backbone(images)
         size = images.shape[-2:]
-        outputs = {"out": resize(self.decode_head(features), size)}
+        outputs = {"out": resize(self.decode_head(features), size, self.output_align_corners)}
         if self.training and self.aux_head is not None:
             outputs["aux"] = resize(self.aux_head(features[self.aux_level]), size)
         return outputs
