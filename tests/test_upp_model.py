@@ -56,3 +56,41 @@ def test_any_registered_backbone_and_save_roundtrip(tmp_path):
 def test_unknown_task_rejected():
     with pytest.raises(ValueError, match="tasks"):
         build(tasks={"depth": 1})
+
+
+def test_part_loss_only_inside_parent_object_and_multi_part_objects():
+    from upernet.models.upp import part_loss
+
+    layout = PartLayout(objects=[1, 3], num_parts=[3, 2])
+    logits = torch.randn(1, 5, 4, 4, requires_grad=True)
+    objects = torch.full((1, 4, 4), 0)
+    objects[0, :2] = 1  # top half: object 1, with parts 1 and 2
+    objects[0, 2:, :2] = 3  # object 3 with only one annotated part: no loss
+    parts = torch.full((1, 4, 4), 255)
+    parts[0, 0] = 1
+    parts[0, 1] = 2
+    parts[0, 2:, :2] = 1
+    loss = part_loss(logits, objects, parts, layout)
+    loss.backward()
+    # Only the object-1 slice (channels 0..2) at object-1 pixels gets a gradient.
+    grad = logits.grad[0]
+    assert grad[3:].abs().sum() == 0
+    assert grad[:3, 2:].abs().sum() == 0 and grad[:3, :2].abs().sum() > 0
+    expected = torch.nn.functional.cross_entropy(logits[0, :3, :2].permute(1, 2, 0).reshape(-1, 3), parts[0, :2].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_heads_without_labels_get_no_gradient():
+    from upernet.models.upp import upp_loss
+
+    model = build().train()
+    images = torch.randn(2, 3, 64, 64)
+    outputs = model(images, tasks=["material", "object", "part", "scene"])
+    targets = {"material": torch.randint(0, 4, (2, 64, 64))}  # a material-only source
+    losses = upp_loss(model, outputs, targets)
+    assert set(losses) == {"material", "total"}
+    losses["total"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["scene"].parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["part"].parameters())
+    assert model.decode_head.classifier.weight.grad is None or model.decode_head.classifier.weight.grad.abs().sum() == 0
+    assert model.heads["material"][1].weight.grad.abs().sum() > 0

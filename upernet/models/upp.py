@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
@@ -158,3 +159,52 @@ def upernet_upp_r50(tasks: dict, base_args: dict | None = None, **head_args) -> 
 @register_model
 def upernet_upp_r101(tasks: dict, base_args: dict | None = None, **head_args) -> UPerNetUPP:
     return upernet_upp(tasks, "upernet_r101", base_args, **head_args)
+
+
+DEFAULT_LOSS_WEIGHTS = {"object": 1.0, "part": 0.5, "scene": 0.25, "material": 1.0, "texture": 1.0}
+
+
+def part_loss(part_logits: torch.Tensor, object_labels: torch.Tensor, part_labels: torch.Tensor,
+              layout: PartLayout, ignore_index: int = 255) -> torch.Tensor | None:
+    """Cross-entropy of each object's part slice, only inside that object's pixels.
+
+    An (image, object) pair counts only where its labelled pixels carry >= 2 distinct parts (the
+    paper trains parts only on objects annotated with several parts). None when nothing counts.
+    """
+    total, count = part_logits.new_zeros(()), 0
+    for obj, logits in layout.split(part_logits.float()):
+        inside = (object_labels == obj) & (part_labels != ignore_index)
+        for n in range(part_logits.shape[0]):
+            pixels = inside[n]
+            if torch.unique(part_labels[n][pixels]).numel() < 2:
+                continue
+            targets = part_labels[n][pixels]
+            if int(targets.max()) >= logits.shape[1]:
+                raise ValueError(f"part label {int(targets.max())} outside object {obj}'s {logits.shape[1]} parts")
+            total = total + F.cross_entropy(logits[n].permute(1, 2, 0)[pixels], targets, reduction="sum")
+            count += int(pixels.sum())
+    return total / count if count else None
+
+
+def upp_loss(model: "UPerNetUPP", outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+             weights: dict[str, float] | None = None, ignore_index: int = 255) -> dict[str, torch.Tensor]:
+    """Per-task losses for the tasks that `targets` annotates (a source without a task gives it no loss).
+
+    Returns {task: weighted loss} plus "total"; a pixel task whose labels are all `ignore_index`
+    contributes nothing (not a NaN).
+    """
+    weights = {**DEFAULT_LOSS_WEIGHTS, **(weights or {})}
+    losses: dict[str, torch.Tensor] = {}
+    for task in ("object", "material"):
+        if task in targets and task in outputs and (targets[task] != ignore_index).any():
+            losses[task] = F.cross_entropy(outputs[task].float(), targets[task].long(), ignore_index=ignore_index)
+    for task in ("scene", "texture"):
+        if task in targets and task in outputs:
+            losses[task] = F.cross_entropy(outputs[task].float(), targets[task].long())
+    if "part" in targets and "part" in outputs and "object" in targets:
+        loss = part_loss(outputs["part"], targets["object"], targets["part"], model.part_layout, ignore_index)
+        if loss is not None:
+            losses["part"] = loss
+    weighted = {task: weights[task] * loss for task, loss in losses.items()}
+    weighted["total"] = sum(weighted.values()) if weighted else next(iter(outputs.values())).sum() * 0
+    return weighted
