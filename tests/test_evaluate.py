@@ -34,7 +34,7 @@ class TinySplit:
     """Sample i: an image (smaller than its label) that encodes one class k_i everywhere, so the
     prediction at label size is k_i everywhere; the label is k_i with some other-class and ignore pixels."""
 
-    class_names = [f"c{i}" for i in range(C)]
+    classes = [f"c{i}" for i in range(C)]
     ignore_index = 255
 
     def __init__(self, n: int, seed: int = 0):
@@ -67,11 +67,11 @@ def test_evaluate_known_predictions():
     model = EncodedClassModel().train()
     results = evaluate(model, split, progress=False)
     assert model.training  # restored
-    expected = summarize(expected_confusion(split), TinySplit.class_names)
+    expected = summarize(expected_confusion(split), TinySplit.classes)
     assert _same(results, expected)
     assert math.isnan(results["per_class"][C - 1]["IoU"])  # never labelled nor predicted
     confusion, names = evaluate_confusion(model, split, progress=False)
-    assert torch.equal(confusion, expected_confusion(split)) and names == TinySplit.class_names
+    assert torch.equal(confusion, expected_confusion(split)) and names == TinySplit.classes
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -108,7 +108,7 @@ def test_format_table_and_save_results(tmp_path):
     saved = json.loads(json_path.read_text())  # strict JSON: NaN written as null
     assert saved["mIoU"] == results["mIoU"] and saved["per_class"][C - 1]["IoU"] is None
     rows = list(csv.DictReader(csv_path.open()))
-    assert [r["class"] for r in rows] == TinySplit.class_names
+    assert [r["class"] for r in rows] == TinySplit.classes
     assert float(rows[0]["IoU"]) == results["per_class"][0]["IoU"]
 
 
@@ -141,3 +141,120 @@ def test_two_processes_match_one(tmp_path):
         assert torch.equal(saved["confusion"], single)
         assert _same(saved["results"], single_results)
     assert int(single.sum()) == sum(int((s["label"] != 255).sum()) for s in TinySplit(n).samples)
+
+
+def test_subset_and_model_meta_supply_names_and_ignore_index():
+    split = TinySplit(5)
+    model = EncodedClassModel()
+    subset = torch.utils.data.Subset(split, range(3))
+    assert _same(evaluate(model, subset, progress=False), evaluate(model, TinySplit(3), progress=False))
+
+    class Bare:  # no `classes`, no `ignore_index`: the model's meta supplies them
+        def __init__(self, split):
+            self.split = split
+
+        def __len__(self):
+            return len(self.split)
+
+        def __getitem__(self, i):
+            return self.split[i]
+
+    model.meta = {"class_names": ["w", "x", "y", "z"], "ignore_index": 255}
+    results = evaluate(model, Bare(split), progress=False)
+    assert [r["class"] for r in results["per_class"]] == ["w", "x", "y", "z"]
+    assert results["mIoU"] == evaluate(model, split, progress=False)["mIoU"]
+
+
+# ---- `upernet eval` on a tiny saved model and a tiny folder dataset ---------------------------
+TINY_MODEL = {"name": "upernet_convnext_tiny", "args": {
+    "num_classes": 3, "backbone_args": {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},
+    "channels": 16, "aux_channels": 8}}
+
+
+def _tiny_folder_dataset(root):
+    import numpy as np
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(3):
+            h, w = 40 + 4 * i, 56 - 4 * i
+            Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "img_dir" / split / f"{i}.png")
+            mask = g.integers(0, 3, (h, w), dtype=np.uint8)
+            mask[:3] = 255
+            Image.fromarray(mask).save(root / "ann_dir" / split / f"{i}.png")
+
+
+def _tiny_config(tmp_path):
+    import yaml
+
+    _tiny_folder_dataset(tmp_path / "data")
+    config = {"model": TINY_MODEL,
+              "data": {"kind": "folder", "root": str(tmp_path / "data"), "scale": [48, 32],
+                       "options": {"classes": ["sky", "tree", "road"]}},
+              "val": {"mode": "whole"}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _direct_results(model, config_path):
+    from upernet.data.datasets import build_dataset
+    from upernet.data.transforms import build_eval_transform
+    from upernet.engine.config import load_config
+
+    d = load_config(config_path).data
+    dataset = build_dataset(d.kind, d.root, d.val_split, build_eval_transform(d.scale, d.mean, d.std), **d.options)
+    return evaluate(model, dataset, progress=False)
+
+
+def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
+    import upernet
+    from upernet.cli import main
+
+    torch.manual_seed(0)
+    config_path = _tiny_config(tmp_path)
+    model = upernet.build_model(TINY_MODEL["name"], **TINY_MODEL["args"]).eval()
+    model.save(str(tmp_path / "run" / "model"))
+    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model"), "--out",
+                 str(tmp_path / "out"), "--flip"]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "out" / "per_class.csv").open()))
+    assert [r["class"] for r in rows] == ["sky", "tree", "road"] and "road" in printed and "mIoU" in printed
+    assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 3
+    # Without --flip (and with the default --out) the CLI gives the numbers of evaluate() called directly.
+    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model")]) == 0
+    default = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())  # default --out: RUN_DIR/eval
+    direct = _direct_results(upernet.load_model(tmp_path / "run" / "model"), config_path)
+    assert {k: default[k] for k in ("aAcc", "mIoU", "mAcc")} == {k: direct[k] for k in ("aAcc", "mIoU", "mAcc")}
+
+
+def test_cli_eval_training_checkpoint_uses_its_config(tmp_path, capsys):
+    import upernet
+    from upernet.cli import main
+    from upernet.engine.checkpoint import atomic_save
+    from upernet.engine.config import load_config, to_dict
+
+    torch.manual_seed(1)
+    config_path = _tiny_config(tmp_path)
+    config = to_dict(load_config(config_path))
+    args = {k: v for k, v in TINY_MODEL["args"].items() if k != "num_classes"}  # training fills it from the data
+    config["model"]["args"] = args
+    model = upernet.build_model(TINY_MODEL["name"], num_classes=3, **args).eval()
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    atomic_save({"model": model.state_dict(), "config": config, "iteration": 10}, ckpt)
+    assert main(["eval", "--checkpoint", str(ckpt)]) == 0  # no CONFIG: the checkpoint's own
+    saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    direct = _direct_results(model, config_path)
+    assert saved["mIoU"] == direct["mIoU"] and saved["aAcc"] == direct["aAcc"]
+    assert [r["class"] for r in saved["per_class"]] == ["sky", "tree", "road"]
+
+
+def test_cli_eval_errors_name_the_problem(tmp_path, capsys):
+    from upernet.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "missing: no such checkpoint" in capsys.readouterr().err

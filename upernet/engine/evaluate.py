@@ -26,16 +26,32 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def _base_dataset(dataset):
+    """The dataset under `Subset` wrappers (they hide `classes` and `ignore_index`)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def _class_names(model: nn.Module, dataset, num_classes: int) -> list[str]:
-    """Class names from the dataset, else from the model's meta, else the indices."""
-    for source in (dataset, getattr(model, "meta", {})):
-        names = source.get("class_names") if isinstance(source, dict) else getattr(source, "class_names", None)
+    """Class names from the dataset (`classes`), else from the model's meta, else the indices."""
+    meta = getattr(model, "meta", None) or {}
+    for where, names in (("the dataset", getattr(_base_dataset(dataset), "classes", None)),
+                         ("the model's meta", meta.get("class_names"))):
         if names:
             if len(names) != num_classes:
-                raise ValueError(f"the model predicts {num_classes} classes but the dataset has {len(names)} "
-                                 f"class names ({', '.join(map(str, names[:5]))}, ...)")
+                raise ValueError(f"the model predicts {num_classes} classes but {where} has {len(names)} class names "
+                                 f"({', '.join(map(str, names[:5]))}, ...)")
             return [str(n) for n in names]
     return [str(i) for i in range(num_classes)]
+
+
+def _ignore_index(model: nn.Module, dataset) -> int:
+    """The dataset's ignore index, else the model's meta one, else 255."""
+    value = getattr(_base_dataset(dataset), "ignore_index", None)
+    if value is None:
+        value = (getattr(model, "meta", None) or {}).get("ignore_index", 255)
+    return int(value)
 
 
 def evaluate_confusion(
@@ -54,7 +70,7 @@ def evaluate_confusion(
             original size, "path": str}.
         distributed: split the samples over the torch.distributed processes and sum the matrices.
         progress: show a progress bar (on rank 0 only).
-        ignore_index: label value left out; defaults to the dataset's `ignore_index`, else 255.
+        ignore_index: label value left out; defaults to the dataset's, else the model meta's, else 255.
         **infer_options: keyword arguments of `inference.infer` (mode, crop_size, stride, scales, flip,
             autocast_dtype).
 
@@ -70,7 +86,7 @@ def evaluate_confusion(
     num_classes = int(model.num_classes)
     names = _class_names(model, dataset, num_classes)
     if ignore_index is None:
-        ignore_index = int(getattr(dataset, "ignore_index", 255))
+        ignore_index = _ignore_index(model, dataset)
     if len(dataset) == 0:
         raise ValueError("the evaluation dataset is empty")
     device = next(model.parameters()).device
@@ -122,7 +138,7 @@ def evaluate(
         distributed: split the samples over the torch.distributed processes and sum the matrices.
         autocast_dtype: run the forward passes under autocast with this dtype (None: full precision).
         progress: show a progress bar (on rank 0 only).
-        ignore_index: label value left out; defaults to the dataset's `ignore_index`, else 255.
+        ignore_index: label value left out; defaults to the dataset's, else the model meta's, else 255.
 
     Returns:
         The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
@@ -171,3 +187,107 @@ def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]
         for r in results["per_class"]:
             writer.writerow([r["class"], r["IoU"], r["Acc"]])
     return json_path, csv_path
+
+
+# ---- `upernet eval` -------------------------------------------------------------------------
+def load_eval_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict | None]:
+    """A model in eval mode from our folder format, a training checkpoint (.pt of `upernet train`) or a
+    foreign checkpoint `upernet.load_model` converts; plus the training config stored with it, if any."""
+    from ..models import build_model, load_model
+    from ..models.weights import load_state_dict_strict
+    from .checkpoint import load_checkpoint
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint folder or file")
+    if path.is_file():
+        try:
+            state = load_checkpoint(path)
+        except ValueError:  # not a plain-tensor pickle: a foreign checkpoint for the converters
+            state = None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict):
+            model_section = state["config"].get("model", {})
+            args = dict(model_section.get("args", {}))
+            classifier = state["model"].get("decode_head.classifier.weight")
+            if "num_classes" not in args and classifier is not None:
+                args["num_classes"] = int(classifier.shape[0])  # filled in from the dataset at training time
+            model = build_model(model_section.get("name", ""), **args)
+            load_state_dict_strict(model, state["model"], str(path))
+            model.meta = dict(state.get("meta") or {})
+            return model.eval(), state["config"]
+    return load_model(path), None
+
+
+def _default_out(checkpoint: Path) -> Path:
+    """`<run>/eval` for `<run>/model` or `<run>/checkpoints/x.pt`; else `eval` beside the checkpoint."""
+    parent = checkpoint.resolve().parent
+    return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
+
+
+def evaluate_from_cli(
+    config_path: str | None,
+    overrides: Sequence[str],
+    checkpoint: str,
+    mode: str | None = None,
+    multi_scale: bool = False,
+    flip: bool = False,
+    out: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict:
+    """`upernet eval`: model + validation split of the config -> printed table, metrics.json, per_class.csv.
+
+    Args:
+        config_path: recipe YAML whose `data` section names the split; None: the config stored in a
+            training checkpoint, else the built-in recipe.
+        overrides: dotted `key=value` overrides of the config (e.g. `data.root=...`, `val.crop_size=[512,512]`).
+        checkpoint: model folder, training checkpoint file or foreign checkpoint.
+        mode: "whole" or "slide"; None: the config's `val.mode`.
+        multi_scale: average the ratios 0.5-1.75 (`inference.MS_RATIOS`).
+        flip: also average horizontally flipped predictions.
+        out: folder for metrics.json and per_class.csv; None: `eval` in the run folder of the checkpoint.
+        device: auto, cpu or cuda (under torchrun each process takes its local GPU).
+        precision: fp32, bf16 or fp16 autocast.
+        progress: show a progress bar on rank 0.
+
+    Returns:
+        The results (as saved), on every process.
+    """
+    from ..data.datasets import build_dataset
+    from ..data.transforms import build_eval_transform
+    from .config import config_from_dict, load_config
+    from .distributed import cleanup, init_distributed
+    from .inference import MS_RATIOS
+
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    model, stored_config = load_eval_model(checkpoint)
+    if config_path is None and stored_config is not None:
+        config = config_from_dict(stored_config, list(overrides), source=f"{checkpoint} (stored config)")
+    else:
+        config = load_config(config_path, list(overrides))
+    d, v = config.data, config.val
+    dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
+                            **d.options)
+    info = init_distributed(device)
+    try:
+        model.to(info.device)
+        mode = mode or v.mode
+        scales = MS_RATIOS if multi_scale else (1.0,)
+        results = evaluate(model, dataset, mode=mode, crop_size=v.crop_size, stride=v.stride, scales=scales,
+                           flip=flip, distributed=info.distributed, autocast_dtype=dtypes[precision],
+                           progress=progress)
+        results["settings"] = {
+            "checkpoint": str(checkpoint), "dataset": d.kind, "root": d.root, "split": d.val_split,
+            "images": len(dataset), "mode": mode, "crop_size": v.crop_size, "stride": v.stride,
+            "scales": list(scales), "flip": flip, "precision": precision, "processes": info.world_size,
+        }
+        if info.is_main:
+            print(format_table(results))
+            json_path, csv_path = save_results(results, Path(out) if out else _default_out(Path(checkpoint)))
+            print(f"wrote {json_path} and {csv_path}")
+    finally:
+        cleanup()
+    return results
