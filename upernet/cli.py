@@ -62,7 +62,38 @@ def run_info(args) -> None:
     print(f"levels:       channels {stats['channels']}, strides {stats['strides']}")
 
 
-COMMANDS = [add_info]
+# ---- eval -----------------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="aAcc, mIoU, mAcc and per-class IoU/Acc on a validation split",
+                       description="Evaluate a checkpoint on the validation split of a recipe (mmsegmentation's "
+                                   "IoUMetric rules); prints the per-class table, writes metrics.json and "
+                                   "per_class.csv. Under torchrun: `torchrun --nproc_per_node 2 -m upernet.cli eval "
+                                   "...` splits the images over the processes (same numbers as one process).")
+    p.add_argument("config", nargs="?", help="recipe YAML (default: the config stored in a training checkpoint, "
+                                             "else the built-in recipe; a key=value here is taken as an override)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.root=...")
+    p.add_argument("--checkpoint", required=True,
+                   help="model folder, training checkpoint (.pt of `upernet train`) or a foreign checkpoint")
+    p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the config's val.mode)")
+    p.add_argument("--multi-scale", action="store_true", help="average scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75")
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
+    p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args) -> None:
+    from upernet.engine.evaluate import evaluate_from_cli
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides
+    evaluate_from_cli(config, overrides, args.checkpoint, mode=args.mode, multi_scale=args.multi_scale,
+                      flip=args.flip, out=args.out, device=args.device, precision=args.precision)
+
+
+COMMANDS = [add_info, add_eval]
 
 
 def main(argv: list[str] | None = None) -> int:
