@@ -13,6 +13,7 @@ Sample `i` of a split is generated from its own torch.Generator seeded by (seed,
 from __future__ import annotations
 
 import colorsys
+import contextlib
 import math
 import zlib
 from pathlib import Path
@@ -55,6 +56,17 @@ def _smooth_noise(g: torch.Generator, size: tuple[int, int], cells: int) -> torc
     return resize(coarse, size)[0, 0]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (several times slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def synthetic_sample(index: int, seed: int = 0, split: str = "train",
                      image_size: int | Sequence[int] = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Scene `index` of `split`: uint8 image (3, H, W) and uint8 label (H, W) with the classes above.
@@ -65,6 +77,11 @@ def synthetic_sample(index: int, seed: int = 0, split: str = "train",
         split: split name; different splits give different scenes.
         image_size: H = W, or (H, W).
     """
+    with _one_thread():
+        return _scene(index, seed, split, image_size)
+
+
+def _scene(index: int, seed: int, split: str, image_size: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     g = _generator(seed, split, index)
     ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
