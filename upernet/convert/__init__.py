@@ -1,34 +1,69 @@
 """Import checkpoints of other toolkits into our model: one key table per source layout.
 
-`FORMATS` maps a format name to (detect, convert): `detect(path) -> bool` looks at a file or folder
-without building anything; `convert(path) -> UPerNet` returns a loaded model in eval mode.
+`FORMATS` maps a format name to a `Format`: `detect(path) -> bool` looks at a file or folder
+without building anything; `convert(path, **options) -> UPerNet` returns a loaded model in eval
+mode; `options` names the keyword options that `convert` accepts (`strict`, `output_stride`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
-from . import huggingface
+from . import csail, huggingface, mmseg, smp, sssegmentation
 
-FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], object]]] = {
-    "huggingface": (huggingface.detect, huggingface.convert_huggingface),
+
+class Format(NamedTuple):
+    detect: Callable[[Path], bool]
+    convert: Callable[..., Any]
+    description: str
+    options: tuple[str, ...] = ()
+
+
+FORMATS: dict[str, Format] = {
+    "huggingface": Format(huggingface.detect, huggingface.convert_huggingface,
+                          "Hugging Face UperNetForSemanticSegmentation folder (ConvNeXt, Swin)"),
+    "mmseg": Format(mmseg.detect, mmseg.convert_mmseg,
+                    "mmsegmentation 0.x/1.x .pth (ResNetV1c OS32/16/8, Swin, ConvNeXt; auxiliary head)",
+                    ("strict", "output_stride")),
+    "sssegmentation": Format(sssegmentation.detect, sssegmentation.convert_sssegmentation,
+                             "sssegmentation .pth (ResNet-50/101 OS8/16; auxiliary decoder)", ("strict", "output_stride")),
+    "csail": Format(csail.detect, csail.convert_csail,
+                    "CSAIL semantic-segmentation-pytorch encoder_*.pth + decoder_*.pth (ResNet-50/101 UPerNet)",
+                    ("strict",)),
+    "smp": Format(smp.detect, smp.convert_smp,
+                  "segmentation-models-pytorch UPerNet save_pretrained folder (resnet*, tu-* timm encoders)",
+                  ("strict",)),
 }
 
 
 def detect_format(path: str | Path) -> str:
+    """The name of the first format whose `detect` recognises `path`."""
     path = Path(path)
-    for name, (detect, _) in FORMATS.items():
-        if detect(path):
+    for name, entry in FORMATS.items():
+        if entry.detect(path):
             return name
     raise ValueError(f"{path}: unknown checkpoint layout; known formats: {', '.join(FORMATS)} (or pass --from)")
 
 
-def convert_checkpoint(path: str | Path, fmt: str | None = None):
-    """Load a foreign checkpoint as our UPerNet; `fmt` is detected when not given."""
+def convert_checkpoint(path: str | Path, fmt: str | None = None, **options: Any):
+    """Load a foreign checkpoint as our UPerNet; `fmt` is detected when not given.
+
+    Args:
+        path: the checkpoint file or folder.
+        fmt: a name of `FORMATS`; None detects it.
+        **options: `strict` (default True) and `output_stride`, for the formats that take them;
+            options left at None are ignored.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[fmt][1](path)
+    entry = FORMATS[fmt]
+    given = {k: v for k, v in options.items() if v is not None and not (k == "strict" and v is True)}
+    unsupported = sorted(set(given) - set(entry.options))
+    if unsupported:
+        raise ValueError(f"{path}: the {fmt} converter does not take {', '.join(unsupported)} "
+                         f"(it takes: {', '.join(entry.options) or 'no options'})")
+    return entry.convert(path, **given)

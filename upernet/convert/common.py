@@ -7,8 +7,11 @@ replacement of `None` drops the key on purpose (buffers our model recomputes, e.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import re
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -48,3 +51,65 @@ def load_torch_file(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint with weights_only=True ({e})") from None
+
+
+def load_converted(
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    rules: Sequence[Rule],
+    source: str,
+    strict: bool = True,
+    transform: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None,
+) -> list[str]:
+    """Rename `state_dict` with `rules`, apply `transform` to the result, load it into `model`.
+
+    Returns what was skipped.
+
+    Strict (the default): a key no rule knows, a missing or unexpected key or a shape mismatch is an
+    error listing them all. Not strict: every tensor whose name and shape fit is loaded, and the
+    returned list (also logged as a warning) names each source key that was skipped and each model
+    key left at its initial value, so nothing is dropped silently. Keys dropped on purpose by a
+    `None` rule are neither.
+    """
+    from ..models.weights import load_state_dict_strict
+
+    if strict:
+        renamed, _ = rename_keys(state_dict, rules, source)
+        load_state_dict_strict(model, transform(renamed) if transform else renamed, source)
+        return []
+    renamed, dropped = rename_keys(state_dict, [*rules, (r".*", None)], source)
+    renamed = transform(renamed) if transform else renamed
+    known = [re.compile(pattern) for pattern, _ in rules]
+    skipped = [f"unknown source key {k}" for k in dropped if not any(p.fullmatch(k) for p in known)]
+    expected = model.state_dict()
+    fits = {k: v for k, v in renamed.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
+    for key, tensor in renamed.items():
+        if key not in expected:
+            skipped.append(f"unexpected key {key}")
+        elif key not in fits:
+            skipped.append(f"shape mismatch {key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}")
+    skipped += [f"missing key {k} (left at its initial value)" for k in expected if k not in fits]
+    model.load_state_dict(fits, strict=False)
+    if skipped:
+        logging.getLogger("upernet.convert").warning(
+            "%s: loaded %d tensors; skipped %d:\n  %s", source, len(fits), len(skipped), "\n  ".join(skipped))
+    return skipped
+
+
+@functools.lru_cache(maxsize=2)
+def _peek(path: str, mtime: float) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:  # files in the legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None
+
+
+def peek_checkpoint(path: Path) -> object:
+    """A single-file checkpoint memory-mapped for format detection, or None if it is not one."""
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
+        return None
+    return _peek(str(path), path.stat().st_mtime)

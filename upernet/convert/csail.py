@@ -1,0 +1,110 @@
+"""CSAIL semantic-segmentation-pytorch (`mit-semseg`) UPerNet: `encoder_*.pth` + `decoder_*.pth` -> our UPerNet.
+
+What differs from the mmsegmentation UPerNet, and how our model expresses it:
+- the ResNet stem is 3x3 convs 64-64-128 (mmsegmentation's V1c: 32-32-64): timm's deep stem with
+  `stem_width=64` (`backbone_args`);
+- the PPM resizes each pooled map before its 1x1 conv: `ppm_upsample_first=True`;
+- no dropout and no auxiliary head: `dropout=0`, `aux_head=False`;
+- inputs are RGB scaled to [0, 1] then normalised with ImageNet mean/std, which is the same as our
+  0-255 `IMAGENET_MEAN`/`IMAGENET_STD` (0.485 x 255 = 123.675, ...), stored in `model.meta`.
+Their `upernet_lite` (FPN width 256 beside 512-wide PPM convs) has two widths where ours has one,
+so only `upernet` (512) converts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..data.classes import IMAGENET_MEAN, IMAGENET_STD
+from ..models.registry import build_model
+from ..models.upernet import UPerNet
+from .common import Rule, load_converted, load_torch_file, peek_checkpoint
+from .mmseg import BN, WB, conv_bn, resnet_depth
+
+ENCODER_RULES: list[Rule] = [
+    (r"conv1\.weight", "backbone.body.conv1.0.weight"),
+    (rf"bn1\.{BN}", r"backbone.body.conv1.1.\g<p>"),
+    (r"conv2\.weight", "backbone.body.conv1.3.weight"),
+    (rf"bn2\.{BN}", r"backbone.body.conv1.4.\g<p>"),
+    (r"conv3\.weight", "backbone.body.conv1.6.weight"),
+    (rf"bn3\.{BN}", r"backbone.body.bn1.\g<p>"),
+    (r"(layer[1-4]\.\d+\.(?:conv[1-3]|bn[1-3]|downsample\.[01])\.\w+)", r"backbone.body.\1"),
+]
+DECODER_RULES: list[Rule] = [
+    *conv_bn(r"ppm_conv\.(\d+)\.0", r"ppm_conv\.(\d+)\.1", r"decode_head.ppm.\1"),
+    *conv_bn(r"ppm_last_conv\.0", r"ppm_last_conv\.1", "decode_head.ppm_bottleneck"),
+    *conv_bn(r"fpn_in\.(\d+)\.0", r"fpn_in\.(\d+)\.1", r"decode_head.lateral_convs.\1"),
+    *conv_bn(r"fpn_out\.(\d+)\.0\.0", r"fpn_out\.(\d+)\.0\.1", r"decode_head.fpn_convs.\1"),
+    *conv_bn(r"conv_last\.0\.0", r"conv_last\.0\.1", "decode_head.fusion"),
+    (rf"conv_last\.1\.{WB}", r"decode_head.classifier.\g<p>"),
+]
+
+
+def _pair(path: Path) -> tuple[Path, Path] | None:
+    """(encoder, decoder) files of a checkpoint folder or of either file of the pair, else None."""
+    path = Path(path)
+    if path.is_dir():
+        encoders = sorted(path.glob("encoder_*.pth"))
+        if len(encoders) != 1:
+            return None
+        encoder = encoders[0]
+    elif path.name.startswith(("encoder_", "decoder_")):
+        encoder = path.with_name("encoder_" + path.name.split("_", 1)[1])
+    else:
+        return None
+    decoder = encoder.with_name("decoder_" + encoder.name.split("_", 1)[1])
+    return (encoder, decoder) if encoder.is_file() and decoder.is_file() else None
+
+
+def detect(path: Path) -> bool:
+    """encoder_*.pth + decoder_*.pth side by side, the decoder with CSAIL's UPerNet keys (`fpn_in`, `ppm_last_conv`)."""
+    pair = _pair(path)
+    decoder = peek_checkpoint(pair[1]) if pair else None
+    return isinstance(decoder, dict) and "ppm_last_conv.0.weight" in decoder and "fpn_in.0.0.weight" in decoder
+
+
+def _with_batch_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add the BatchNorm `num_batches_tracked` counters that checkpoints saved before PyTorch 0.4.1 lack.
+
+    The counter only matters for BatchNorm with momentum=None in training; 0 is its initial value.
+    """
+    out = dict(state_dict)
+    for key in state_dict:
+        if key.endswith(".running_var"):
+            out.setdefault(key[: -len("running_var")] + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return out
+
+
+def convert_csail(path: Path, strict: bool = True) -> UPerNet:
+    """Build the UPerNet of a CSAIL encoder/decoder pair and load its weights (eval mode).
+
+    Args:
+        path: the folder holding one encoder_*.pth and decoder_*.pth pair, or either file of it.
+        strict: fail on any key that does not fit; False loads what fits and logs the skipped keys.
+    """
+    pair = _pair(path)
+    if pair is None:
+        raise ValueError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
+    encoder, decoder = (load_torch_file(str(p)) for p in pair)
+    source = f"{pair[0]} + {pair[1].name}"
+    if "conv3.weight" not in encoder or encoder["conv3.weight"].shape[0] != 128:
+        raise ValueError(f"{pair[0]}: not a CSAIL ResNet encoder with the 64-64-128 stem (conv3.weight 128 channels)")
+    if decoder["ppm_last_conv.0.weight"].shape[0] != decoder["ppm_conv.0.0.weight"].shape[0]:
+        raise ValueError(f"{pair[1]}: FPN width {decoder['ppm_last_conv.0.weight'].shape[0]} differs from the PPM width "
+                         f"{decoder['ppm_conv.0.0.weight'].shape[0]} (upernet_lite); only 'upernet' converts")
+    depth = resnet_depth(list(encoder), "", str(pair[0]))
+    model = build_model(
+        f"upernet_r{depth}",
+        num_classes=decoder["conv_last.1.weight"].shape[0],
+        backbone_args={"stem_width": 64},
+        channels=decoder["ppm_last_conv.0.weight"].shape[0],
+        dropout=0.0,
+        aux_head=False,
+        ppm_upsample_first=True,
+    )
+    # The two files have no prefix; the rules tell their keys apart (encoder: conv1.., layerN; decoder: the rest).
+    merged = _with_batch_counters({**encoder, **decoder})
+    load_converted(model, merged, ENCODER_RULES + DECODER_RULES, source, strict)
+    model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    return model.eval()
