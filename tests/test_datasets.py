@@ -255,3 +255,22 @@ def test_colour_mask_to_index():
     palette = [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
     rgb = np.array([[[0, 0, 0], [128, 0, 0], [0, 128, 0], [1, 2, 3]]], dtype=np.uint8)
     assert colour_mask_to_index(rgb, palette).tolist() == [[0, 1, 2, 255]]
+
+
+def test_docstring_args_match_signatures():
+    """Every public data function/class documents exactly its parameters, in order."""
+    import inspect
+    import re
+
+    from upernet.data import datasets, synthetic, transforms
+
+    public = [datasets.build_dataset, datasets.ade20k, datasets.cityscapes, datasets.voc, datasets.folder,
+              datasets.pair_files, datasets.SegmentationDataset, datasets.FileDataset, synthetic.SyntheticDataset,
+              synthetic.synthetic_sample, synthetic.write_synthetic_folder, transforms.build_train_transform,
+              transforms.build_eval_transform]
+    for obj in public:
+        doc = inspect.getdoc(obj)
+        documented = re.findall(r"^    \**(\w+):", doc.split("Args:")[1], flags=re.M)
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        params = [p for p in inspect.signature(target).parameters if p != "self"]
+        assert documented == params, obj.__name__

@@ -63,7 +63,7 @@ def _check_mask_mode(img: Image.Image, path: Path) -> None:
             f"mask {path} is a {img.mode} image, but masks must hold one class index per pixel (a "
             f"single-channel PNG, mode L or P, values 0..num_classes-1 and 255 = ignore). If it is "
             f"colour-coded, convert it with upernet.data.colour_mask_to_index(mask, palette) and save "
-            f"the result as a single-channel PNG.")
+            f"the result as a single-channel PNG; if its channels are equal, save it with .convert('L').")
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
