@@ -1,0 +1,152 @@
+"""DCNv3: our vectorised sampling against a deliberately naive one, gradients, module semantics."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upernet.models.backbones.dcnv3 import DCNv3, dcnv3_core
+
+
+def naive_dcnv3_core(x, offset, mask, kernel_size, groups, offset_scale, pad, dilation=1, stride=1):
+    """The reference algorithm written out point by point, in the reference's own terms.
+
+    The reference pads the input, normalises the sampling location by the padded size and calls
+    grid_sample(align_corners=False); here that location is turned back into padded-pixel coordinates
+    (loc * size - 0.5) and interpolated by hand, reading zeros outside the padded map.
+    """
+    n, h, w, c = x.shape
+    gc = c // groups
+    padded = F.pad(x, (0, 0, pad, pad, pad, pad))
+    hp, wp = h + 2 * pad, w + 2 * pad
+    h_out = (hp - (dilation * (kernel_size - 1) + 1)) // stride + 1
+    w_out = (wp - (dilation * (kernel_size - 1) + 1)) // stride + 1
+    half = (dilation * (kernel_size - 1)) // 2
+    out = torch.zeros(n, h_out, w_out, c, dtype=x.dtype)
+
+    def pixel(b, yy, xx, g):
+        if 0 <= yy < hp and 0 <= xx < wp:
+            return padded[b, yy, xx, g * gc:(g + 1) * gc]
+        return torch.zeros(gc, dtype=x.dtype)
+
+    for b in range(n):
+        for i in range(h_out):
+            for j in range(w_out):
+                ref_x = (half + 0.5 + j * stride) / wp  # normalised reference point (pixel centre)
+                ref_y = (half + 0.5 + i * stride) / hp
+                for g in range(groups):
+                    acc = torch.zeros(gc, dtype=x.dtype)
+                    p = 0
+                    for ix in range(kernel_size):  # x outer, y inner: the reference's point order
+                        for iy in range(kernel_size):
+                            grid_x = (-half + ix * dilation) / wp
+                            grid_y = (-half + iy * dilation) / hp
+                            base = (g * kernel_size * kernel_size + p) * 2
+                            loc_x = ref_x + grid_x * offset_scale + offset[b, i, j, base] * offset_scale / wp
+                            loc_y = ref_y + grid_y * offset_scale + offset[b, i, j, base + 1] * offset_scale / hp
+                            sx, sy = loc_x * wp - 0.5, loc_y * hp - 0.5
+                            x0, y0 = math.floor(sx), math.floor(sy)
+                            ax, ay = sx - x0, sy - y0
+                            value = ((1 - ax) * (1 - ay) * pixel(b, y0, x0, g) + ax * (1 - ay) * pixel(b, y0, x0 + 1, g)
+                                     + (1 - ax) * ay * pixel(b, y0 + 1, x0, g) + ax * ay * pixel(b, y0 + 1, x0 + 1, g))
+                            acc = acc + mask[b, i, j, g * kernel_size * kernel_size + p] * value
+                            p += 1
+                    out[b, i, j, g * gc:(g + 1) * gc] = acc
+    return out
+
+
+def random_inputs(n, h, w, groups, group_channels, kernel_size, dtype=torch.float32, spread=2.0):
+    k = kernel_size * kernel_size
+    x = torch.randn(n, h, w, groups * group_channels, dtype=dtype)
+    offset = torch.randn(n, h, w, groups * k * 2, dtype=dtype) * spread  # reaches outside the map
+    mask = torch.randn(n, h, w, groups, k, dtype=dtype).softmax(-1).reshape(n, h, w, groups * k)
+    return x, offset, mask
+
+
+@pytest.mark.parametrize(
+    "n,h,w,groups,group_channels,kernel_size,offset_scale",
+    [
+        (2, 5, 7, 3, 2, 3, 1.0),  # non-square, 3 groups
+        (1, 6, 4, 2, 3, 3, 2.0),  # offset_scale 2 (InternImage-L/XL)
+        (1, 5, 6, 4, 1, 5, 1.0),  # kernel 5, 4 groups
+        (1, 4, 5, 1, 4, 5, 2.0),
+    ],
+)
+def test_matches_naive_reference(n, h, w, groups, group_channels, kernel_size, offset_scale):
+    torch.manual_seed(0)
+    x, offset, mask = random_inputs(n, h, w, groups, group_channels, kernel_size)
+    pad = (kernel_size - 1) // 2
+    ours = dcnv3_core(x, offset, mask, kernel_size, groups, offset_scale)
+    naive = naive_dcnv3_core(x, offset, mask, kernel_size, groups, offset_scale, pad)
+    assert ours.shape == naive.shape == x.shape
+    assert (ours - naive).abs().max().item() <= 1e-5
+
+
+def test_far_offsets_read_zero_padding():
+    """Points far outside the map contribute nothing; points on integer pixels read them exactly."""
+    x, offset, mask = random_inputs(1, 4, 4, 1, 3, 3)
+    far = dcnv3_core(x, torch.full_like(offset, 1e4), mask, 3, 1)
+    assert far.abs().max().item() == 0.0
+    # Zero offsets and all mask weight on the centre point (index 4) give back the input exactly.
+    centre = torch.zeros_like(mask)
+    centre[..., 4] = 1.0
+    assert torch.equal(dcnv3_core(x, torch.zeros_like(offset), centre, 3, 1), x)
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(0)
+    x, offset, mask = random_inputs(1, 3, 4, 2, 2, 3, dtype=torch.float64, spread=1.3)
+    offset = offset + 0.05  # keep sampling points off integer pixels, where bilinear has kinks
+    inputs = tuple(t.clone().requires_grad_() for t in (x, offset, mask))
+    assert torch.autograd.gradcheck(lambda a, b, c: dcnv3_core(a, b, c, 3, 2, 2.0), inputs, eps=1e-6, atol=1e-5)
+
+
+def test_module_uses_reference_parameters_and_init():
+    module = DCNv3(channels=12, group=3, center_feature_scale=True)
+    names = set(dict(module.named_parameters()))
+    assert names == {
+        "dw_conv.0.weight", "dw_conv.0.bias", "dw_conv.1.1.weight", "dw_conv.1.1.bias", "offset.weight", "offset.bias",
+        "mask.weight", "mask.bias", "input_proj.weight", "input_proj.bias", "output_proj.weight", "output_proj.bias",
+        "center_feature_scale_proj_weight", "center_feature_scale_proj_bias",
+    }
+    assert module.offset.weight.abs().sum() == 0 and module.mask.weight.abs().sum() == 0
+    assert module.offset.weight.shape == (3 * 9 * 2, 12) and module.mask.weight.shape == (3 * 9, 12)
+
+
+def test_module_forward_matches_its_definition():
+    """Offsets/mask from the unprojected input (dwconv -> LN -> GELU -> Linear), softmax per group,
+    sampling of the projected input, centre-feature gate, output projection."""
+    torch.manual_seed(0)
+    module = DCNv3(channels=8, group=2, offset_scale=2.0, center_feature_scale=True).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(1, 5, 6, 8)
+    with torch.no_grad():
+        feat = F.gelu(F.layer_norm(module.dw_conv[0](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), (8,),
+                                   module.dw_conv[1][1].weight, module.dw_conv[1][1].bias, 1e-6))
+        offset = module.offset(feat)
+        mask = module.mask(feat).view(1, 5, 6, 2, 9).softmax(-1).view(1, 5, 6, 18)
+        projected = module.input_proj(x)
+        sampled = naive_dcnv3_core(projected, offset, mask, 3, 2, 2.0, pad=1)
+        gate = torch.sigmoid(feat @ module.center_feature_scale_proj_weight.T + module.center_feature_scale_proj_bias)
+        gate = gate.repeat_interleave(4, dim=-1)
+        expected = module.output_proj(sampled * (1 - gate) + projected * gate)
+        assert (module(x) - expected).abs().max().item() <= 1e-5
+
+
+def test_bfloat16_close_to_float32():
+    torch.manual_seed(0)
+    x, offset, mask = (t.bfloat16() for t in random_inputs(1, 9, 11, 2, 8, 3))
+    ours16 = dcnv3_core(x, offset, mask, 3, 2)
+    ours32 = dcnv3_core(x.float(), offset.float(), mask.float(), 3, 2)
+    assert ours16.dtype == torch.bfloat16
+    assert (ours16.float() - ours32).abs().max().item() < 0.05
+
+
+def test_bad_shapes_fail_early():
+    x, offset, mask = random_inputs(1, 4, 4, 2, 2, 3)
+    with pytest.raises(ValueError, match="offset/mask"):
+        dcnv3_core(x, offset, mask, 3, 4)
+    with pytest.raises(ValueError, match="divisible"):
+        DCNv3(channels=10, group=4)
