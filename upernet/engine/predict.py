@@ -1,0 +1,201 @@
+"""Segment image files: label map PNG (palette mode), colour overlay PNG, optional probabilities.
+
+Images are decoded (and resized) in DataLoader workers so that file I/O overlaps the forward
+passes. A file that cannot be read is reported and skipped; the others are still written, and
+the caller gets the list of failures.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from ..data.classes import resolve_meta
+from .inference import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
+                        normalize, parse_size, resize_image, resize_probs)
+
+SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "data" / "assets" / "sample.png"
+DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio)
+
+
+@dataclass
+class PredictResult:
+    """What `predict` wrote and which inputs it could not read."""
+
+    out_dir: Path
+    written: list[Path] = field(default_factory=list)  # one output stem per image: <stem>_labels.png, ...
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes (EXIF applied) and resizes one image per item; a read error is returned, not raised."""
+
+    def __init__(self, files: Sequence[Path], size: SizeRule):
+        self.files = list(files)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        try:
+            original = image_to_tensor(load_image(self.files[index]))
+        except (FileNotFoundError, ValueError) as e:
+            return {"index": index, "error": str(e)}
+        return {"index": index, "original": original, "image": resize_image(original, self.size), "error": None}
+
+
+def _output_stems(files: Sequence[tuple[Path, Path]], out_dir: Path) -> list[Path]:
+    """out_dir/<sub folder>/<stem> per image, keeping folder structure; repeated names get -2, -3, ..."""
+    stems, seen = [], set()
+    for file, root in files:
+        relative = file.relative_to(root).parent if file.is_relative_to(root) else Path()
+        stem = out_dir / relative / file.stem
+        candidate, n = stem, 1
+        while candidate in seen:
+            n += 1
+            candidate = stem.with_name(f"{stem.name}-{n}")
+        seen.add(candidate)
+        stems.append(candidate)
+    return stems
+
+
+def save_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]], path: Path) -> None:
+    """Class indices as a palette-mode PNG: the pixel values are the classes, the colours the palette.
+
+    More than 256 classes do not fit a palette; those maps are written as 16-bit grey PNGs.
+    """
+    if len(palette) > 256:
+        Image.fromarray(labels.astype(np.uint16)).save(path)
+        return
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    flat = [int(v) for colour in palette for v in colour]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    img.save(path)
+
+
+def _font(height: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=max(10, height // 40))
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def overlay_image(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    class_names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+    max_legend: int = 8,
+) -> Image.Image:
+    """The image blended with the colour map; with `class_names`, a legend of the largest classes present."""
+    colours = np.asarray(palette, dtype=np.float32)[labels]
+    blend = ((1 - alpha) * image.astype(np.float32) + alpha * colours).round().clip(0, 255).astype(np.uint8)
+    out = Image.fromarray(blend)
+    if class_names is None:
+        return out
+    present, counts = np.unique(labels, return_counts=True)
+    order = present[np.argsort(-counts, kind="stable")][:max_legend]
+    font = _font(out.height)
+    draw = ImageDraw.Draw(out, "RGBA")
+    line = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 4
+    width = max(int(draw.textlength(str(class_names[c]), font=font)) for c in order) + line + 10
+    draw.rectangle((0, 0, width, line * len(order) + 6), fill=(0, 0, 0, 150))
+    for row, c in enumerate(order):
+        y = 3 + row * line
+        draw.rectangle((4, y + 1, 4 + line - 4, y + line - 3), fill=tuple(int(v) for v in palette[c]))
+        draw.text((line + 4, y), str(class_names[c]), fill=(255, 255, 255), font=font)
+    return out
+
+
+def predict(
+    model: nn.Module,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    mode: str | None = None,
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    size: str | SizeRule = "meta",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    save_probs: bool = False,
+    workers: int | None = None,
+    device: str | torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    legend: bool = True,
+    progress: bool = True,
+) -> PredictResult:
+    """Segment every image in `inputs` (files or folders) and write the results into `out_dir`.
+
+    Per image: `<stem>_labels.png` (palette PNG of class indices at the image's size),
+    `<stem>_overlay.png` (image blended with the colour map), and with `save_probs`
+    `<stem>_probs.npy` (float16, C x H x W). Class names, palette and mean/std come from
+    `model.meta`, with defaults for whatever it lacks.
+
+    Args:
+        model: segmentation model with `num_classes` (and `meta`, possibly empty).
+        inputs: image files and folders (searched recursively for image suffixes).
+        out_dir: output folder; created if needed; sub-folders of input folders are mirrored.
+        mode: "whole" or "slide"; None takes `model.meta["inference"]["mode"]`, else "whole".
+        crop_size: slide window (h, w); None takes the meta's, else 512x512.
+        stride: slide step (h, w); None takes the meta's, else 341x341.
+        size: resize rule ("none", "512", "2048x512", or a parsed rule); "meta" takes the meta's
+            `test_size`, else 2048x512.
+        scales: ratios for multi-scale inference (e.g. `inference.MS_RATIOS`).
+        flip: also average the horizontally flipped prediction.
+        save_probs: also write the probabilities.
+        workers: DataLoader worker processes for decoding; None for min(2, CPUs).
+        device: where the model runs; None for CUDA when available, else CPU.
+        autocast_dtype: autocast dtype of the forward passes (e.g. torch.bfloat16), None for fp32.
+        legend: draw a legend of the classes present on the overlay.
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    files = find_images(inputs)
+    out_dir = Path(out_dir)
+    meta = resolve_meta(getattr(model, "meta", {}), int(model.num_classes))
+    settings = meta.get("inference", {})
+    mode = mode or settings.get("mode", "whole")
+    crop_size = tuple(crop_size or settings.get("crop_size", DEFAULT_CROP))
+    stride = tuple(stride or settings.get("stride", DEFAULT_STRIDE))
+    rule = parse_size(meta.get("test_size", DEFAULT_SIZE) if size == "meta" else size)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device)
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    workers = min(workers, len(files) - 1)  # one image: decoding in this process is faster than a worker
+    loader = torch.utils.data.DataLoader(_ImageFiles([f for f, _ in files], rule), batch_size=None,
+                                         num_workers=max(workers, 0), collate_fn=None)
+    stems = _output_stems(files, out_dir)
+    result = PredictResult(out_dir)
+    bar = tqdm(loader, total=len(files), desc="predict", unit="img", disable=not progress)
+    for item in bar:
+        index = item["index"]
+        if item["error"]:
+            result.failures.append((files[index][0], item["error"]))
+            bar.write(f"skipped: {item['error']}")
+            continue
+        original = item["original"]
+        image = normalize(item["image"], meta["mean"], meta["std"]).to(device)
+        probs = infer(model, image, mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                      autocast_dtype=autocast_dtype)
+        probs = resize_probs(probs, original.shape[-2:])[0].cpu()
+        labels = probs.argmax(dim=0).numpy()
+        stem = stems[index]
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        save_label_png(labels, meta["palette"], stem.with_name(stem.name + "_labels.png"))
+        overlay = overlay_image(original.permute(1, 2, 0).numpy(), labels, meta["palette"],
+                                meta["class_names"] if legend else None)
+        overlay.save(stem.with_name(stem.name + "_overlay.png"))
+        if save_probs:
+            np.save(stem.with_name(stem.name + "_probs.npy"), probs.to(torch.float16).numpy())
+        result.written.append(stem)
+    return result
