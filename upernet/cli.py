@@ -62,6 +62,62 @@ def run_info(args) -> None:
     print(f"levels:       channels {stats['channels']}, strides {stats['strides']}")
 
 
+# ---- predict --------------------------------------------------------------------------------
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="segment images: label-map PNGs, colour overlays, probabilities",
+                       description="Segment image files or folders. Per image writes <name>_labels.png (palette PNG "
+                                   "of class indices), <name>_overlay.png and with --save-probs <name>_probs.npy.")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER",
+                   help="image files and folders (searched recursively); none: the built-in sample image")
+    p.add_argument("--model", required=True, help="checkpoint folder/file, or a registered name (random weights)")
+    p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="default: the model's test mode, else whole")
+    p.add_argument("--crop", nargs=2, type=int, metavar=("H", "W"), help="slide window (default 512 512)")
+    p.add_argument("--stride", nargs=2, type=int, metavar=("H", "W"), help="slide step (default 341 341)")
+    p.add_argument("--size", default="meta",
+                   help="resize before inference: 'none', a short side like 512, or a keep-ratio scale like "
+                        "2048x512 (default: the model's test size, else 2048x512)")
+    p.add_argument("--multi-scale", action="store_true", help="average scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75")
+    p.add_argument("--scales", nargs="+", type=float, help="custom scale ratios to average")
+    p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
+    p.add_argument("--save-probs", action="store_true", help="write <name>_probs.npy (float16, C x H x W)")
+    p.add_argument("--batch-workers", type=int, help="image decoding processes (default: min(2, CPUs))")
+    p.add_argument("--sample", action="store_true", help="also segment the built-in sample image")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--no-legend", action="store_true", help="no class legend on the overlays")
+    p.set_defaults(handler=run_predict)
+
+
+def run_predict(args) -> None:
+    from pathlib import Path
+
+    import torch
+
+    import upernet
+    from upernet.engine.inference import MS_RATIOS
+    from upernet.engine.predict import SAMPLE_IMAGE, predict
+
+    if not Path(args.model).exists() and args.model in upernet.list_models():
+        print(f"warning: {args.model} is a model name, not a checkpoint: its weights are random, so the "
+              f"predictions are meaningless (pass a checkpoint folder for real ones)", file=sys.stderr)
+    model = _load_any(args.model)
+    inputs = list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample or not args.inputs else [])
+    result = predict(
+        model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
+        scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
+        save_probs=args.save_probs, workers=args.batch_workers, device=args.device,
+        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision],
+        legend=not args.no_legend,
+    )
+    kinds = "_labels.png, _overlay.png" + (", _probs.npy" if args.save_probs else "")
+    print(f"wrote {len(result.written)} image(s) to {result.out_dir} ({kinds})")
+    if result.failures:
+        total = len(result.written) + len(result.failures)
+        raise CLIError(f"{len(result.failures)} of {total} image(s) could not be read:\n  "
+                       + "\n  ".join(message for _, message in result.failures))
+
+
 # ---- eval -----------------------------------------------------------------------------------
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="aAcc, mIoU, mAcc and per-class IoU/Acc on a validation split",
@@ -93,7 +149,7 @@ def run_eval(args) -> None:
                       flip=args.flip, out=args.out, device=args.device, precision=args.precision)
 
 
-COMMANDS = [add_info, add_eval]
+COMMANDS = [add_info, add_eval, add_predict]
 
 
 def main(argv: list[str] | None = None) -> int:
