@@ -11,6 +11,15 @@ from upernet.convert import FORMATS, convert_checkpoint
 from upernet.convert.common import load_converted
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The converter tests run small inputs, where one thread is fastest, most so on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights everywhere, including BatchNorm affine parameters and running statistics.
 

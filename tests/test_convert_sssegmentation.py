@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert_common import randomise
+from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
 
 from upernet import load_model
 from upernet.convert import convert_checkpoint, detect_format

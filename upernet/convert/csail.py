@@ -39,6 +39,9 @@ DECODER_RULES: list[Rule] = [
     *conv_bn(r"conv_last\.0\.0", r"conv_last\.0\.1", "decode_head.fusion"),
     (rf"conv_last\.1\.{WB}", r"decode_head.classifier.\g<p>"),
 ]
+# Their SynchronizedBatchNorm2d keeps extra buffers that accumulate statistics across iterations in
+# training; inference reads only running_mean/var.
+SYNC_BN_RULES: list[Rule] = [(r".+\.(?:_tmp_running_mean|_tmp_running_var|_running_iter)", None)]
 
 
 def _pair(path: Path) -> tuple[Path, Path] | None:
@@ -105,6 +108,6 @@ def convert_csail(path: Path, strict: bool = True) -> UPerNet:
     )
     # The two files have no prefix; the rules tell their keys apart (encoder: conv1.., layerN; decoder: the rest).
     merged = _with_batch_counters({**encoder, **decoder})
-    load_converted(model, merged, ENCODER_RULES + DECODER_RULES, source, strict)
+    load_converted(model, merged, SYNC_BN_RULES + ENCODER_RULES + DECODER_RULES, source, strict)
     model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     return model.eval()
