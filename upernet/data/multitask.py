@@ -152,6 +152,23 @@ def builtin_sources(split: str = "train", image_size: int = 96, seed: int = 0) -
     return [BuiltinSource(name, split, image_size=image_size, seed=seed, flip=split == "train") for name in BUILTIN_SOURCES]
 
 
+def read_broden_meta(root: str | Path) -> dict:
+    """meta.json of a Broden+-style folder: class lists per task, the object-part hierarchy, sources."""
+    meta_file = Path(root) / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: a Broden+-style folder needs meta.json (see the README)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
+    for key in ("objects", "sources"):
+        if key not in meta:
+            raise ValueError(f"{meta_file}: missing the {key!r} entry")
+    for key in ("parts", "materials", "scenes", "textures"):
+        meta.setdefault(key, {} if key == "parts" else [])
+    return meta
+
+
 class BrodenFolder(Dataset):
     """One source of a Broden+-style folder (layout in the module docstring).
 
@@ -166,9 +183,7 @@ class BrodenFolder(Dataset):
     def __init__(self, root: str | Path, source: str, split: str = "train"):
         self.root, self.name = Path(root), source
         meta_file = self.root / "meta.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{meta_file}: a Broden+-style folder needs meta.json (see the README)")
-        self.meta = json.loads(meta_file.read_text())
+        self.meta = read_broden_meta(root)
         if source not in self.meta.get("sources", {}):
             raise ValueError(f"{meta_file}: no source {source!r}; it lists {sorted(self.meta.get('sources', {}))}")
         self.tasks = tuple(self.meta["sources"][source]["tasks"])

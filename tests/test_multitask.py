@@ -1,0 +1,101 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from upernet.data.multitask import (BUILTIN_SOURCES, BrodenFolder, BuiltinSource, SourceSampler, builtin_tasks,
+                                    multitask_sample)
+from upernet.engine.multitask import MultiTaskMetrics
+
+
+def test_source_sampler_proportions_and_determinism():
+    sampler = SourceSampler([600, 300, 100], seed=3)
+    draws = [sampler(i) for i in range(6000)]
+    counts = Counter(draws)
+    for source, expected in enumerate([0.6, 0.3, 0.1]):
+        assert abs(counts[source] / 6000 - expected) < 0.03
+    assert draws == [SourceSampler([600, 300, 100], seed=3)(i) for i in range(6000)]  # same on every process
+
+
+def test_builtin_sources_annotate_only_their_tasks():
+    for name, (tasks, _) in BUILTIN_SOURCES.items():
+        item = BuiltinSource(name, "val", num_samples=2, image_size=64)[0]
+        assert set(item["targets"]) == set(tasks)
+        assert item["source"] == name
+
+
+def test_builtin_labels_consistent():
+    image, t = multitask_sample(3, 0, "train", 96)
+    assert image.shape == (3, 96, 96)
+    boat_or_pier = (t["object"] == 4) | (t["object"] == 5)
+    assert ((t["part"] != 255) == boat_or_pier).all()  # parts exist exactly inside objects with parts
+    assert ((t["material"] == 255) == (t["object"] == 0)).all()  # the sky has no material
+    assert 0 <= int(t["scene"]) < builtin_tasks()["scene"]
+
+
+def test_metrics_hand_computed():
+    tasks = {"object": 3, "part": {"objects": [1], "num_parts": [2]}, "scene": 2}
+    metrics = MultiTaskMetrics(tasks, {})
+    obj_label = torch.tensor([[[0, 1], [1, 2]]])
+    obj_pred = torch.tensor([[[0, 1], [2, 2]]])
+    part_label = torch.tensor([[[255, 0], [1, 255]]])
+    part_pred = torch.tensor([[[1, 0], [0, 1]]])  # scored only at the two object-1 pixels: one right, one wrong
+    outputs = {"object": torch.nn.functional.one_hot(obj_pred, 3).permute(0, 3, 1, 2).float(),
+               "part": torch.nn.functional.one_hot(part_pred, 2).permute(0, 3, 1, 2).float(),
+               "scene": torch.tensor([[0.1, 0.9]])}
+    metrics.update(outputs, {"object": obj_label, "part": part_label, "scene": torch.tensor([0])})
+    s = metrics.summary()
+    # object IoUs: class0 1/1, class1 1/2, class2 1/2 -> 66.67; pixel acc 3/4
+    assert s["object/mIoU"] == pytest.approx(66.67, abs=0.01) and s["object/pixel_acc"] == 75.0
+    # parts of object 1: background part 0: pred{0}, label{0} -> IoU 1/2 (pred 0 also at the part-1 pixel)
+    # part 1: IoU 0/1 -> mean 25
+    assert s["part/mIoU"] == pytest.approx(25.0)
+    assert s["scene/top1"] == 0.0
+
+
+def write_broden(root, with_scene=True):
+    meta = {"objects": ["thing", "stuff"], "parts": {"thing": ["background", "top"]}, "materials": ["a", "b"],
+            "scenes": ["s0", "s1"], "sources": {"ade": {"tasks": ["object", "scene"] if with_scene else ["object"]},
+                                                "os": {"tasks": ["material"]}}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    for source, task in (("ade", "object"), ("os", "material")):
+        for sub in ("images", task):
+            (root / source / "train" / sub).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 10, 3), 40 * i, np.uint8)).save(root / source / "train" / "images" / f"{i}.png")
+            Image.fromarray(np.full((8, 10), i % 2, np.uint8)).save(root / source / "train" / task / f"{i}.png")
+    (root / "ade" / "train" / "labels.json").write_text(json.dumps({str(i): {"scene": i % 2} for i in range(2)}))
+
+
+def test_broden_folder(tmp_path):
+    write_broden(tmp_path, with_scene=False)
+    item = BrodenFolder(tmp_path, "ade", "train")[1]
+    assert item["targets"]["object"].shape == (8, 10) and int(item["targets"]["object"][0, 0]) == 1
+    assert BrodenFolder(tmp_path, "os", "train")[0]["targets"].keys() == {"material"}
+
+
+def test_broden_missing_label_names_file(tmp_path):
+    write_broden(tmp_path, with_scene=True)  # labels.json lacks image 2's scene
+    with pytest.raises(ValueError, match="labels.json.*scene"):
+        BrodenFolder(tmp_path, "ade", "train")
+    with pytest.raises(ValueError, match="no source 'nope'"):
+        BrodenFolder(tmp_path, "nope", "train")
+
+
+def test_short_multitask_training_run(tmp_path):
+    from upernet.engine.config import load_config
+    from upernet.engine.multitask import train_multitask
+    import upernet
+
+    cfg = load_config("configs/upp_builtin.yaml", [
+        "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
+        "val.interval=0", "train.checkpoint_interval=4", "model.args.channels=16"])
+    result = train_multitask(cfg, tmp_path / "run", progress=False)
+    assert result["iteration"] == 8
+    assert {"object/mIoU", "material/mIoU", "part/mIoU", "scene/top1", "texture/top1"} <= set(result["val"])
+    model = upernet.load_model(tmp_path / "run" / "model")
+    out = model(torch.randn(1, 3, 48, 48))
+    assert out["object"].shape == (1, 7, 48, 48) and out["texture"].shape == (1, 4)

@@ -1,0 +1,266 @@
+"""Training and evaluation of the multi-task UPerNet (Unified Perceptual Parsing) on several
+sources, each annotating only some tasks.
+
+    upernet train configs/upp_builtin.yaml      # data.kind "upp_builtin" or "broden" selects this loop
+
+Each iteration draws one source with probability proportional to its size (the same draw on every
+process: it depends only on the seed and the iteration), takes a batch from it and puts a loss
+only on the tasks that source annotates. The texture head is trained after the rest, for
+`data.options.texture_iters` iterations on texture crops, with the backbone's gradient stopped.
+
+Metrics as in the paper: object and material mIoU and pixel accuracy; part mIoU (background
+counted) averaged within each object, then across objects; scene and texture top-1 accuracy.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.multitask import BrodenFolder, SourceSampler, builtin_meta, builtin_sources, part_layout, read_broden_meta
+from ..models import build_model
+from ..models.upp import upp_loss
+from ..models.weights import load_state_dict_strict
+from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, save_config, to_dict
+from .metrics import confusion_matrix, reduce, summarize
+from .optim import PolySchedule, build_optimizer
+from .train import InfiniteSampler, MetricsLog, SeededSamples, TrainingDiverged, _amp, _finite_state, set_train_mode
+
+MULTITASK_KINDS = ("upp_builtin", "broden")
+PIXEL_TASKS = ("object", "material")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def build_sources(config: Config, split: str) -> tuple[list[Dataset], dict]:
+    """The sources of a split and the class lists (meta) of the data."""
+    d = config.data
+    if d.kind == "upp_builtin":
+        size = int(d.options.get("image_size", 96))
+        return builtin_sources(split, image_size=size, seed=config.train.seed), builtin_meta()
+    if d.kind == "broden":
+        meta = read_broden_meta(d.root)
+        names = d.options.get("sources") or list(meta["sources"])
+        return [BrodenFolder(d.root, name, split) for name in names], meta
+    raise ValueError(f"data.kind {d.kind!r} is not a multi-task kind ({', '.join(MULTITASK_KINDS)})")
+
+
+def tasks_of(meta: dict) -> dict:
+    tasks = {"object": len(meta["objects"]), "material": len(meta["materials"]), "scene": len(meta["scenes"]),
+             "texture": len(meta["textures"])}
+    if meta.get("parts"):
+        tasks["part"] = part_layout(meta["objects"], meta["parts"])
+    return {k: v for k, v in tasks.items() if v}
+
+
+def collate(items: list[dict]) -> dict:
+    tasks = items[0]["targets"].keys()
+    return {"image": torch.stack([it["image"] for it in items]),
+            "targets": {t: torch.stack([it["targets"][t] for it in items]) for t in tasks},
+            "source": items[0]["source"]}
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+class MultiTaskMetrics:
+    """Accumulates every task's counts; `summary()` gives the paper's numbers in percent."""
+
+    def __init__(self, tasks: dict, meta: dict):
+        self.tasks, self.meta = tasks, meta
+        self.confusion = {t: torch.zeros(tasks[t], tasks[t], dtype=torch.int64) for t in PIXEL_TASKS if t in tasks}
+        layout = tasks.get("part")
+        self.part_confusion = ([torch.zeros(n, n, dtype=torch.int64) for n in layout["num_parts"]] if layout else [])
+        self.top1 = {t: torch.zeros(2, dtype=torch.int64) for t in ("scene", "texture") if t in tasks}
+
+    def update(self, outputs: dict, targets: dict) -> None:
+        for task, conf in self.confusion.items():
+            if task in targets:
+                conf += confusion_matrix(outputs[task].argmax(1).cpu(), targets[task].cpu(), self.tasks[task])
+        for task, counts in self.top1.items():
+            if task in targets:
+                counts += torch.tensor([int((outputs[task].argmax(1).cpu() == targets[task].cpu()).sum()),
+                                        targets[task].numel()])
+        if self.part_confusion and "part" in targets:
+            layout = self.tasks["part"]
+            start = 0
+            for k, (obj, n) in enumerate(zip(layout["objects"], layout["num_parts"])):
+                pred = outputs["part"][:, start:start + n].argmax(1).cpu()
+                label = targets["part"].cpu().clone()
+                label[targets["object"].cpu() != obj] = 255  # parts are scored inside their object only
+                self.part_confusion[k] += confusion_matrix(pred, label, n)
+                start += n
+
+    def reduce(self) -> None:
+        for task in self.confusion:
+            self.confusion[task] = reduce(self.confusion[task])
+        self.part_confusion = [reduce(c) for c in self.part_confusion]
+        for task in self.top1:
+            self.top1[task] = reduce(self.top1[task])
+
+    def summary(self) -> dict:
+        out: dict[str, float] = {}
+        for task, conf in self.confusion.items():
+            if conf.sum() > 0:
+                s = summarize(conf)
+                out[f"{task}/mIoU"], out[f"{task}/pixel_acc"] = s["mIoU"], s["aAcc"]
+        per_object = [summarize(c)["mIoU"] for c in self.part_confusion if c.sum() > 0]
+        per_object = [v for v in per_object if not math.isnan(v)]
+        if per_object:
+            out["part/mIoU"] = round(sum(per_object) / len(per_object), 2)
+        for task, (correct, total) in self.top1.items():
+            if total > 0:
+                out[f"{task}/top1"] = round(100.0 * int(correct) / int(total), 2)
+        return out
+
+
+@torch.no_grad()
+def evaluate_multitask(model: nn.Module, sources: Sequence[Dataset], tasks: dict, meta: dict,
+                       distributed: bool = False, batch_size: int = 8) -> dict:
+    """Every source of the split, each scored on the tasks it annotates; reduced across processes."""
+    rank = torch.distributed.get_rank() if distributed else 0
+    world = torch.distributed.get_world_size() if distributed else 1
+    metrics = MultiTaskMetrics(tasks, meta)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for source in sources:
+        shard = torch.utils.data.Subset(source, range(rank, len(source), world))  # no padded duplicates
+        for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
+            wanted = list(batch["targets"]) + (["object"] if "part" in batch["targets"] else [])
+            outputs = model(batch["image"].to(device), tasks=[t for t in dict.fromkeys(wanted) if t in tasks])
+            metrics.update(outputs, batch["targets"])
+    metrics.reduce()
+    model.train(was_training)
+    return metrics.summary()
+
+
+def format_multitask(results: dict) -> str:
+    width = max(len(k) for k in results) if results else 0
+    return "\n".join(f"{k:<{width}}  {v:6.2f}" for k, v in results.items())
+
+
+# ---- training -----------------------------------------------------------------------------------
+def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | None = None,
+                    progress: bool = True, info=None) -> dict:
+    """Train the multi-task model of `config` into `run_dir` (same run-folder layout as `train`)."""
+    from tqdm import tqdm
+
+    from .distributed import all_gather_objects, all_reduce_mean, cleanup, init_distributed, prepare_model
+
+    own_dist = info is None
+    info = info or init_distributed(config.train.device)
+    try:
+        cfg, device, run_dir = config, info.device, Path(run_dir)
+        resume_file = find_resume(resume) if resume is not None else None
+        checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, run_dir / "config.yaml")
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+
+        train_sources, meta = build_sources(cfg, cfg.data.train_split)
+        val_sources, _ = build_sources(cfg, cfg.data.val_split)
+        tasks = tasks_of(meta)
+        model = build_model(cfg.model.name, tasks=tasks, **cfg.model.args).to(device)
+        model.meta = {"tasks_meta": meta, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+        optimizer = build_optimizer(model, cfg.optim)
+        schedule = PolySchedule(optimizer, cfg.schedule)
+        amp_dtype, use_scaler = _amp(cfg.train.precision, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        weights = dict(cfg.data.options.get("loss_weights", {}))
+        texture_iters = int(cfg.data.options.get("texture_iters", 0))
+
+        # Phase 1 draws among the non-texture sources; phase 2 (texture_iters) trains on textures.
+        main = [i for i, s in enumerate(train_sources) if tuple(s.tasks) != ("texture",)]
+        texture = [i for i, s in enumerate(train_sources) if tuple(s.tasks) == ("texture",)]
+        pick_main = SourceSampler([len(train_sources[i]) for i in main], cfg.train.seed)
+        total_iters = cfg.schedule.iters + (texture_iters if texture else 0)
+
+        start, consumed = 0, [0] * len(train_sources)
+        if checkpoint is not None:
+            load_state_dict_strict(model, checkpoint["model"], str(resume_file))
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            schedule.load_state_dict(checkpoint["schedule"])
+            scaler.load_state_dict(checkpoint["scaler"])
+            start, consumed = checkpoint["iteration"], list(checkpoint["data"]["consumed"])
+            if len(checkpoint["rng"]) == info.world_size:
+                set_rng_state(checkpoint["rng"][info.rank])
+        torch.manual_seed(cfg.train.seed + info.rank + start)
+
+        def stream(i: int):
+            sampler = InfiniteSampler(len(train_sources[i]), cfg.train.seed + i, info.rank, info.world_size,
+                                      start=consumed[i])
+            return iter(DataLoader(SeededSamples(train_sources[i]), batch_size=cfg.data.batch_size,
+                                   sampler=sampler, collate_fn=collate))
+
+        streams = {i: stream(i) for i in range(len(train_sources))}
+        ddp = prepare_model(model, info, cfg.model.sync_bn)
+        log = MetricsLog(run_dir, info.is_main, start)
+        bar = tqdm(total=total_iters, initial=start, disable=not (progress and info.is_main), desc="train", unit="it")
+        result: dict = {"iteration": start, "loss": None, "val": None}
+        last_saved = resume_file
+
+        def state(iteration: int) -> dict:
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
+                    "best_mIoU": 0.0, "rng": all_gather_objects(rng_state(), info),
+                    "data": {"consumed": consumed}, "config": to_dict(cfg)}
+
+        set_train_mode(ddp, cfg.model.norm_eval)
+        for iteration in range(start + 1, total_iters + 1):
+            in_texture_phase = iteration > cfg.schedule.iters
+            source = texture[0] if in_texture_phase else main[pick_main(iteration)]
+            batch = next(streams[source])
+            consumed[source] += cfg.data.batch_size
+            targets = {t: v.to(device) for t, v in batch["targets"].items()}
+            wanted = list(targets) + (["object"] if "part" in targets else [])
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = ddp(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
+            losses = upp_loss(model, outputs, targets, weights)
+            scaler.scale(losses["total"]).backward()
+            loss_value = float(all_reduce_mean(losses["total"].detach(), info))
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"the training loss is {loss_value} at iteration {iteration} (source "
+                                       f"{batch['source']}); stopped (last good checkpoint: {last_saved})")
+            if cfg.optim.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            if not in_texture_phase:
+                schedule.step()
+            result.update(iteration=iteration, loss=loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", src=batch["source"][:10], refresh=False)
+            if iteration % cfg.train.log_interval == 0:
+                log.write({"kind": "train", "iter": iteration, "loss": loss_value, "source": batch["source"],
+                           "lr": optimizer.param_groups[-1]["lr"],
+                           **{f"loss/{k}": float(v.detach()) for k, v in losses.items() if k != "total"}})
+            if (cfg.val.interval and iteration % cfg.val.interval == 0) or iteration == total_iters:
+                summary = evaluate_multitask(model, val_sources, tasks, meta, distributed=info.distributed)
+                set_train_mode(ddp, cfg.model.norm_eval)
+                result["val"] = summary
+                log.write({"kind": "val", "iter": iteration, **summary})
+                if info.is_main:
+                    bar.write(f"iter {iteration}: " + "  ".join(f"{k} {v:.1f}" for k, v in summary.items()))
+            if iteration % cfg.train.checkpoint_interval == 0 or iteration == total_iters:
+                ckpt = _finite_state(state(iteration), iteration, last_saved)
+                if info.is_main:
+                    save_checkpoint(ckpt, run_dir, iteration, cfg.train.keep_last)
+                last_saved = run_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
+        bar.close()
+        log.close()
+        if info.is_main and result["iteration"] == total_iters:
+            model.save(run_dir / "model")
+        return result
+    finally:
+        if own_dist:
+            cleanup()
