@@ -118,6 +118,54 @@ def run_predict(args) -> None:
                        + "\n  ".join(message for _, message in result.failures))
 
 
+# ---- train ----------------------------------------------------------------------------------
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a UPerNet (default: the built-in synthetic recipe)",
+                       description="Train from a recipe YAML (default configs/builtin.yaml) with dotted "
+                                   "overrides, e.g. `upernet train configs/x.yaml optim.lr=0.02 data.batch_size=4`. "
+                                   "Under torchrun: `torchrun --nproc_per_node 2 -m upernet.cli train ...`.")
+    p.add_argument("config", nargs="?", help="recipe YAML file (a key=value here is taken as an override)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                   help="continue from a checkpoint file or run folder (default: the newest checkpoint of --out)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<config name>)")
+    p.add_argument("--stop-at", type=int, metavar="ITER", help="stop after this iteration with a checkpoint")
+    p.set_defaults(handler=run_train)
+
+
+def run_train(args) -> None:
+    from pathlib import Path
+
+    from upernet.engine.train import TrainingDiverged, train_from_cli
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config] + overrides
+    try:
+        result = train_from_cli(config, overrides, args.out, args.resume or None, args.resume is not None,
+                                args.stop_at)
+    except TrainingDiverged as e:
+        raise CLIError(str(e)) from None
+    run_dir = result["run_dir"]
+    done = "finished" if (Path(run_dir) / "model").is_dir() else f"stopped at iteration {result['iteration']}"
+    print(f"run folder: {run_dir} ({done}; best val mIoU {result['best_mIoU']:.2f})")
+
+
+# ---- plot -----------------------------------------------------------------------------------
+def add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="PNG curves of loss, lr and mIoU of a training run")
+    p.add_argument("run_dir", help="run folder of `upernet train`")
+    p.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
+    p.set_defaults(handler=run_plot)
+
+
+def run_plot(args) -> None:
+    from upernet.engine.plot import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
+
+
 # ---- eval -----------------------------------------------------------------------------------
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="aAcc, mIoU, mAcc and per-class IoU/Acc on a validation split",
@@ -149,7 +197,34 @@ def run_eval(args) -> None:
                       flip=args.flip, out=args.out, device=args.device, precision=args.precision)
 
 
-COMMANDS = [add_info, add_eval, add_predict]
+# ---- convert --------------------------------------------------------------------------------
+def add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="import a foreign checkpoint (e.g. a Hugging Face UperNet folder) into our format",
+                       description="Convert a checkpoint of another toolkit into our folder format (config.json + "
+                                   "model.safetensors), loadable with `upernet.load_model(OUT)`.")
+    p.add_argument("src", help="checkpoint file or folder to convert")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--from", dest="fmt", metavar="FORMAT", help="source format (default: detected)")
+    p.set_defaults(handler=run_convert)
+
+
+def run_convert(args) -> None:
+    from pathlib import Path
+
+    from upernet.convert import convert_checkpoint, detect_format
+
+    src, out = Path(args.src), Path(args.out)
+    if src.exists() and out.resolve() == src.resolve():
+        raise CLIError(f"{out}: the output folder must differ from the source (it would overwrite it)")
+    fmt = args.fmt or (detect_format(src) if src.exists() else None)
+    model = convert_checkpoint(src, fmt)
+    model.save(out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"converted {src} ({fmt} format) -> {out}")
+    print(f"model: {model.config['name']}, {model.num_classes} classes, {params / 1e6:.2f} M parameters")
+
+
+COMMANDS = [add_info, add_predict, add_train, add_plot, add_eval, add_convert]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,390 @@
+"""The training configuration: typed dataclasses, read from one flat YAML file plus dotted overrides.
+
+A recipe file holds the sections below (`model`, `data`, `optim`, `schedule`, `val`, `train`) and
+nothing else: no inheritance, no registry of string types. Every key is checked against the
+dataclass fields and their types, so a typo fails with the key and the valid names:
+
+    config = load_config("configs/upernet_r50_ade20k_160k.yaml", ["optim.lr=0.02", "data.batch_size=4"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass
+class ModelConfig:
+    """Which registered variant to build and with what arguments.
+
+    Attributes:
+        name: a registered model name (`upernet info --list`).
+        args: keyword arguments of the variant, e.g. `{"backbone_args": {"drop_path_rate": 0.3}}`;
+            `num_classes` is filled in from the dataset.
+        sync_bn: convert BatchNorm to SyncBatchNorm when training on several CUDA processes.
+        norm_eval: keep BatchNorm layers in eval mode while training (running statistics are used and
+            not updated; mmsegmentation's `norm_eval`).
+    """
+
+    name: str = "upernet_r50"
+    args: dict = field(default_factory=dict)
+    sync_bn: bool = True
+    norm_eval: bool = False
+
+
+@dataclass
+class DataConfig:
+    """The dataset and its mmsegmentation-style augmentation.
+
+    Attributes:
+        kind: ade20k, cityscapes, voc, folder or synthetic (see `upernet.data.build_dataset`).
+        root: dataset folder (unused by `synthetic`).
+        train_split: split name used for training.
+        val_split: split name used for validation.
+        options: extra arguments of the dataset (class names, palette, reduce_zero_label, sizes, ...).
+        crop_size: (H, W) of the training crops (null: whole images).
+        scale: (long, short) bound of RandomResize before the ratio is applied, and of the eval resize
+            (null: no resizing).
+        ratio_range: range of the RandomResize ratio.
+        cat_max_ratio: largest share one class may take in a crop (RandomCrop retries up to 10 times).
+        flip_prob: probability of a horizontal flip.
+        photometric: apply PhotoMetricDistortion.
+        mean: per-channel mean of the normalisation, 0-255 scale.
+        std: per-channel std of the normalisation, 0-255 scale.
+        batch_size: images per process per step (the total batch is this x processes x accumulate).
+        workers: DataLoader worker processes per training process.
+    """
+
+    kind: str = "synthetic"
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    options: dict = field(default_factory=dict)
+    crop_size: Optional[tuple[int, int]] = (512, 512)
+    scale: Optional[tuple[int, int]] = (2048, 512)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 2
+    workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, parameter groups and gradient handling.
+
+    Attributes:
+        name: sgd or adamw.
+        lr: base learning rate (of the head; layer-wise decay scales the backbone's down).
+        momentum: SGD momentum.
+        betas: AdamW betas.
+        weight_decay: weight decay of the parameters not listed by `no_weight_decay`.
+        no_weight_decay: parameter kinds without weight decay: "norm" (normalisation layers),
+            "bias", "1d" (every 1-D parameter, mmsegmentation's rule for ConvNeXt), "pos" (position
+            tables: relative_position_bias_table, absolute_pos_embed, pos_embed, cls_token).
+        layer_decay_type: none, stage_wise or layer_wise (mmsegmentation's
+            LearningRateDecayOptimizerConstructor).
+        layer_decay_rate: lr multiplier per layer away from the head.
+        layer_decay_num_layers: `num_layers` of the layer-wise decay.
+        grad_clip: max global gradient norm (0 disables clipping).
+        accumulate: batches whose gradients are summed before each optimiser step.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    no_weight_decay: list[str] = field(default_factory=list)
+    layer_decay_type: str = "none"
+    layer_decay_rate: float = 1.0
+    layer_decay_num_layers: int = 12
+    grad_clip: float = 0.0
+    accumulate: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    """Poly learning-rate schedule with linear warmup, per iteration (mmsegmentation's rules).
+
+    Attributes:
+        iters: total optimiser steps.
+        warmup_iters: length of the linear warmup (0 disables it).
+        warmup_ratio: lr factor at the first warmup step.
+        power: exponent of the poly decay.
+        min_lr: lr reached at the last iteration.
+    """
+
+    iters: int = 160000
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+    min_lr: float = 1e-4
+
+
+@dataclass
+class ValConfig:
+    """Periodic validation.
+
+    Attributes:
+        interval: validate every this many iterations and at the end (0: only at the end).
+        mode: whole or slide inference.
+        crop_size: window (H, W) of slide inference.
+        stride: stride (H, W) of slide inference.
+        max_images: validate on the first N images only (0: all).
+    """
+
+    interval: int = 16000
+    mode: str = "whole"
+    crop_size: Optional[tuple[int, int]] = None
+    stride: Optional[tuple[int, int]] = None
+    max_images: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything else about the run.
+
+    Attributes:
+        seed: seeds the model initialisation, the data order and every augmentation.
+        device: auto, cpu or cuda.
+        precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast + GradScaler, CUDA only).
+        loss_average: "valid" (mean over labelled pixels) or "all" (mmsegmentation's default).
+        log_interval: write train loss and lr to metrics.jsonl every this many iterations.
+        checkpoint_interval: save a checkpoint every this many iterations (and at the end).
+        keep_last: periodic checkpoints kept on disk (the best one is kept apart).
+    """
+
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    loss_average: str = "valid"
+    log_interval: int = 50
+    checkpoint_interval: int = 16000
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    val: ValConfig = field(default_factory=ValConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "data.kind": ("ade20k", "cityscapes", "voc", "folder", "synthetic", "upp_builtin", "broden"),
+    "optim.name": ("sgd", "adamw"),
+    "optim.layer_decay_type": ("none", "stage_wise", "layer_wise"),
+    "val.mode": ("whole", "slide"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.loss_average": ("valid", "all"),
+}
+NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "1d", "pos")
+
+
+# ---- reading -----------------------------------------------------------------------------------
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp` (YAML lists become tuples where a tuple is typed)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list:
+        (arg,) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    else:  # pragma: no cover - every field type is handled above
+        raise TypeError(f"unsupported config type {tp} for {key}")
+    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    """Field name -> resolved type annotation of a dataclass instance."""
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _unknown(key: str, valid: list[str]) -> ValueError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"unknown config key {key!r}.{hint} Valid keys here: {', '.join(valid)}")
+
+
+def _apply(config: Config, path: str, value: Any) -> None:
+    """Set the dotted `path` (e.g. `optim.lr` or `model.args.backbone_args.depths`) to `value`."""
+    parts = path.split(".")
+    section_names = [f.name for f in dataclasses.fields(config)]
+    if parts[0] not in section_names:
+        raise _unknown(path, section_names)
+    section = getattr(config, parts[0])
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping of {', '.join(_fields(section))}, got {value!r}")
+        for k, v in value.items():
+            _apply(config, f"{path}.{k}", v)
+        return
+    hints = _fields(section)
+    name = parts[1]
+    if name not in hints:
+        raise _unknown(path, list(hints))
+    if len(parts) == 2:
+        value = _coerce(value, hints[name], path)
+        choices = CHOICES.get(path)
+        if choices and value not in choices:
+            raise ValueError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+        if path == "optim.no_weight_decay":
+            bad = [v for v in value if v not in NO_WEIGHT_DECAY_KINDS]
+            if bad:
+                raise ValueError(f"{path}: unknown kinds {bad}; valid: {', '.join(NO_WEIGHT_DECAY_KINDS)}")
+        setattr(section, name, value)
+        return
+    # Deeper paths only go into free-form dicts (model.args, data.options).
+    target = getattr(section, name)
+    if not isinstance(target, dict):
+        raise ValueError(f"{path}: {parts[0]}.{name} is a {_type_name(hints[name])}, it has no sub-keys")
+    for part in parts[2:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"{path}: {part!r} is not a mapping")
+    target[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`"optim.lr=0.02"` -> ("optim.lr", 0.02); the value is read as YAML (`[512,512]`, `true`, ...)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=0.02)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    """A checked `Config` from a nested dict (as read from YAML) and `key=value` overrides."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping of sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
+    config = Config()
+    try:
+        for key, value in data.items():
+            _apply(config, str(key), value)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(config, key, value)
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a recipe YAML (default: the built-in synthetic recipe) and apply dotted overrides."""
+    path = Path(path) if path is not None else BUILTIN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file (recipes are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(data, overrides, source=str(path))
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that the types alone do not catch."""
+    positive = {"schedule.iters": config.schedule.iters, "data.batch_size": config.data.batch_size,
+                "optim.accumulate": config.optim.accumulate, "train.log_interval": config.train.log_interval,
+                "train.checkpoint_interval": config.train.checkpoint_interval, "train.keep_last": config.train.keep_last}
+    for key, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
+    if config.schedule.warmup_iters < 0:
+        raise ValueError(f"schedule.warmup_iters must be at least 0, got {config.schedule.warmup_iters}")
+    if config.val.mode == "slide" and (config.val.crop_size is None or config.val.stride is None):
+        raise ValueError("val.mode=slide needs val.crop_size and val.stride")
+    if config.optim.lr <= 0:
+        raise ValueError(f"optim.lr must be positive, got {config.optim.lr}")
+
+
+def to_dict(config: Config) -> dict:
+    """Plain dicts/lists/numbers (tuples become lists): what YAML, JSON and `weights_only` loading take."""
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(config))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-style mappings, flow-style lists: `crop_size: [512, 512]`."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
+                                                                             flow_style=True))
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML text (it loads back with `load_config`)."""
+    return yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=110)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with `load_config`)."""
+    Path(path).write_text(dump_config(config))
+
+
+BUILTIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "builtin.yaml"
