@@ -105,3 +105,43 @@ def upernet_r101_d8(num_classes: int = 150, backbone_args=None, pretrained_backb
 @register_model
 def upernet_r101_d16(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
     return _resnet("resnet101c", 16, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+# ---- Swin (ours: pads before the cyclic shift, like mmsegmentation and Hugging Face) ----------
+# The published UPerNet settings; base and large use window 12 (ImageNet-22K 384x384 pretraining),
+# as the Hugging Face checkpoints openmmlab/upernet-swin-{base,large} do. No ImageNet weights here:
+# start from a converted checkpoint (`upernet convert`) instead.
+def _swin(embed_dim: int, depths, num_heads, window_size: int, num_classes: int, backbone_args, pretrained_backbone,
+          **head_args):
+    if pretrained_backbone:
+        raise ValueError("pretrained_backbone is not available for Swin; convert a Hugging Face checkpoint "
+                         "(`upernet convert`) and load it with `upernet.load_model` instead")
+    from .backbones import SwinTransformer
+
+    defaults = {"embed_dim": embed_dim, "depths": depths, "num_heads": num_heads, "window_size": window_size,
+                "drop_path_rate": 0.3}
+    return _create(SwinTransformer(**{**defaults, **(backbone_args or {})}), num_classes, **head_args)
+
+
+@register_model
+def upernet_swin_tiny(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """Swin-T: 96 channels, depths 2-2-6-2, heads 3-6-12-24, window 7 (no pretrained backbone)."""
+    return _swin(96, (2, 2, 6, 2), (3, 6, 12, 24), 7, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_swin_small(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """Swin-S: 96 channels, depths 2-2-18-2, heads 3-6-12-24, window 7 (no pretrained backbone)."""
+    return _swin(96, (2, 2, 18, 2), (3, 6, 12, 24), 7, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_swin_base(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """Swin-B: 128 channels, depths 2-2-18-2, heads 4-8-16-32, window 12 (no pretrained backbone)."""
+    return _swin(128, (2, 2, 18, 2), (4, 8, 16, 32), 12, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_swin_large(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """Swin-L: 192 channels, depths 2-2-18-2, heads 6-12-24-48, window 12 (no pretrained backbone)."""
+    return _swin(192, (2, 2, 18, 2), (6, 12, 24, 48), 12, num_classes, backbone_args, pretrained_backbone, **head_args)

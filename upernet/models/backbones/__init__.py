@@ -1,4 +1,5 @@
 """Backbones: modules that return 4 feature maps and carry `channels` and `strides` for them."""
+from .swin import SwinTransformer
 from .timm_backbone import TimmBackbone
 
-__all__ = ["TimmBackbone"]
+__all__ = ["SwinTransformer", "TimmBackbone"]
