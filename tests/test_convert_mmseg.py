@@ -1,0 +1,133 @@
+"""mmsegmentation 1.x: their real EncoderDecoder (ResNetV1c, mmpretrain ConvNeXt, Swin) vs ours after conversion.
+
+mmsegmentation imports `mmcv.ops` (compiled C++/CUDA operators) when its package loads; the
+pure-Python `mmcv-lite` that installs here has none. No module of a UPerNet calls them, so a
+placeholder module that fails on use stands in for `mmcv.ops`; every module that runs is theirs, unpatched.
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
+
+from upernet.convert import convert_checkpoint, detect_format
+
+
+def _mmcv_ops_placeholder() -> None:
+    try:
+        import mmcv.ops  # noqa: F401  (the full mmcv, when installed)
+    except ImportError:
+        ops = types.ModuleType("mmcv.ops")
+
+        def missing(name: str):
+            if name.startswith("__"):
+                raise AttributeError(name)
+
+            def fail(*args, **kwargs):
+                raise RuntimeError(f"mmcv.ops.{name} needs the compiled mmcv, not mmcv-lite")
+            return fail
+
+        ops.__getattr__ = missing
+        sys.modules["mmcv.ops"] = ops
+
+
+_mmcv_ops_placeholder()
+from mmseg.registry import MODELS  # noqa: E402
+from mmseg.utils import register_all_modules  # noqa: E402
+
+register_all_modules()
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # mmseg deprecation notices
+NUM_CLASSES = 5
+BN = dict(type="BN", requires_grad=True)
+LOSS = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
+
+
+def heads(in_channels: list[int], channels: int = 32) -> dict:
+    """UPerHead + FCN auxiliary head as in mmsegmentation's _base_/models/upernet_*.py (narrower)."""
+    return dict(
+        decode_head=dict(type="UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+                         channels=channels, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=BN, align_corners=False,
+                         loss_decode=LOSS),
+        auxiliary_head=dict(type="FCNHead", in_channels=in_channels[2], in_index=2, channels=channels // 2, num_convs=1,
+                            concat_input=False, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=BN,
+                            align_corners=False, loss_decode=LOSS),
+    )
+
+
+def resnet(output_stride: int) -> dict:
+    strides, dilations = {32: ((1, 2, 2, 2), (1, 1, 1, 1)), 8: ((1, 2, 1, 1), (1, 1, 2, 4))}[output_stride]
+    return dict(type="ResNetV1c", depth=50, num_stages=4, out_indices=(0, 1, 2, 3), dilations=dilations, strides=strides,
+                norm_cfg=BN, norm_eval=False, style="pytorch", contract_dilation=True)
+
+
+CONVNEXT = dict(type="mmpretrain.ConvNeXt", arch=dict(depths=[1, 1, 2, 1], channels=[16, 32, 64, 128]),
+                out_indices=[0, 1, 2, 3], drop_path_rate=0.0, layer_scale_init_value=1.0, gap_before_final_norm=False)
+SWIN = dict(type="SwinTransformer", pretrain_img_size=224, embed_dims=32, patch_size=4, window_size=7, mlp_ratio=4,
+            depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], strides=(4, 2, 2, 2), out_indices=(0, 1, 2, 3), qkv_bias=True,
+            qk_scale=None, patch_norm=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, use_abs_pos_embed=False,
+            act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN", requires_grad=True))
+
+
+def build_mmseg(backbone: dict, in_channels: list[int]) -> torch.nn.Module:
+    cfg = dict(type="EncoderDecoder", backbone=backbone, **heads(in_channels), train_cfg=dict(), test_cfg=dict(mode="whole"))
+    return randomise(MODELS.build(cfg), seed=7)
+
+
+def mmseg_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Their whole-image inference: logits resized to the image by the decode head's predict."""
+    with torch.no_grad():
+        return model.encode_decode(images, [dict(img_shape=tuple(images.shape[-2:]))])
+
+
+CASES = {
+    # name: (backbone config, level channels, checkpoint meta, our variant)
+    "r50": (resnet(32), [256, 512, 1024, 2048], {"CLASSES": ["a", "b", "c", "d", "e"],
+                                                  "PALETTE": [[i, i, i] for i in range(NUM_CLASSES)]}, "upernet_r50"),
+    "r50-d8": (resnet(8), [256, 512, 1024, 2048], {"config": "model = dict(backbone=dict(type='ResNetV1c', "
+                                                             "strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4)))"},
+               "upernet_r50_d8"),
+    "convnext": (CONVNEXT, [16, 32, 64, 128], {}, "upernet_convnext_tiny"),
+    "swin": (SWIN, [32, 64, 128, 256], {}, "upernet_swin_tiny"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mmseg_matches_their_model(tmp_path, case):
+    backbone, in_channels, meta, variant = CASES[case]
+    theirs = build_mmseg(backbone, in_channels)
+    path = tmp_path / f"upernet_{case}.pth"
+    torch.save({"meta": meta, "state_dict": theirs.state_dict()}, path)
+
+    assert detect_format(path) == "mmseg"
+    ours = convert_checkpoint(path)
+    assert ours.config["name"] == variant
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    expected = mmseg_logits(theirs, images)
+    with torch.no_grad():
+        got = ours(images)["out"]
+        level = torch.randn(1, in_channels[2], 4, 6, generator=torch.Generator().manual_seed(1))
+        aux_diff = (ours.aux_head(level) - theirs.auxiliary_head.cls_seg(theirs.auxiliary_head._forward_feature(
+            [None, None, level, None]))).abs().max().item()
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max().item() <= 1e-4
+    assert aux_diff <= 1e-4
+    if "CLASSES" in meta:
+        assert ours.meta["class_names"] == meta["CLASSES"] and ours.meta["palette"] == meta["PALETTE"]
+
+
+def test_mmseg_swin_patch_merging_needs_the_unfold_reordering(tmp_path, monkeypatch):
+    """Without reordering the merged channels the outputs differ: the transform is doing real work."""
+    from upernet.convert import mmseg as mmseg_format
+
+    theirs = build_mmseg(SWIN, [32, 64, 128, 256])
+    path = tmp_path / "swin.pth"
+    torch.save({"meta": {}, "state_dict": theirs.state_dict()}, path)
+    images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    expected = mmseg_logits(theirs, images)
+    monkeypatch.setattr(mmseg_format, "_from_unfold_order", lambda state_dict: state_dict)
+    unordered = mmseg_format.convert_mmseg(path)
+    with torch.no_grad():
+        assert (unordered(images)["out"] - expected).abs().max().item() > 1e-2
