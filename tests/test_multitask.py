@@ -99,3 +99,20 @@ def test_short_multitask_training_run(tmp_path):
     model = upernet.load_model(tmp_path / "run" / "model")
     out = model(torch.randn(1, 3, 48, 48))
     assert out["object"].shape == (1, 7, 48, 48) and out["texture"].shape == (1, 4)
+
+    # predict writes one picture per pixel task and the image-level labels
+    from PIL import Image
+
+    from upernet.data.multitask import multitask_sample
+    from upernet.engine.multitask import predict_multitask
+
+    image, _ = multitask_sample(0, 0, "demo", 48)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "scene.png")
+    result = predict_multitask(model, [tmp_path / "scene.png"], tmp_path / "pred", progress=False)
+    assert not result.failures
+    for task in ("object", "part", "material"):
+        written = Image.open(tmp_path / "pred" / f"scene_{task}.png")
+        assert written.size == (48, 48) and written.mode == "P"
+        assert (tmp_path / "pred" / f"scene_{task}_overlay.png").is_file()
+    labels = json.loads((tmp_path / "pred" / "scene_labels.json").read_text())
+    assert labels["scene"] in ("open lake", "marsh", "harbour") and labels["texture"] in ("striped", "speckled", "smooth", "dotted")
