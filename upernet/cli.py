@@ -202,22 +202,39 @@ def add_convert(sub) -> None:
     p = sub.add_parser("convert", help="import a foreign checkpoint (e.g. a Hugging Face UperNet folder) into our format",
                        description="Convert a checkpoint of another toolkit into our folder format (config.json + "
                                    "model.safetensors), loadable with `upernet.load_model(OUT)`.")
-    p.add_argument("src", help="checkpoint file or folder to convert")
-    p.add_argument("out", help="output folder")
+    p.add_argument("src", nargs="?", help="checkpoint file or folder to convert")
+    p.add_argument("out", nargs="?", help="output folder")
     p.add_argument("--from", dest="fmt", metavar="FORMAT", help="source format (default: detected)")
+    p.add_argument("--list-formats", action="store_true", help="list the formats and what they convert")
+    p.add_argument("--strict", choices=("true", "false"), default="true",
+                   help="false: load what fits and print every skipped or missing key (default: %(default)s)")
+    p.add_argument("--output-stride", type=int, choices=(8, 16, 32),
+                   help="of a ResNet (mmseg, sssegmentation) when the checkpoint does not tell it")
     p.set_defaults(handler=run_convert)
 
 
 def run_convert(args) -> None:
+    import logging
     from pathlib import Path
 
-    from upernet.convert import convert_checkpoint, detect_format
+    from upernet.convert import FORMATS, convert_checkpoint, detect_format
 
+    if args.list_formats:
+        for name, entry in FORMATS.items():
+            print(f"{name:15} {entry.description}")
+        return
+    if not args.src or not args.out:
+        raise CLIError("give SRC and OUT (or --list-formats)")
     src, out = Path(args.src), Path(args.out)
     if src.exists() and out.resolve() == src.resolve():
         raise CLIError(f"{out}: the output folder must differ from the source (it would overwrite it)")
     fmt = args.fmt or (detect_format(src) if src.exists() else None)
-    model = convert_checkpoint(src, fmt)
+    report = logging.StreamHandler(sys.stderr)  # --strict false: the skipped keys, one per line
+    logging.getLogger("upernet.convert").addHandler(report)
+    try:
+        model = convert_checkpoint(src, fmt, strict=args.strict == "true", output_stride=args.output_stride)
+    finally:
+        logging.getLogger("upernet.convert").removeHandler(report)
     model.save(out)
     params = sum(p.numel() for p in model.parameters())
     print(f"converted {src} ({fmt} format) -> {out}")
