@@ -135,18 +135,21 @@ def test_flip_averaging_is_mirror_symmetric():
     assert not torch.allclose(infer(model, x), infer(model, x.flip(-1)).flip(-1), atol=1e-3)  # the model itself is not
 
 
-def test_multiscale_averages_softmax_of_each_scale():
+@pytest.mark.parametrize("out_size", [None, (53, 71)])
+def test_multiscale_averages_softmax_of_each_scale(out_size):
     model = Asymmetric()
     x = torch.randn(1, 3, 40, 60)
+    size = out_size or (40, 60)
     model.eval()
     with torch.no_grad():
         parts = []
         for ratio in (0.5, 1.5):
             scaled = F.interpolate(x, size=(int(40 * ratio + 0.5), int(60 * ratio + 0.5)), mode="bilinear")
-            logits = F.interpolate(model(scaled)["out"], size=(40, 60), mode="bilinear")
+            # mmsegmentation's order: logits resized to the output size, then the softmax
+            logits = F.interpolate(model(scaled)["out"], size=size, mode="bilinear")
             parts.append(logits.softmax(1))
     model.train()
-    torch.testing.assert_close(infer(model, x, scales=(0.5, 1.5)), (parts[0] + parts[1]) / 2)
+    torch.testing.assert_close(infer(model, x, scales=(0.5, 1.5), out_size=out_size), (parts[0] + parts[1]) / 2)
 
 
 def test_infer_restores_training_mode_and_disables_dropout():

@@ -118,8 +118,13 @@ def infer(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    out_size: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Softmax probabilities (N, C, H, W) at the input size, for a normalised image batch.
+    """Softmax probabilities (N, C, H, W) at the input size (or `out_size`), for a normalised image batch.
+
+    Each pass's logits are resized to the output size before the softmax, mmsegmentation's order
+    (resizing probabilities after the softmax moves the argmax near class borders). Pass the
+    original image or label size as `out_size` to get the prediction there directly.
 
     Args:
         model: segmentation model returning {"out": logits at input size} (or the logits).
@@ -131,6 +136,7 @@ def infer(
             (`MS_RATIOS` for mmsegmentation's multi-scale test).
         flip: also predict the horizontally flipped input and average it in.
         autocast_dtype: run forward passes under autocast with this dtype (e.g. torch.bfloat16 on CPU).
+        out_size: (H, W) of the returned probabilities; None for the input size.
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
@@ -142,7 +148,8 @@ def infer(
         raise ValueError(f"expected a normalised image (N, 3, H, W) or (3, H, W), got shape {tuple(image.shape)}")
     crop_size = tuple(crop_size or DEFAULT_CROP)
     stride = tuple(stride or DEFAULT_STRIDE)
-    size = image.shape[-2:]
+    height, width = image.shape[-2:]
+    size = tuple(out_size) if out_size is not None else (height, width)
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         if mode == "slide":
@@ -153,7 +160,7 @@ def infer(
     passes = 0
     with _eval_mode(model), torch.no_grad():
         for ratio in scales:
-            scaled_size = (int(size[0] * ratio + 0.5), int(size[1] * ratio + 0.5))
+            scaled_size = (int(height * ratio + 0.5), int(width * ratio + 0.5))
             scaled = resize(image, scaled_size)
             for flipped in (False, True) if flip else (False,):
                 x = scaled.flip(-1) if flipped else scaled
@@ -166,7 +173,11 @@ def infer(
 
 
 def resize_probs(probs: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Probabilities (N, C, h, w) -> (N, C, H, W) at the original label size (bilinear; still sums to 1)."""
+    """Probabilities (N, C, h, w) -> (N, C, H, W) (bilinear; still sums to 1).
+
+    Cheaper in memory than `infer(..., out_size=...)` for many classes at large sizes, but not
+    mmsegmentation's order (see `infer`).
+    """
     return resize(probs.float(), tuple(size))
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..data.classes import resolve_meta
 from .inference import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
-                        normalize, parse_size, resize_image, resize_probs)
+                        normalize, parse_size, resize_image)
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "data" / "assets" / "sample.png"
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio)
@@ -186,8 +186,7 @@ def predict(
         original = item["original"]
         image = normalize(item["image"], meta["mean"], meta["std"]).to(device)
         probs = infer(model, image, mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
-                      autocast_dtype=autocast_dtype)
-        probs = resize_probs(probs, original.shape[-2:])[0].cpu()
+                      autocast_dtype=autocast_dtype, out_size=original.shape[-2:])[0].cpu()
         labels = probs.argmax(dim=0).numpy()
         stem = stems[index]
         stem.parent.mkdir(parents=True, exist_ok=True)
