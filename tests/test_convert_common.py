@@ -24,8 +24,8 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights everywhere, including BatchNorm affine parameters and running statistics.
 
     Freshly initialised BatchNorms are the identity (mean 0, var 1, weight 1, bias 0), which would
-    hide a BatchNorm mapped onto the wrong one; random ones do not. Scales stay near 1 so that deep
-    networks neither explode nor vanish.
+    hide a BatchNorm mapped onto the wrong one, and some toolkits initialise their classifiers near
+    zero; random ones hide nothing. Scales stay near 1 so that deep networks neither explode nor vanish.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -39,8 +39,11 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
             elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)) and module.weight is not None:
                 module.weight.copy_(0.5 + torch.rand(module.weight.shape, generator=generator))
                 module.bias.copy_(0.2 * torch.randn(module.bias.shape, generator=generator))
-            elif isinstance(module, (nn.Conv2d, nn.Linear)) and module.bias is not None:
-                module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()  # std 1/sqrt(fan_in): each layer keeps the scale of its input
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in**0.5)
+                if module.bias is not None:
+                    module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
         for name, param in model.named_parameters():
             if name.endswith(("gamma", "relative_position_bias_table")):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))

@@ -83,6 +83,8 @@ def convert_smp(path: Path, strict: bool = True) -> UPerNet:
     config = _read_config(folder)
     if config is None:
         raise ValueError(f"{config_file}: not an smp UPerNet config (no \"_model_class\": \"UPerNet\")")
+    if "decoder_pyramid_channels" in config:
+        raise ValueError(f"{config_file}: an smp < 0.5 UPerNet (decoder_pyramid_channels); only the 0.5+ layout converts")
     supported = {"encoder_depth": (5,), "in_channels": (3,), "upsampling": (4,), "decoder_use_norm": ("batchnorm", True)}
     for key, values in supported.items():
         if config.get(key, values[0]) not in values:
