@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from . import csail, huggingface, mmseg, smp, sssegmentation
+from .common import load_torch_file
 
 
 class Format(NamedTuple):
@@ -42,6 +43,8 @@ def detect_format(path: str | Path) -> str:
     for name, entry in FORMATS.items():
         if entry.detect(path):
             return name
+    if path.is_file():
+        load_torch_file(str(path))  # a file torch.load refuses: its error says why (e.g. pickled Python objects)
     raise ValueError(f"{path}: unknown checkpoint layout; known formats: {', '.join(FORMATS)} (or pass --from)")
 
 
