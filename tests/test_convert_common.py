@@ -106,3 +106,13 @@ def test_convert_checkpoint_rejects_options_a_format_does_not_take(tmp_path):
         convert_checkpoint(tmp_path, "csail", output_stride=8)
     with pytest.raises(ValueError, match=f"{tmp_path}: unknown checkpoint layout"):
         convert_checkpoint(tmp_path)
+
+
+class NotATensor:
+    pass
+
+
+def test_detection_says_why_torch_load_refuses_a_file(tmp_path):
+    torch.save({"state_dict": {}, "message_hub": NotATensor()}, tmp_path / "train_state.pth")
+    with pytest.raises(ValueError, match="train_state.pth: cannot read it as a PyTorch checkpoint with weights_only=True"):
+        convert_checkpoint(tmp_path / "train_state.pth")
