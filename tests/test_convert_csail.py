@@ -10,7 +10,7 @@ from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread:
 from upernet.convert import convert_checkpoint, detect_format
 
 
-def save_csail_pair(folder, num_classes: int = 5, legacy: bool = False):
+def save_csail_pair(folder, num_classes: int = 150, legacy: bool = False):
     """Their resnet50 encoder and `upernet` decoder, random, saved as their train.py does (two state dicts)."""
     encoder = randomise(csail_models.Resnet(csail_resnet.resnet50(pretrained=False)), seed=1)
     decoder = randomise(csail_models.UPerNet(num_class=num_classes, fc_dim=2048, use_softmax=True, fpn_dim=512), seed=2)
@@ -30,6 +30,7 @@ def test_csail_matches_their_model(tmp_path):
     ours = convert_checkpoint(tmp_path / "ade20k-resnet50-upernet")
     assert ours.config["args"]["backbone_args"] == {"stem_width": 64} and ours.config["args"]["ppm_upsample_first"]
     assert ours.meta["mean"] == [123.675, 116.28, 103.53]  # their [0, 1] ImageNet normalisation on our 0-255 scale
+    assert ours.meta["class_names"][:3] == ["wall", "building", "sky"]  # ADE20K's 150 classes
 
     images = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -13,7 +13,7 @@ from ssseg.modules.models.segmentors.upernet.upernet import UPerNet as SSSegUPer
 from ssseg.modules.utils import SSSegInputStructure
 
 
-def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classes: int = 7) -> torch.nn.Module:
+def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classes: int = 150) -> torch.nn.Module:
     """sssegmentation's UPerNet R-50 as its configs build it (BatchNorm2d instead of SyncBatchNorm on CPU)."""
     cfg = {
         "type": "UPerNet", "num_classes": num_classes, "align_corners": False,
@@ -37,6 +37,7 @@ def test_sssegmentation_matches_their_model(tmp_path, output_stride, channels, a
     assert detect_format(path) == "sssegmentation"
     ours = convert_checkpoint(path)
     assert ours.config["name"] == f"upernet_r50_d{output_stride}"
+    assert ours.meta["dataset"] == "ade20k" and ours.meta["class_names"][:2] == ["wall", "building"]
     assert ours.aux_head.convs[0].conv.weight.shape[:2] == (aux_channels, 1024)
 
     images = torch.randn(1, 3, 32, 64, generator=torch.Generator().manual_seed(1))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.classes import IMAGENET_MEAN, IMAGENET_STD
+from ..data.classes import ADE20K_CLASSES, ADE20K_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from .common import Rule, load_converted, load_torch_file, peek_checkpoint
@@ -110,4 +110,6 @@ def convert_csail(path: Path, strict: bool = True) -> UPerNet:
     merged = _with_batch_counters({**encoder, **decoder})
     load_converted(model, merged, SYNC_BN_RULES + ENCODER_RULES + DECODER_RULES, source, strict)
     model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    if model.num_classes == len(ADE20K_CLASSES):  # their models are ADE20K's 150 classes, in the same order
+        model.meta.update(class_names=list(ADE20K_CLASSES), palette=[list(c) for c in ADE20K_PALETTE])
     return model.eval()

@@ -4,14 +4,15 @@ Their UPerNet R-50/101 runs the ResNet V1c at output stride 8 or 16; its auxilia
 3x3 conv 1024 -> 512 + BN + ReLU, dropout and a classifier on the stride-16 level, which is our
 `FCNHead` with `aux_channels=512`. The weights cannot tell the output stride: it comes from
 `output_stride`, else from the file name as sssegmentation publishes it
-(`upernet_resnet50os8_ade20k.pth`), else it is an error.
+(`upernet_resnet50os8_ade20k_train.pth`), else it is an error. The dataset named in the file name
+(ade20k, cityscapes, voc) gives the class names and palette when the class count agrees.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from ..data.classes import IMAGENET_MEAN, IMAGENET_STD
+from ..data.classes import DATASET_META, IMAGENET_MEAN, IMAGENET_STD, set_meta
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from .common import Rule, load_converted, load_torch_file, peek_checkpoint
@@ -75,5 +76,9 @@ def convert_sssegmentation(path: Path, strict: bool = True, output_stride: int |
         **({"aux_channels": state_dict["auxiliary_decoder.0.weight"].shape[0]} if has_aux else {}),
     )
     load_converted(model, state_dict, RULES, source, strict)
-    model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    dataset = re.search(r"_(ade20k|cityscapes|voc)(?=[_.])", Path(path).name)
+    if dataset and len(DATASET_META[dataset[1]]["class_names"]) == model.num_classes:
+        set_meta(model, dataset=dataset[1])  # their normalisation is ours: ImageNet mean/std on 0-255
+    else:
+        model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     return model.eval()
