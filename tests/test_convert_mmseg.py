@@ -131,3 +131,14 @@ def test_mmseg_swin_patch_merging_needs_the_unfold_reordering(tmp_path, monkeypa
     unordered = mmseg_format.convert_mmseg(path)
     with torch.no_grad():
         assert (unordered(images)["out"] - expected).abs().max().item() > 1e-2
+
+
+def test_resnet_depth_and_variant_names():
+    from upernet.convert.mmseg import resnet_depth, resnet_variant
+
+    keys = [f"backbone.layer3.{i}.conv3.weight" for i in range(23)]
+    assert resnet_depth(keys, "backbone.", "ckpt") == 101
+    assert resnet_depth(keys[:6], "backbone.", "ckpt") == 50
+    with pytest.raises(ValueError, match="ckpt: a ResNet with 2 bottleneck blocks in stage 3"):
+        resnet_depth(keys[:2], "backbone.", "ckpt")
+    assert [resnet_variant(101, s) for s in (32, 16, 8)] == ["upernet_r101", "upernet_r101_d16", "upernet_r101_d8"]
