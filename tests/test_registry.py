@@ -10,6 +10,7 @@ from upernet.models import zoo
 # Reduced widths/depths so that every variant runs in well under a second on 2 cores.
 SMALL_BACKBONE = {
     "upernet_convnext_*": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
+    "upernet_internimage_*": {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)},
     "upernet_r*": {"layers": (1, 1, 1, 1), "channels": (4, 8, 16, 32), "stem_width": 8},
     "upernet_swin_*": {"embed_dim": 8, "depths": (2, 2, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 3},
     "upernet_timm": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},

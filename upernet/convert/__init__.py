@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from . import csail, huggingface, mmseg, smp, sssegmentation
+from . import csail, huggingface, mmseg, mmseg_internimage, smp, sssegmentation
 from .common import load_torch_file
 
 
@@ -23,6 +23,9 @@ class Format(NamedTuple):
 FORMATS: dict[str, Format] = {
     "huggingface": Format(huggingface.detect, huggingface.convert_huggingface,
                           "Hugging Face UperNetForSemanticSegmentation folder (ConvNeXt, Swin)"),
+    # Before "mmseg": an InternImage checkpoint is an mmsegmentation checkpoint with DCNv3 layers.
+    "internimage": Format(mmseg_internimage.detect, mmseg_internimage.convert_internimage,
+                          "official InternImage UPerNet .pth (mmsegmentation 0.x layout; T/S/B/L/XL)", ("strict",)),
     "mmseg": Format(mmseg.detect, mmseg.convert_mmseg,
                     "mmsegmentation 0.x/1.x .pth (ResNetV1c OS32/16/8, Swin, ConvNeXt; auxiliary head)",
                     ("strict", "output_stride")),

@@ -10,15 +10,24 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1) -
 
     Counted: convolutions, matmuls and attention. Not counted (as in mmcv/fvcore, whose counts the
     published tables report): normalisation, activations, pooling, interpolation, element-wise ops.
+    A module with work the counter cannot see (DCNv3's deformable sampling) defines
+    `extra_macs(output) -> int`, its published convention, which is added for each call.
     """
     was_training = model.training
     model.eval()
     param = next(model.parameters())
     x = torch.zeros(batch, 3, *shape, dtype=param.dtype, device=param.device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+    extra = [0]
+    hooks = [m.register_forward_hook(lambda m, args, out: extra.__setitem__(0, extra[0] + m.extra_macs(out)))
+             for m in model.modules() if hasattr(m, "extra_macs")]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
     model.train(was_training)
-    return counter.get_total_flops() // 2
+    return counter.get_total_flops() // 2 + extra[0]
 
 
 def model_stats(model: torch.nn.Module, shape: tuple[int, int] = (512, 512)) -> dict:

@@ -145,3 +145,52 @@ def upernet_swin_base(num_classes: int = 150, backbone_args=None, pretrained_bac
 def upernet_swin_large(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
     """Swin-L: 192 channels, depths 2-2-18-2, heads 6-12-24-48, window 12 (no pretrained backbone)."""
     return _swin(192, (2, 2, 18, 2), (6, 12, 24, 48), 12, num_classes, backbone_args, pretrained_backbone, **head_args)
+
+
+# ---- InternImage (DCNv3 in plain PyTorch; the published ADE20K UPerNet settings) ---------------
+# Every variant has layer scale 1.0 (the T classification checkpoint has none: load it non-strictly).
+def _internimage(width: int, depths, groups, drop_path_rate: float, post_norm: bool, offset_scale: float,
+                 num_classes: int, backbone_args, pretrained_backbone, **head_args):
+    if pretrained_backbone:
+        raise ValueError("pretrained_backbone is not available for InternImage; convert an official checkpoint "
+                         "(`upernet convert`) and load it with `upernet.load_model` instead")
+    from .backbones import InternImage
+
+    defaults = {"channels": width, "depths": depths, "groups": groups, "drop_path_rate": drop_path_rate,
+                "post_norm": post_norm, "offset_scale": offset_scale, "layer_scale": 1.0}
+    return _create(InternImage(**{**defaults, **(backbone_args or {})}), num_classes, **head_args)
+
+
+@register_model
+def upernet_internimage_t(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """InternImage-T: 64 channels, depths 4-4-18-4, groups 4-8-16-32, pre-norm, drop path 0.2."""
+    return _internimage(64, (4, 4, 18, 4), (4, 8, 16, 32), 0.2, False, 1.0, num_classes, backbone_args,
+                        pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_internimage_s(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """InternImage-S: 80 channels, depths 4-4-21-4, groups 5-10-20-40, post-norm, drop path 0.3."""
+    return _internimage(80, (4, 4, 21, 4), (5, 10, 20, 40), 0.3, True, 1.0, num_classes, backbone_args,
+                        pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_internimage_b(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """InternImage-B: 112 channels, depths 4-4-21-4, groups 7-14-28-56, post-norm, drop path 0.4."""
+    return _internimage(112, (4, 4, 21, 4), (7, 14, 28, 56), 0.4, True, 1.0, num_classes, backbone_args,
+                        pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_internimage_l(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """InternImage-L: 160 channels, depths 5-5-22-5, groups 10-20-40-80, post-norm, offset scale 2, drop path 0.4."""
+    return _internimage(160, (5, 5, 22, 5), (10, 20, 40, 80), 0.4, True, 2.0, num_classes, backbone_args,
+                        pretrained_backbone, **head_args)
+
+
+@register_model
+def upernet_internimage_xl(num_classes: int = 150, backbone_args=None, pretrained_backbone=False, **head_args) -> UPerNet:
+    """InternImage-XL: 192 channels, depths 5-5-24-5, groups 12-24-48-96, post-norm, offset scale 2, drop path 0.4."""
+    return _internimage(192, (5, 5, 24, 5), (12, 24, 48, 96), 0.4, True, 2.0, num_classes, backbone_args,
+                        pretrained_backbone, **head_args)
