@@ -260,12 +260,12 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
     model = upernet.build_model(TINY_MODEL["name"], **TINY_MODEL["args"]).eval()
     model.save(str(tmp_path / "run" / "model"))
     assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model"), "--out",
-                 str(tmp_path / "out"), "--flip"]) == 0
+                 str(tmp_path / "out"), "--flip", "--max-images", "2"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     rows = list(csv.DictReader((tmp_path / "out" / "per_class.csv").open()))
     assert [r["class"] for r in rows] == ["sky", "tree", "road"] and "road" in printed and "mIoU" in printed
-    assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 3
+    assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 2
     # Without --flip (and with the default --out) the CLI gives the numbers of evaluate() called directly.
     assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model")]) == 0
     default = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())  # default --out: RUN_DIR/eval
@@ -299,3 +299,17 @@ def test_cli_eval_errors_name_the_problem(tmp_path, capsys):
 
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
     assert "missing: no such checkpoint" in capsys.readouterr().err
+
+
+def test_docstring_args_match_signatures():
+    import inspect
+    import re
+
+    from upernet.engine import evaluate as ev
+    from upernet.engine import metrics
+
+    for fn in [ev.evaluate, ev.evaluate_confusion, ev.label_size_probs, ev.evaluate_from_cli,
+               metrics.confusion_matrix, metrics.summarize]:
+        doc = inspect.getdoc(fn).split("Args:")[1].split("Returns:")[0]
+        documented = re.findall(r"^    (?:\*\*)?(\w+):", doc, flags=re.M)
+        assert documented == list(inspect.signature(fn).parameters), fn.__name__

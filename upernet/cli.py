@@ -184,6 +184,7 @@ def add_eval(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     p.set_defaults(handler=run_eval)
 
 
@@ -194,7 +195,8 @@ def run_eval(args) -> None:
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
         config, overrides = None, [config] + overrides
     evaluate_from_cli(config, overrides, args.checkpoint, mode=args.mode, multi_scale=args.multi_scale,
-                      flip=args.flip, out=args.out, device=args.device, precision=args.precision)
+                      flip=args.flip, out=args.out, device=args.device, precision=args.precision,
+                      max_images=args.max_images)
 
 
 # ---- convert --------------------------------------------------------------------------------

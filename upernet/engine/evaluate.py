@@ -291,6 +291,7 @@ def evaluate_from_cli(
     out: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
+    max_images: int = 0,
     progress: bool = True,
 ) -> dict:
     """`upernet eval`: model + validation split of the config -> printed table, metrics.json, per_class.csv.
@@ -306,6 +307,8 @@ def evaluate_from_cli(
         out: folder for metrics.json and per_class.csv; None: `eval` in the run folder of the checkpoint.
         device: auto, cpu or cuda (under torchrun each process takes its local GPU).
         precision: fp32, bf16 or fp16 autocast.
+        max_images: evaluate the first N images of the split only (0: all; `val.max_images` of the
+            config only limits the periodic validation during training).
         progress: show a progress bar on rank 0.
 
     Returns:
@@ -328,6 +331,10 @@ def evaluate_from_cli(
     d, v = config.data, config.val
     dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
                             **d.options)
+    if max_images < 0:
+        raise ValueError(f"max_images must be 0 (all) or positive, got {max_images}")
+    if max_images:
+        dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
     info = init_distributed(device)
     try:
         model.to(info.device)
