@@ -49,7 +49,10 @@ def run_info(args) -> None:
     if Path(args.model).exists():
         model = upernet.load_model(args.model)
     elif args.model in upernet.list_models():
-        model = upernet.build_model(args.model, num_classes=args.num_classes).eval()
+        import torch
+
+        with torch.device("meta"):  # shapes only: counts need no memory and no weights, even for XL
+            model = upernet.build_model(args.model, num_classes=args.num_classes).eval()
     else:
         _load_any(args.model)  # raises the helpful error
     stats = model_stats(model, tuple(args.shape))
