@@ -29,3 +29,17 @@ def test_info_checkpoint_and_list(tmp_path, capsys):
 def test_info_unknown_name(capsys):
     assert main(["info", "upernet_nope"]) == 2
     assert "neither an existing checkpoint path nor a registered model name" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    import upernet.engine.train as train_module
+
+    seen = {}
+
+    def fake_train_from_cli(config, overrides, out, resume, resume_flag, stop_at):
+        seen.update(config=config, overrides=overrides, out=out)
+        return {"run_dir": out, "iteration": 0, "best_mIoU": 0.0}
+
+    monkeypatch.setattr(train_module, "train_from_cli", fake_train_from_cli)
+    assert main(["train", "configs/builtin.yaml", "optim.lr=0.1", "--out", "runs/x", "schedule.iters=5"]) == 0
+    assert seen == {"config": "configs/builtin.yaml", "overrides": ["optim.lr=0.1", "schedule.iters=5"], "out": "runs/x"}

@@ -254,7 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    # `key=value` overrides may stand after options too (`train x.yaml --out r optim.lr=0.1`):
+    # argparse leaves those to parse_known_args' extras, which go back to the overrides here.
+    args, extras = parser.parse_known_args(argv)
+    stray = [e for e in extras if "=" not in e or e.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extras:
+        args.overrides = list(args.overrides) + extras
     try:
         args.handler(args)
     except (CLIError, FileNotFoundError, ValueError) as e:
