@@ -92,10 +92,10 @@ def test_short_multitask_training_run(tmp_path):
 
     cfg = load_config("configs/upp_builtin.yaml", [
         "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
-        "val.interval=0", "train.checkpoint_interval=4", "model.args.channels=16"])
-    result = train_multitask(cfg, tmp_path / "run", progress=False)
-    assert result["iteration"] == 8
-    assert {"object/mIoU", "material/mIoU", "part/mIoU", "scene/top1", "texture/top1"} <= set(result["val"])
+        "val.interval=0", "train.checkpoint_interval=4", "model.args.channels=16", "data.options.val_samples=6"])
+    trained = train_multitask(cfg, tmp_path / "run", progress=False)
+    assert trained["iteration"] == 8
+    assert {"object/mIoU", "material/mIoU", "part/mIoU", "scene/top1", "texture/top1"} <= set(trained["val"])
     model = upernet.load_model(tmp_path / "run" / "model")
     out = model(torch.randn(1, 3, 48, 48))
     assert out["object"].shape == (1, 7, 48, 48) and out["texture"].shape == (1, 4)
@@ -116,3 +116,14 @@ def test_short_multitask_training_run(tmp_path):
         assert (tmp_path / "pred" / f"scene_{task}_overlay.png").is_file()
     labels = json.loads((tmp_path / "pred" / "scene_labels.json").read_text())
     assert labels["scene"] in ("open lake", "marsh", "harbour") and labels["texture"] in ("striped", "speckled", "smooth", "dotted")
+
+    # eval prints the per-task table, from the final model folder or a training checkpoint
+    from upernet.cli import main
+
+    assert main(["eval", "configs/upp_builtin.yaml", "data.options.image_size=48", "data.options.val_samples=6",
+                 "--checkpoint", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "eval")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics == trained["val"]  # the same numbers as the loop's final validation
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "iter_0000008.pt"),
+                 "--out", str(tmp_path / "eval2")]) == 0
+    assert json.loads((tmp_path / "eval2" / "metrics.json").read_text()) == metrics

@@ -148,8 +148,11 @@ def builtin_meta() -> dict:
             "scenes": BUILTIN_SCENES, "textures": BUILTIN_TEXTURES}
 
 
-def builtin_sources(split: str = "train", image_size: int = 96, seed: int = 0) -> list[BuiltinSource]:
-    return [BuiltinSource(name, split, image_size=image_size, seed=seed, flip=split == "train") for name in BUILTIN_SOURCES]
+def builtin_sources(split: str = "train", image_size: int = 96, seed: int = 0,
+                    num_samples: int | None = None) -> list[BuiltinSource]:
+    """Every built-in source of `split`; `num_samples` per source overrides the defaults."""
+    return [BuiltinSource(name, split, num_samples=num_samples, image_size=image_size, seed=seed,
+                          flip=split == "train") for name in BUILTIN_SOURCES]
 
 
 def read_broden_meta(root: str | Path) -> dict:

@@ -264,11 +264,13 @@ def load_eval_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict | No
             state = None
         if isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict):
             model_section = state["config"].get("model", {})
-            args = dict(model_section.get("args", {}))
+            name, args = model_section.get("name", ""), dict(model_section.get("args", {}))
+            if "model_config" in state:  # the exact build arguments, when the loop stored them
+                name, args = state["model_config"]["name"], dict(state["model_config"]["args"])
             classifier = state["model"].get("decode_head.classifier.weight")
-            if "num_classes" not in args and classifier is not None:
+            if "num_classes" not in args and "tasks" not in args and classifier is not None:
                 args["num_classes"] = int(classifier.shape[0])  # filled in from the dataset at training time
-            model = build_model(model_section.get("name", ""), **args)
+            model = build_model(name, **args)
             load_state_dict_strict(model, state["model"], str(path))
             model.meta = dict(state.get("meta") or {})
             return model.eval(), state["config"]
@@ -328,6 +330,10 @@ def evaluate_from_cli(
         config = config_from_dict(stored_config, list(overrides), source=f"{checkpoint} (stored config)")
     else:
         config = load_config(config_path, list(overrides))
+    if hasattr(model, "tasks"):  # a multi-task (UPP) model: every task of every validation source
+        from .multitask import evaluate_multitask_from_cli
+
+        return evaluate_multitask_from_cli(model, config, checkpoint, out, device)
     d, v = config.data, config.val
     dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
                             **d.options)

@@ -43,7 +43,8 @@ def build_sources(config: Config, split: str) -> tuple[list[Dataset], dict]:
     d = config.data
     if d.kind == "upp_builtin":
         size = int(d.options.get("image_size", 96))
-        return builtin_sources(split, image_size=size, seed=config.train.seed), builtin_meta()
+        count = d.options.get("val_samples") if split == d.val_split else None
+        return builtin_sources(split, image_size=size, seed=config.train.seed, num_samples=count), builtin_meta()
     if d.kind == "broden":
         meta = read_broden_meta(d.root)
         names = d.options.get("sources") or list(meta["sources"])
@@ -144,6 +145,31 @@ def format_multitask(results: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v:6.2f}" for k, v in results.items())
 
 
+def evaluate_multitask_from_cli(model: nn.Module, config: Config, checkpoint: str, out: str | None,
+                                device: str = "auto") -> dict:
+    """`upernet eval` of a multi-task model: the per-task table, saved as metrics.json."""
+    import json
+
+    from .distributed import cleanup, init_distributed
+
+    if config.data.kind not in MULTITASK_KINDS:
+        raise ValueError(f"{checkpoint} is a multi-task model; evaluate it with a multi-task config "
+                         f"(data.kind {' or '.join(MULTITASK_KINDS)}), e.g. configs/upp_builtin.yaml")
+    sources, meta = build_sources(config, config.data.val_split)
+    info = init_distributed(device)
+    try:
+        results = evaluate_multitask(model.to(info.device), sources, model.tasks, meta, distributed=info.distributed)
+        if info.is_main:
+            print(format_multitask(results))
+            folder = Path(out) if out else Path(checkpoint).resolve().parent / "eval"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "metrics.json").write_text(json.dumps(results, indent=2))
+            print(f"wrote {folder / 'metrics.json'}")
+    finally:
+        cleanup()
+    return results
+
+
 # ---- training -----------------------------------------------------------------------------------
 def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | None = None,
                     progress: bool = True, info=None) -> dict:
@@ -211,7 +237,8 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
             return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "iteration": iteration,
                     "best_mIoU": 0.0, "rng": all_gather_objects(rng_state(), info),
-                    "data": {"consumed": consumed}, "config": to_dict(cfg)}
+                    "data": {"consumed": consumed}, "config": to_dict(cfg), "model_config": model.config,
+                    "meta": model.meta}
 
         set_train_mode(ddp, cfg.model.norm_eval)
         for iteration in range(start + 1, total_iters + 1):
