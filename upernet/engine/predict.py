@@ -7,6 +7,7 @@ the caller gets the list of failures.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -181,7 +182,7 @@ def predict(
         index = item["index"]
         if item["error"]:
             result.failures.append((files[index][0], item["error"]))
-            bar.write(f"skipped: {item['error']}")
+            bar.write(f"skipped: {item['error']}", file=sys.stderr)
             continue
         original = item["original"]
         image = normalize(item["image"], meta["mean"], meta["std"]).to(device)
