@@ -203,3 +203,22 @@ def test_cli_run_on_the_builtin_dataset_with_resume_and_plot(tmp_path, capsys):
         with Image.open(run / "plots" / name) as image:
             assert image.size == (640, 400) and len(image.getcolors(1 << 16)) > 2
     assert cli.main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    same = ["model.norm_eval=true", "model.args={model_name: test_convnext, channels: 16, aux_channels: 8, dropout: 0.0}",
+            "train.loss_average=all", "schedule.iters=2"]
+    accumulated = train(tiny_config(*same, "data.batch_size=1", "optim.accumulate=2"), tmp_path / "acc", progress=False)
+    batched = train(tiny_config(*same, "data.batch_size=2"), tmp_path / "batch", progress=False)
+    a, b = weights(tmp_path / "acc"), weights(tmp_path / "batch")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert accumulated["loss"] == pytest.approx(batched["loss"], rel=1e-4)
+
+
+def test_bf16_autocast_on_cpu_trains_float32_weights(tmp_path):
+    result = train(tiny_config("train.precision=bf16", "schedule.iters=2", "train.device=cpu"), tmp_path, progress=False)
+    assert math.isfinite(result["loss"])
+    assert all(v.dtype == torch.float32 for v in weights(tmp_path).values() if v.is_floating_point())
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        train(tiny_config("train.precision=fp16", "train.device=cpu"), tmp_path / "fp16", progress=False)

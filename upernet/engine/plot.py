@@ -59,7 +59,7 @@ def line_chart(xs: list[float], ys: list[float], title: str, ylabel: str, path: 
     for t in _ticks(x0, x1):
         x, _ = px(t, y0)
         draw.line([x, bottom, x, bottom + 4], fill="black")
-        draw.text((x - 12, bottom + 8), f"{t:.0f}", fill="black")
+        draw.text((x - 12, bottom + 8), f"{t:.0f}" if x1 - x0 >= 8 else f"{t:.2f}", fill="black")
     points = [px(x, y) for x, y in zip(xs, values)]
     if len(points) > 1:
         draw.line(points, fill=(31, 119, 180), width=2)

@@ -275,7 +275,7 @@ def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress:
 
     set_train_mode(ddp, cfg.model.norm_eval)
     for iteration in range(start + 1, end + 1):
-        lr = optimizer.param_groups[-1]["lr"]  # the head's group (scale 1 under layer decay)
+        lr = max(g["lr"] for g in optimizer.param_groups)  # the head's lr (scale 1 under layer decay)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.optim.accumulate):
