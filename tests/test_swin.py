@@ -1,4 +1,7 @@
 """Our SwinTransformer against transformers' SwinBackbone, and its own invariants."""
+import inspect
+import re
+
 import pytest
 import torch
 from transformers import SwinConfig
@@ -8,6 +11,7 @@ import upernet
 from upernet.convert.common import rename_keys
 from upernet.convert.huggingface import SWIN_RULES, fuse_qkv
 from upernet.models.backbones import SwinTransformer
+from upernet.models.backbones.swin import SwinBlock, WindowAttention
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 SMALL = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4], "window_size": 7}
@@ -109,3 +113,9 @@ def test_published_parameter_counts(name, published):
 def test_no_pretrained_backbone():
     with pytest.raises(ValueError, match="pretrained_backbone is not available for Swin"):
         upernet.build_model("upernet_swin_tiny", pretrained_backbone=True)
+
+
+def test_docstring_args_match_signatures():
+    for obj in [SwinTransformer, SwinBlock, WindowAttention]:
+        documented = re.findall(r"^    (\w+):", inspect.getdoc(obj).split("Args:")[1], flags=re.M)
+        assert documented == [p for p in inspect.signature(obj.__init__).parameters if p != "self"], obj.__name__
