@@ -269,3 +269,14 @@ def test_meta_defaults_and_set_meta(tmp_path):
     assert upernet.load_model(tmp_path / "m").meta == model.meta  # stored in config.json
     with pytest.raises(ValueError, match="150 entries but the model has 19"):
         set_meta(model, dataset="ade20k")
+
+
+def test_resize_in_stripes_matches_interpolate():
+    from upernet.engine.inference import resize_in_stripes
+
+    for (h, w), size in (((30, 40), (61, 83)), ((61, 83), (30, 40)), ((17, 5), (100, 7))):
+        x = torch.randn(1, 4, h, w)
+        stripes = list(resize_in_stripes(x, size, rows=7))
+        assert [s.stop - s.start for s, _ in stripes][:-1] == [7] * (len(stripes) - 1)
+        out = torch.cat([t for _, t in stripes], dim=2)
+        torch.testing.assert_close(out, F.interpolate(x, size=size, mode="bilinear"), rtol=1e-4, atol=1e-4)

@@ -137,3 +137,20 @@ def test_missing_input_and_bad_size(checkpoint, tmp_path, capsys):
     assert "nope.jpg" in capsys.readouterr().err
     assert main(["predict", "--model", str(checkpoint), "--sample", "--size", "huge", "--out", str(tmp_path)]) == 2
     assert "huge" in capsys.readouterr().err
+
+
+def test_large_images_resized_in_stripes_agree(checkpoint, tmp_path):
+    from upernet.engine.predict import predict
+
+    _image(tmp_path / "in.png", (70, 52), 6)
+    model = upernet.load_model(checkpoint)
+    for name, limit in (("full", 2 ** 27), ("stripes", 1)):
+        predict(model, [tmp_path / "in.png"], tmp_path / name, size="32", save_probs=True, workers=0,
+                progress=False, max_full_size=limit)
+    full, striped = (np.load(tmp_path / n / "in_probs.npy").astype(np.float32) for n in ("full", "stripes"))
+    assert striped.shape == full.shape == (5, 52, 70)
+    np.testing.assert_allclose(striped.sum(0), 1.0, atol=5e-3)
+    assert np.abs(striped - full).mean() < 0.02  # softmax before vs after the resize: close, not equal
+    labels = [np.asarray(Image.open(tmp_path / n / "in_labels.png")) for n in ("full", "stripes")]
+    assert (labels[0] == labels[1]).mean() > 0.9
+    assert (labels[1] == striped.argmax(0)).mean() > 0.99  # up to float16 ties

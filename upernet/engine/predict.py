@@ -19,10 +19,11 @@ from torch import nn
 
 from ..data.classes import resolve_meta
 from .inference import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
-                        normalize, parse_size, resize_image)
+                        normalize, parse_size, resize_image, resize_in_stripes)
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "data" / "assets" / "sample.png"
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio)
+MAX_FULL_SIZE = 2 ** 27  # classes x pixels (512 MB of float32) held at once at the original size
 
 
 @dataclass
@@ -116,6 +117,36 @@ def overlay_image(
     return out
 
 
+def _segment(model: nn.Module, image: torch.Tensor, size: tuple[int, int], probs_file: Path | None,
+             max_full_size: int, **infer_args: Any) -> np.ndarray:
+    """Label map (H, W) at the original `size`; with `probs_file`, the probabilities written there.
+
+    Up to `max_full_size` classes x pixels, in mmsegmentation's order (each pass's logits resized
+    to `size`, then the softmax). Beyond, the probabilities at the inference size are resized in
+    stripes of rows (a 150-class 12-megapixel photo would need 7 GB at once), the labels and the
+    float16 file filled stripe by stripe.
+    """
+    num_classes = int(model.num_classes)
+    if num_classes * size[0] * size[1] <= max_full_size:
+        probs = infer(model, image, out_size=size, **infer_args)[0].cpu()
+        if probs_file is not None:
+            np.save(probs_file, probs.to(torch.float16).numpy())
+        return probs.argmax(dim=0).numpy()
+    probs = infer(model, image, **infer_args).cpu()
+    labels = np.empty(size, dtype=np.int64)
+    store = None
+    if probs_file is not None:
+        store = np.lib.format.open_memmap(probs_file, mode="w+", dtype=np.float16, shape=(num_classes, *size))
+    for rows, stripe in resize_in_stripes(probs, size):
+        labels[rows] = stripe[0].argmax(dim=0).numpy()
+        if store is not None:
+            store[:, rows] = stripe[0].to(torch.float16).numpy()
+    if store is not None:
+        store.flush()
+        del store
+    return labels
+
+
 def predict(
     model: nn.Module,
     inputs: Sequence[str | Path],
@@ -132,6 +163,7 @@ def predict(
     autocast_dtype: torch.dtype | None = None,
     legend: bool = True,
     progress: bool = True,
+    max_full_size: int = MAX_FULL_SIZE,
 ) -> PredictResult:
     """Segment every image in `inputs` (files or folders) and write the results into `out_dir`.
 
@@ -157,6 +189,8 @@ def predict(
         autocast_dtype: autocast dtype of the forward passes (e.g. torch.bfloat16), None for fp32.
         legend: draw a legend of the classes present on the overlay.
         progress: show a progress bar.
+        max_full_size: classes x pixels of an image up to which its probabilities are computed at
+            full size in one piece; larger images are resized after the softmax, in stripes.
     """
     from tqdm import tqdm
 
@@ -186,16 +220,15 @@ def predict(
             continue
         original = item["original"]
         image = normalize(item["image"], meta["mean"], meta["std"]).to(device)
-        probs = infer(model, image, mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
-                      autocast_dtype=autocast_dtype, out_size=original.shape[-2:])[0].cpu()
-        labels = probs.argmax(dim=0).numpy()
         stem = stems[index]
         stem.parent.mkdir(parents=True, exist_ok=True)
+        labels = _segment(model, image, tuple(original.shape[-2:]),
+                          stem.with_name(stem.name + "_probs.npy") if save_probs else None, max_full_size,
+                          mode=mode, crop_size=crop_size, stride=stride, scales=scales, flip=flip,
+                          autocast_dtype=autocast_dtype)
         save_label_png(labels, meta["palette"], stem.with_name(stem.name + "_labels.png"))
         overlay = overlay_image(original.permute(1, 2, 0).numpy(), labels, meta["palette"],
                                 meta["class_names"] if legend else None)
         overlay.save(stem.with_name(stem.name + "_overlay.png"))
-        if save_probs:
-            np.save(stem.with_name(stem.name + "_probs.npy"), probs.to(torch.float16).numpy())
         result.written.append(stem)
     return result
