@@ -1,14 +1,16 @@
 """DCNv3 speed on CPU: our gather formulation against the straightforward grid_sample one.
 
-The straightforward formulation is the one of InternImage's pure-PyTorch fallback
-(`dcnv3_core_pytorch`): pad the input, one `grid_sample` over all K points of all groups on a
-(N * groups, C / groups, H, W) copy, multiply by the mask, sum over the points. It is written out
-below (our code) and swapped into the same model, so both run on identical weights and inputs.
+The straightforward formulation is the one of InternImage's pure-PyTorch module (`DCNv3_pytorch`
+with `dcnv3_core_pytorch`): softmax of the mask, pad the input, one `grid_sample` over all K points
+of all groups on a (N * groups, C / groups, H, W) copy, multiply by the mask, sum over the points.
+It is written out below (our code) and swapped into the same model as `DCNv3.forward`, so both run
+on identical weights and inputs.
 
 Measured, in one run with interleaved repetitions and medians (the machine may be shared):
-  1. one DCNv3 layer (the whole module: projections, offset/mask branch, sampling) at the size of
-     each InternImage-T level for a 512x512 image, and the sum over T's 30 layers;
-  2. the whole UPerNet InternImage-T forward at 512x512;
+  1. the sampling operator alone (what the reference's compiled DCNv3 op computes) and
+  2. one DCNv3 layer (the whole module: projections, offset/mask branch, softmax, sampling),
+     at the size of each InternImage-T level for a 512x512 image, and their sums over T's 30 layers;
+  3. the whole UPerNet InternImage-T forward at 512x512;
 in float32 and bfloat16, as wall time and as CPU time of this process (less sensitive to other
 processes on a shared machine). Ratios > 1 mean ours is faster.
 
@@ -55,40 +57,70 @@ def straightforward_core(x, offset, mask, kernel_size, groups, offset_scale=1.0,
     return out.transpose(1, 2).reshape(n, h_out, w_out, c)
 
 
+def straightforward_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
+    """DCNv3.forward as InternImage's pure-PyTorch module (`DCNv3_pytorch`) computes it."""
+    n, h, w, _ = x.shape
+    projected = self.input_proj(x)
+    features = self.dw_conv(x.permute(0, 3, 1, 2))
+    offset = self.offset(features)
+    mask = F.softmax(self.mask(features).reshape(n, h, w, self.group, -1), -1).reshape(n, h, w, -1)
+    out = straightforward_core(projected, offset, mask, self.kernel_size, self.group, self.offset_scale,
+                               self.stride, self.pad, self.dilation)
+    if self.center_feature_scale:
+        gate = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias))
+        gate = gate[..., None].repeat(1, 1, 1, 1, self.channels // self.group).flatten(-2)
+        out = out * (1 - gate) + projected * gate
+    return self.output_proj(out)
+
+
 @contextlib.contextmanager
-def use_core(core):
-    """Run every DCNv3 module with `core` as its sampling function."""
-    saved = dcnv3_module.dcnv3_core
-    dcnv3_module.dcnv3_core = core
+def use_forward(forward):
+    """Run every DCNv3 module with `forward`."""
+    saved = dcnv3_module.DCNv3.forward
+    dcnv3_module.DCNv3.forward = forward
     try:
         yield
     finally:
-        dcnv3_module.dcnv3_core = saved
+        dcnv3_module.DCNv3.forward = saved
 
 
-CORES = {"ours": dcnv3_module.dcnv3_core, "grid_sample": straightforward_core}
+FORWARDS = {"ours": dcnv3_module.DCNv3.forward, "grid_sample": straightforward_forward}
 
 
-def compare(fn, reps: int) -> dict[str, dict[str, float]]:
-    """Median wall and CPU milliseconds of fn() under each core, repetitions interleaved."""
-    times = {name: {"wall": [], "cpu": []} for name in CORES}
-    for name, core in CORES.items():  # warm-up
-        with use_core(core):
-            fn()
+def compare(fns: dict, reps: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU milliseconds of each of `fns` ({"ours": f, "grid_sample": g}), interleaved."""
+    times = {name: {"wall": [], "cpu": []} for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
     for _ in range(reps):
-        for name, core in CORES.items():
-            with use_core(core):
-                wall, cpu = time.perf_counter(), time.process_time()
-                fn()
-                times[name]["wall"].append(time.perf_counter() - wall)
-                times[name]["cpu"].append(time.process_time() - cpu)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
     return {name: {kind: 1e3 * statistics.median(v) for kind, v in t.items()} for name, t in times.items()}
+
+
+def under_each_forward(fn) -> dict:
+    """{"ours": fn under our DCNv3.forward, "grid_sample": fn under the straightforward one}."""
+    def run(forward):
+        def call():
+            with use_forward(forward):
+                return fn()
+        return call
+    return {name: run(forward) for name, forward in FORWARDS.items()}
 
 
 def row(label: str, t: dict[str, dict[str, float]]) -> str:
     ours, ref = t["ours"], t["grid_sample"]
-    return (f"{label:<34} wall {ours['wall']:9.1f} vs {ref['wall']:9.1f} ms  x{ref['wall'] / ours['wall']:5.2f}   "
-            f"cpu {ours['cpu']:9.1f} vs {ref['cpu']:9.1f} ms  x{ref['cpu'] / ours['cpu']:5.2f}")
+    return (f"{label:<38} wall {ours['wall']:8.1f} vs {ref['wall']:8.1f} ms x{ref['wall'] / ours['wall']:5.2f}  "
+            f"cpu {ours['cpu']:8.1f} vs {ref['cpu']:8.1f} ms x{ref['cpu'] / ours['cpu']:5.2f}")
+
+
+def add(total: dict, t: dict, times: int) -> None:
+    for name in t:
+        for kind in ("wall", "cpu"):
+            total[name][kind] += t[name][kind] * times
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,9 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     size, reps = (64, 1) if args.smoke else (args.size, args.reps)
     small = {"channels": 16, "aux_channels": 8, "backbone_args": {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)}}
-    model_args = small if args.smoke else {}
     torch.manual_seed(0)
-    model = upernet.build_model("upernet_internimage_t", **model_args).eval()
+    model = upernet.build_model("upernet_internimage_t", **(small if args.smoke else {})).eval()
     # Random offsets and masks (trained models have them; the init is all zeros and uniform).
     with torch.no_grad():
         for module in model.modules():
@@ -113,31 +144,32 @@ def main(argv: list[str] | None = None) -> None:
                 module.offset.weight.normal_(0, 0.1)
                 module.mask.weight.normal_(0, 0.1)
     backbone = model.backbone
-    print(f"DCNv3 ours (gather + embedding_bag) vs straightforward (grid_sample); InternImage-T, {size}x{size}, "
-          f"{torch.get_num_threads()} threads, median of {reps}; ratio = straightforward / ours")
+    print(f"DCNv3: ours (gather + embedding_bag) vs straightforward (grid_sample); InternImage-T, {size}x{size}, "
+          f"{torch.get_num_threads()} threads, median of {reps}; x = straightforward / ours")
     for dtype in [getattr(torch, d) for d in args.dtypes]:
         model.to(dtype)
-        totals = {name: {"wall": 0.0, "cpu": 0.0} for name in CORES}
+        name = str(dtype)[6:]
+        ops = {n: {"wall": 0.0, "cpu": 0.0} for n in FORWARDS}
+        layers = {n: {"wall": 0.0, "cpu": 0.0} for n in FORWARDS}
         with torch.no_grad():
             for i, level in enumerate(backbone.levels):
-                layer = level.blocks[0].dcn
-                side = size // 4 // 2**i
-                x = torch.randn(1, side, side, backbone.channels[i], dtype=dtype)
-                diff = (layer(x).float() - _with(straightforward_core, layer, x).float()).abs().max().item()
-                t = compare(lambda: layer(x), reps)
-                print(row(f"{str(dtype)[6:]} DCNv3 layer {side}x{side}x{backbone.channels[i]}", t)
-                      + f"   max diff {diff:.1e}")
-                for name in CORES:
-                    for kind in ("wall", "cpu"):
-                        totals[name][kind] += t[name][kind] * len(level.blocks)
-            print(row(f"{str(dtype)[6:]} all {sum(backbone.depths)} DCNv3 layers", totals))
+                layer, depth = level.blocks[0].dcn, len(level.blocks)
+                side, channels, groups = size // 4 // 2**i, backbone.channels[i], level.blocks[0].dcn.group
+                x = torch.randn(1, side, side, channels, dtype=dtype)
+                offset = torch.randn(1, side, side, groups * 18, dtype=dtype)
+                mask = torch.randn(1, side, side, groups, 9).softmax(-1).to(dtype).view(1, side, side, -1)
+                t = compare({"ours": lambda: dcnv3_module.dcnv3_core(x, offset, mask, 3, groups),
+                             "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups)}, reps)
+                print(row(f"{name} sampling op {side}x{side}x{channels}", t))
+                add(ops, t, depth)
+                t = compare(under_each_forward(lambda: layer(x)), reps)
+                diff = (layer(x).float() - under_each_forward(lambda: layer(x))["grid_sample"]().float()).abs().max()
+                print(row(f"{name} DCNv3 layer {side}x{side}x{channels}", t) + f"  max diff {diff.item():.1e}")
+                add(layers, t, depth)
+            print(row(f"{name} sampling op, all {sum(backbone.depths)} layers", ops))
+            print(row(f"{name} DCNv3 layer, all {sum(backbone.depths)} layers", layers))
             images = torch.randn(1, 3, size, size, dtype=dtype)
-            print(row(f"{str(dtype)[6:]} UPerNet InternImage-T forward", compare(lambda: model(images), reps)))
-
-
-def _with(core, fn, *args):
-    with use_core(core):
-        return fn(*args)
+            print(row(f"{name} UPerNet InternImage-T forward", compare(under_each_forward(lambda: model(images)), reps)))
 
 
 if __name__ == "__main__":

@@ -102,14 +102,12 @@ def dcnv3_core(
     x0, y0 = px.floor(), py.floor()
     fx, fy = px - x0, py - y0
 
-    # One bag of 4 * K (row, weight) pairs per output pixel and group, laid out [corner][point];
-    # corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1); weight = bilinear x mask.
+    # Bilinear weights x mask of the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1).
     bags = n * h_out * w_out * groups
     mask = mask.to(real).view(n, h_out, w_out, groups, k)
     wy1 = fy * mask
     wy0 = mask - wy1
     wx0 = 1 - fx
-    weights = torch.stack([wy0 * wx0, wy0 * fx, wy1 * wx0, wy1 * fx], dim=-2)  # (..., 4, K)
 
     # Row of (n, y, x, g) in the padded input seen as a (N * Hp * Wp * G, C / G) table.
     # y * Wp + x is exact in float32 below 2**24 pixels per map; int32 rows halve the index traffic.
@@ -118,15 +116,29 @@ def dcnv3_core(
     start = torch.arange(n, device=device, dtype=index_dtype).view(n, 1, 1, 1, 1) * (hp * wp * groups)
     start = start + torch.arange(groups, device=device, dtype=index_dtype).view(1, 1, 1, groups, 1)
     top_left = torch.add(start, top_left, alpha=groups)
-    rows = torch.stack([top_left + step for step in (0, groups, wp * groups, (wp + 1) * groups)], dim=-2)
-    rows, weights = rows.view(bags, 4 * k), weights.to(x.dtype).view(bags, 4 * k)
 
+    # One gather per corner: each output row is the weighted sum of K table rows (a "bag").
+    # Four bags of K are about twice as fast as one bag of 4K (and need no stacking).
     table = xp.reshape(n * hp * wp * groups, c // groups)
-    if torch.onnx.is_in_onnx_export():
-        out = torch.matmul(weights.unsqueeze(1), table[rows]).squeeze(1)
-    else:
-        out = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weights)
+    corners = [(0, wy0 * wx0), (groups, wy0 * fx), (wp * groups, wy1 * wx0), ((wp + 1) * groups, wy1 * fx)]
+    exporting = torch.onnx.is_in_onnx_export()
+    out = None
+    for step, weight in corners:
+        rows, weight = (top_left + step).view(bags, k), weight.to(x.dtype).view(bags, k)
+        if exporting:
+            part = torch.matmul(weight.unsqueeze(1), table[rows]).squeeze(1)
+        else:
+            part = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weight)
+        # Sum the corners in float32 at least; in place is safe (the gathers' backward ignores outputs).
+        out = part.to(torch.promote_types(x.dtype, torch.float32)) if out is None else out.add_(part)
+    out = out.to(x.dtype)
     return out.view(n, h_out, w_out, c)
+
+
+def softmax_last(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, written out: PyTorch's CPU kernel is ~5x slower on 9 values."""
+    exp = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    return exp / exp.sum(dim=-1, keepdim=True)
 
 
 class ToChannelsLast(nn.Module):
@@ -206,7 +218,7 @@ class DCNv3(nn.Module):
         projected = self.input_proj(x)
         features = self.dw_conv(x.permute(0, 3, 1, 2))  # back to (N, H, W, C) after the norm
         offset = self.offset(features)
-        mask = F.softmax(self.mask(features).view(n, h, w, self.group, -1), dim=-1).view(n, h, w, -1)
+        mask = softmax_last(self.mask(features).view(n, h, w, self.group, -1)).view(n, h, w, -1)
         out = dcnv3_core(projected, offset, mask, self.kernel_size, self.group, self.offset_scale,
                          self.stride, self.pad, self.dilation)
         if self.center_feature_scale:
