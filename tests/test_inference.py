@@ -280,3 +280,11 @@ def test_resize_in_stripes_matches_interpolate():
         assert [s.stop - s.start for s, _ in stripes][:-1] == [7] * (len(stripes) - 1)
         out = torch.cat([t for _, t in stripes], dim=2)
         torch.testing.assert_close(out, F.interpolate(x, size=size, mode="bilinear"), rtol=1e-4, atol=1e-4)
+
+
+def test_meta_recognises_builtin_class_names():
+    names = list(VOC_CLASSES)
+    names[3] = names[3] + " "  # converted checkpoints may carry mmsegmentation's stray spaces
+    meta = resolve_meta({"class_names": names}, 21)
+    assert meta["palette"] == [list(c) for c in VOC_PALETTE]
+    assert resolve_meta({"class_names": ["a", "b"]}, 2)["palette"] == default_palette(2)

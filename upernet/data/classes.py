@@ -127,15 +127,22 @@ def default_palette(num_classes: int) -> list[list[int]]:
     return colours
 
 
+def _dataset_of(class_names: Sequence[str] | None) -> str:
+    """The built-in dataset whose class names these are (ignoring surrounding spaces), else ""."""
+    names = [str(n).strip() for n in class_names or ()]
+    return next((key for key, meta in DATASET_META.items() if meta["class_names"] == names), "")
+
+
 def resolve_meta(meta: dict | None, num_classes: int) -> dict[str, Any]:
     """A complete meta dict for a model with `num_classes` outputs: `meta` filled with defaults.
 
     Missing class names become "class_<i>", a missing palette the dataset's (if `meta["dataset"]`
-    names one) or `default_palette`, missing mean/std the ImageNet ones. Fails if the stored names
+    names one, or the class names are a built-in dataset's, as in converted checkpoints) or
+    `default_palette`, missing mean/std the ImageNet ones. Fails if the stored names
     or palette do not have one entry per class.
     """
     meta = dict(meta or {})
-    base = DATASET_META.get(meta.get("dataset", ""), {})
+    base = DATASET_META.get(meta.get("dataset", "") or _dataset_of(meta.get("class_names")), {})
     out = {**base, **meta}
     out.setdefault("class_names", [f"class_{i}" for i in range(num_classes)])
     out.setdefault("palette", default_palette(num_classes))
