@@ -120,26 +120,8 @@ def _tiny_real_model(num_classes=3):
                                backbone_args={"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}).eval()
 
 
-@pytest.mark.parametrize("options", [
-    {"mode": "whole"},
-    {"mode": "whole", "scales": (0.75, 1.25), "flip": True},
-    {"mode": "slide", "crop_size": (32, 32), "stride": (20, 20), "flip": True},
-])
-def test_label_size_probs_has_the_passes_of_infer(options):
-    from upernet.engine.evaluate import label_size_probs
+def test_eval_resizes_logits_before_the_softmax():
     from upernet.engine.inference import infer
-
-    model = _tiny_real_model()
-    image = torch.randn(3, 45, 61)
-    with torch.no_grad():
-        model.decode_head.classifier.weight.mul_(300)  # confident logits, so that a wrong pass would show
-        ours = label_size_probs(model, image, image.shape[-2:], **options)
-        theirs = infer(model, image, **options)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)  # same size: the same average
-
-
-def test_label_size_probs_resizes_logits_before_the_softmax():
-    from upernet.engine.evaluate import label_size_probs
     from upernet.models.upernet import resize
 
     model = _tiny_real_model()
@@ -147,7 +129,7 @@ def test_label_size_probs_resizes_logits_before_the_softmax():
     with torch.no_grad():
         model.decode_head.classifier.weight.mul_(300)  # confident, varied logits: the order matters then
         logits = model(image[None])["out"]
-        ours = label_size_probs(model, image, (97, 131))
+        ours = infer(model, image, out_size=(97, 131))
     mmseg_order = resize(logits, (97, 131)).softmax(dim=1)
     torch.testing.assert_close(ours, mmseg_order)
     assert (resize(logits.softmax(dim=1), (97, 131)) - mmseg_order).abs().max() > 0.1  # the other order differs
@@ -308,7 +290,7 @@ def test_docstring_args_match_signatures():
     from upernet.engine import evaluate as ev
     from upernet.engine import metrics
 
-    for fn in [ev.evaluate, ev.evaluate_confusion, ev.label_size_probs, ev.evaluate_from_cli,
+    for fn in [ev.evaluate, ev.evaluate_confusion, ev.evaluate_from_cli,
                metrics.confusion_matrix, metrics.summarize]:
         doc = inspect.getdoc(fn).split("Args:")[1].split("Returns:")[0]
         documented = re.findall(r"^    (?:\*\*)?(\w+):", doc, flags=re.M)

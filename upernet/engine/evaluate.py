@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.upernet import resize
+from .inference import infer
 from .metrics import confusion_matrix, reduce, summarize
 
 
@@ -55,59 +55,6 @@ def _ignore_index(model: nn.Module, dataset) -> int:
     return int(value)
 
 
-def label_size_probs(
-    model: nn.Module,
-    image: torch.Tensor,
-    size: Sequence[int],
-    mode: str = "whole",
-    crop_size: Sequence[int] | None = None,
-    stride: Sequence[int] | None = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Probabilities (1, C, *size) in mmsegmentation's order: every pass's logits are resized to the
-    label's size first, then softmaxed and averaged.
-
-    `inference.infer` takes the softmax at the input size; resizing probabilities instead of logits
-    changes the argmax near class borders (5% of the pixels on random 150-class maps), so evaluation
-    follows mmsegmentation's order (`postprocess_result`, then `SegTTAModel`'s softmax average). The
-    passes (scales, flips, whole or slide windows) are those of `infer`, with the same rounding.
-
-    Args:
-        model: segmentation model in eval mode, returning {"out": logits at input size}.
-        image: normalised (3, H', W') or (1, 3, H', W') image.
-        size: (H, W) of the label, at the image's original size.
-        mode: "whole" or "slide".
-        crop_size: (h, w) of the slide windows (None: `infer`'s default).
-        stride: (h, w) step of the slide windows (None: `infer`'s default).
-        scales: ratios the input is rescaled by before each pass.
-        flip: add the horizontally flipped passes.
-        autocast_dtype: autocast dtype of the forward passes (None: full precision).
-    """
-    from .inference import DEFAULT_CROP, DEFAULT_STRIDE, slide_logits
-
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
-    if not scales or min(scales) <= 0:
-        raise ValueError(f"scales must be positive ratios, got {tuple(scales)}")
-    image = image.unsqueeze(0) if image.dim() == 3 else image
-    height, width = image.shape[-2:]
-    total, passes = None, 0
-    for ratio in scales:
-        scaled = resize(image, (int(height * ratio + 0.5), int(width * ratio + 0.5)))
-        for flipped in (False, True) if flip else (False,):
-            x = scaled.flip(-1) if flipped else scaled
-            # Whole mode is one window covering the image.
-            window = (crop_size or DEFAULT_CROP, stride or DEFAULT_STRIDE) if mode == "slide" else (x.shape[-2:],) * 2
-            logits = slide_logits(model, x, *window, autocast_dtype=autocast_dtype)
-            logits = logits.flip(-1) if flipped else logits
-            p = resize(logits, size).softmax(dim=1)
-            total = p if total is None else total + p
-            passes += 1
-    return total / passes
-
-
 def evaluate_confusion(
     model: nn.Module,
     dataset,
@@ -125,7 +72,7 @@ def evaluate_confusion(
         distributed: split the samples over the torch.distributed processes and sum the matrices.
         progress: show a progress bar (on rank 0 only).
         ignore_index: label value left out; defaults to the dataset's, else the model meta's, else 255.
-        **infer_options: keyword arguments of `label_size_probs` (mode, crop_size, stride, scales, flip,
+        **infer_options: keyword arguments of `inference.infer` (mode, crop_size, stride, scales, flip,
             autocast_dtype).
 
     Returns:
@@ -156,7 +103,7 @@ def evaluate_confusion(
             for index in indices:
                 sample = dataset[index]
                 label = torch.as_tensor(sample["label"]).to(device)
-                probs = label_size_probs(model, sample["image"].to(device), label.shape[-2:], **infer_options)
+                probs = infer(model, sample["image"].to(device), out_size=label.shape[-2:], **infer_options)
                 try:
                     confusion += confusion_matrix(probs.argmax(dim=1)[0], label, num_classes, ignore_index)
                 except ValueError as e:
