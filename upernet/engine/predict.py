@@ -194,6 +194,10 @@ def predict(
     """
     from tqdm import tqdm
 
+    if hasattr(model, "tasks"):  # a multi-task (UPP) model: one picture per task + the scene label
+        from .multitask import predict_multitask
+
+        return predict_multitask(model, inputs, out_dir, size="none" if size == "meta" else size, progress=progress)
     files = find_images(inputs)
     out_dir = Path(out_dir)
     meta = resolve_meta(getattr(model, "meta", {}), int(model.num_classes))
