@@ -89,7 +89,7 @@ class WindowAttention(nn.Module):
         q, k, v = self.qkv(windows).view(b, nw, n, 3, self.num_heads, c // self.num_heads).permute(3, 0, 1, 4, 2, 5)
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # heads, N, N
         if mask is not None:
-            bias = bias + mask[:, None]  # num_windows, heads, N, N
+            bias = bias + mask[:, None]  # num_windows, heads, N, N (broadcast over the batch)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # B, num_windows, heads, N, C/heads
         return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
 
@@ -136,7 +136,7 @@ class SwinBlock(nn.Module):
         ws, shift = self.window_size, self.shift
         y = self.norm1(x)
         # Pad to a window multiple first, then shift: the order the checkpoints were trained with.
-        y = F.pad(y, (0, 0, 0, -w % ws, 0, -h % ws))
+        y = F.pad(y, (0, 0, 0, (ws - w % ws) % ws, 0, (ws - h % ws) % ws))  # non-negative operands: exports cleanly
         hp, wp = y.shape[1:3]
         if shift:
             y = torch.roll(y, shifts=(-shift, -shift), dims=(1, 2))
@@ -179,7 +179,7 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this stage's map, the input of the next stage)."""
         ws = self.window_size
-        hp, wp = -(-x.shape[1] // ws) * ws, -(-x.shape[2] // ws) * ws
+        hp, wp = (x.shape[1] + ws - 1) // ws * ws, (x.shape[2] + ws - 1) // ws * ws  # padded map size
         mask = shifted_window_mask(hp, wp, ws, ws // 2, x.device) if len(self.blocks) > 1 else None
         for block in self.blocks:
             x = block(x, mask)
@@ -244,7 +244,7 @@ class SwinTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         p = self.patch_size
-        x = F.pad(images, (0, -images.shape[-1] % p, 0, -images.shape[-2] % p))
+        x = F.pad(images, (0, (p - images.shape[-1] % p) % p, 0, (p - images.shape[-2] % p) % p))
         x = self.patch_embed.norm(self.patch_embed.proj(x).permute(0, 2, 3, 1))  # B, H/4, W/4, C
         features = []
         for stage, norm in zip(self.stages, self.output_norms):
