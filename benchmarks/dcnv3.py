@@ -48,10 +48,13 @@ def straightforward_core(x, offset, mask, kernel_size, groups, offset_scale=1.0,
     off = offset.float().view(n, h_out, w_out, groups, k, 2)
     loc_x = ref_x.view(1, 1, w_out, 1, 1) + (grid_x + off[..., 0]) * offset_scale / wp
     loc_y = ref_y.view(1, h_out, 1, 1, 1) + (grid_y + off[..., 1]) * offset_scale / hp
-    grid = (torch.stack([loc_x, loc_y], -1) * 2 - 1).to(x.dtype)
+    grid = torch.stack([loc_x, loc_y], -1) * 2 - 1
     grid = grid.view(n, h_out * w_out, groups, k, 2).transpose(1, 2).reshape(n * groups, h_out * w_out, k, 2)
     planes = padded.reshape(n, hp * wp, c).transpose(1, 2).reshape(n * groups, gc, hp, wp)
-    samples = F.grid_sample(planes, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    # grid_sample in float32, as autocast runs it: its CPU bfloat16 kernel computes the sampling
+    # coordinates in bfloat16 (errors of a pixel and more, garbage far outside the map).
+    samples = F.grid_sample(planes.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    samples = samples.to(x.dtype)
     weights = mask.view(n, h_out * w_out, groups, k).transpose(1, 2).reshape(n * groups, 1, h_out * w_out, k)
     out = (samples * weights.to(x.dtype)).sum(-1).view(n, c, h_out * w_out)
     return out.transpose(1, 2).reshape(n, h_out, w_out, c)

@@ -115,20 +115,21 @@ def dcnv3_core(
     top_left = torch.add(x0, y0, alpha=wp).to(index_dtype)
     start = torch.arange(n, device=device, dtype=index_dtype).view(n, 1, 1, 1, 1) * (hp * wp * groups)
     start = start + torch.arange(groups, device=device, dtype=index_dtype).view(1, 1, 1, groups, 1)
-    top_left = torch.add(start, top_left, alpha=groups)
+    rows = torch.add(start, top_left, alpha=groups).view(bags, k)
 
     # One gather per corner: each output row is the weighted sum of K table rows (a "bag").
-    # Four bags of K are about twice as fast as one bag of 4K (and need no stacking).
+    # Four bags of K are about twice as fast as one bag of 4K (and need no stacking). The other
+    # corners are the same rows of the table shifted by 1 pixel, 1 row or both: a view, no new index.
     table = xp.reshape(n * hp * wp * groups, c // groups)
     corners = [(0, wy0 * wx0), (groups, wy0 * fx), (wp * groups, wy1 * wx0), ((wp + 1) * groups, wy1 * fx)]
     exporting = torch.onnx.is_in_onnx_export()
     out = None
-    for step, weight in corners:
-        rows, weight = (top_left + step).view(bags, k), weight.to(x.dtype).view(bags, k)
+    for shift, weight in corners:
+        weight = weight.to(x.dtype).view(bags, k)
         if exporting:
-            part = torch.matmul(weight.unsqueeze(1), table[rows]).squeeze(1)
+            part = torch.matmul(weight.unsqueeze(1), table[shift:][rows]).squeeze(1)
         else:
-            part = F.embedding_bag(rows, table, mode="sum", per_sample_weights=weight)
+            part = F.embedding_bag(rows, table[shift:], mode="sum", per_sample_weights=weight)
         # Sum the corners in float32 at least; in place is safe (the gathers' backward ignores outputs).
         out = part.to(torch.promote_types(x.dtype, torch.float32)) if out is None else out.add_(part)
     out = out.to(x.dtype)
