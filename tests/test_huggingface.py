@@ -1,5 +1,6 @@
 """Hugging Face UperNet folders -> our model: same logits, through load_model and `upernet convert`."""
 import json
+import logging
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import ConvNextConfig, SwinConfig, UperNetConfig, UperNetForSe
 import upernet
 from upernet.cli import main as cli
 from upernet.convert import convert_checkpoint, detect_format
+from upernet.convert.huggingface import convert_huggingface
 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 SMALL = {
@@ -116,7 +118,7 @@ def test_module_names_of_transformers_5(tmp_path):
     assert max_diff(hf, ours, (128, 96)) <= 1e-4
 
 
-def test_wrong_layout_lists_missing_and_unexpected_keys(saved, tmp_path):
+def test_wrong_layout_lists_missing_and_unexpected_keys(saved, tmp_path, caplog):
     _, _, folder = saved
     state = load_file(str(folder / "model.safetensors"))
     state.pop("decode_head.classifier.bias")
@@ -129,6 +131,11 @@ def test_wrong_layout_lists_missing_and_unexpected_keys(saved, tmp_path):
     assert str(tmp_path / "model.safetensors") in message
     assert "missing keys (1): decode_head.classifier.bias" in message
     assert "unexpected keys (1): decode_head.fpn_convs.7.conv.weight" in message
+    # Not strict: everything that fits is loaded and the rest is listed, not dropped silently.
+    with caplog.at_level(logging.WARNING, logger="upernet.convert"):
+        convert_huggingface(tmp_path, strict=False)
+    assert "missing key decode_head.classifier.bias" in caplog.text
+    assert "unexpected key decode_head.fpn_convs.7.conv.weight" in caplog.text
 
 
 def test_unknown_key_is_an_error(saved, tmp_path):

@@ -184,8 +184,13 @@ def fuse_qkv(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torc
     return fused
 
 
-def convert_huggingface(path: Path) -> UPerNet:
-    """Build the UPerNet a Hugging Face UperNet folder describes and load all of its weights (eval mode)."""
+def convert_huggingface(path: Path, strict: bool = True) -> UPerNet:
+    """Build the UPerNet a Hugging Face UperNet folder describes and load all of its weights (eval mode).
+
+    Args:
+        path: the folder with config.json and the weights.
+        strict: False loads what fits and logs every skipped or missing key (see `load_converted`).
+    """
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -209,7 +214,7 @@ def convert_huggingface(path: Path) -> UPerNet:
 
     state_dict, weights = _read_weights(folder)
     transform = (lambda renamed: fuse_qkv(renamed, str(weights))) if family == "swin" else None
-    load_converted(model, state_dict, BACKBONES[family] + HEAD_RULES, str(weights), transform=transform)
+    load_converted(model, state_dict, BACKBONES[family] + HEAD_RULES, str(weights), strict, transform)
     names = _class_names(config, num_classes)
     if names:
         model.meta["class_names"] = names
