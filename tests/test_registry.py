@@ -27,7 +27,11 @@ def small_args(name: str) -> dict:
     raise KeyError(f"no reduced-size arguments for {name}: add them to SMALL_BACKBONE")
 
 
-@pytest.mark.parametrize("name", upernet.list_models())
+# Single-task variants; the multi-task ones (upernet_upp*) have their own sweep in test_upp_model.py.
+SINGLE_TASK = [n for n in upernet.list_models() if not n.startswith("upernet_upp")]
+
+
+@pytest.mark.parametrize("name", SINGLE_TASK)
 @pytest.mark.parametrize("aux", [True, False])
 def test_variant_forward_backward(name, aux):
     torch.manual_seed(0)
@@ -92,3 +96,14 @@ def test_docstring_args_match_signatures():
         documented = re.findall(r"^    (\w+):", doc.split("Args:")[1], flags=re.M)
         params = [p for p in inspect.signature(obj.__init__).parameters if p != "self"]
         assert documented == params, obj.__name__
+
+
+@pytest.mark.parametrize("name", ["upernet_convnext_tiny", "upernet_r50_d8"])
+def test_tiny_inputs_are_padded_not_crashing(name):
+    torch.manual_seed(0)
+    model = upernet.build_model(name, num_classes=4, **small_args(name)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 17, 45))["out"]
+        padded = model(torch.nn.functional.pad(torch.randn(1, 3, 17, 45), (0, 0, 0, 15)))["out"]
+    assert out.shape == (1, 4, 17, 45) and torch.isfinite(out).all()
+    assert padded.shape == (1, 4, 32, 45)

@@ -94,3 +94,24 @@ def test_heads_without_labels_get_no_gradient():
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["part"].parameters())
     assert model.decode_head.classifier.weight.grad is None or model.decode_head.classifier.weight.grad.abs().sum() == 0
     assert model.heads["material"][1].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", upernet.list_models("upernet_upp*"))
+def test_registry_sweep_multitask(name):
+    """Every multi-task variant: all heads' outputs finite, every parameter gets a gradient."""
+    from upernet.models.upp import upp_loss
+
+    base = {"upernet_upp": {"base": "upernet_r50"}}.get(name, {})
+    model = upernet.build_model(name, tasks=TASKS, base_args=SMALL_R50, channels=16, **base).train()
+    images = torch.randn(2, 3, 66, 70)
+    outputs = model(images)
+    targets = {"object": torch.randint(0, 5, (2, 66, 70)), "material": torch.randint(0, 4, (2, 66, 70)),
+               "scene": torch.randint(0, 6, (2,)), "texture": torch.randint(0, 7, (2,))}
+    parts = torch.randint(0, 2, (2, 66, 70))  # valid for both objects with parts (3 and 2 part classes)
+    targets["object"][:, :33] = 1  # object 1 (3 parts) fills the top half, its parts vary
+    targets["part"] = parts
+    losses = upp_loss(model, outputs, targets)
+    assert set(losses) == {"object", "material", "scene", "texture", "part", "total"}
+    losses["total"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad, no_grad[:10]

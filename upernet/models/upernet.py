@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+MIN_SIDE = 32  # inputs are padded up to this many pixels per side (the coarsest feature stride)
+
+
 class ConvBNReLU(nn.Module):
     """Conv (no bias) -> BatchNorm -> ReLU, the building block of every UPerNet head."""
 
@@ -137,6 +140,8 @@ class UPerNet(nn.Module):
     Input: normalised images (N, 3, H, W) of any H and W. Convolutions and poolings floor odd sizes
     (backbones that need it, like Swin, pad internally); the head resizes every level to the size of
     the stride-4 map, and the logits are resized bilinearly to exactly (H, W), so any size works.
+    A side shorter than 32 pixels (the coarsest stride) is zero-padded to 32 at the bottom/right and
+    the logits cropped back, so that no backbone runs out of pixels.
 
     Args:
         backbone: module returning a list of 4 maps; has `channels` and `strides` lists.
@@ -190,11 +195,17 @@ class UPerNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Returns {"out": logits at input size}, plus {"aux": ...} in training mode."""
+        height, width = images.shape[-2:]
+        pad_h, pad_w = max(0, MIN_SIDE - height), max(0, MIN_SIDE - width)
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
         features = self.backbone(images)
         size = images.shape[-2:]
         outputs = {"out": resize(self.decode_head(features), size, self.output_align_corners)}
         if self.training and self.aux_head is not None:
             outputs["aux"] = resize(self.aux_head(features[self.aux_level]), size)
+        if pad_h or pad_w:
+            outputs = {k: v[..., :height, :width] for k, v in outputs.items()}
         return outputs
 
     def loss(
