@@ -22,7 +22,7 @@ class Format(NamedTuple):
 
 FORMATS: dict[str, Format] = {
     "huggingface": Format(huggingface.detect, huggingface.convert_huggingface,
-                          "Hugging Face UperNetForSemanticSegmentation folder (ConvNeXt, Swin)"),
+                          "Hugging Face UperNetForSemanticSegmentation folder (ConvNeXt, Swin)", ("strict",)),
     # Before "mmseg": an InternImage checkpoint is an mmsegmentation checkpoint with DCNv3 layers.
     "internimage": Format(mmseg_internimage.detect, mmseg_internimage.convert_internimage,
                           "official InternImage UPerNet .pth (mmsegmentation 0.x layout; T/S/B/L/XL)", ("strict",)),
