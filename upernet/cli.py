@@ -246,7 +246,74 @@ def run_convert(args) -> None:
     print(f"model: {model.config['name']}, {model.num_classes} classes, {params / 1e6:.2f} M parameters")
 
 
-COMMANDS = [add_info, add_predict, add_train, add_plot, add_eval, add_convert]
+# ---- bench ----------------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="latency, throughput, GFLOP/s and memory, optionally vs transformers")
+    p.add_argument("model", help="registered name or checkpoint path (a Hugging Face folder with --against)")
+    p.add_argument("--shape", nargs=2, type=int, default=(512, 512), metavar=("H", "W"))
+    p.add_argument("--batch", type=int, default=None, help="images per call (default 1; 2 with --train)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="our dtype (default: fp32, plus bf16 where the hardware has it)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--against", choices=("transformers",), default=None, help="time the peer on the same weights")
+    p.add_argument("--train", action="store_true", help="time one optimiser step instead of inference")
+    p.add_argument("--checkpointing", action="store_true", help="with --train: also with backbone checkpointing")
+    p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (reports compile time)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (median reported)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=run_bench)
+
+
+def run_bench(args) -> None:
+    import json
+
+    import torch
+
+    from upernet.engine import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.against == "transformers":
+        model, peer = bench.transformers_pair(args.model)
+    else:
+        model, peer = _load_any(args.model), None
+    dtypes = (args.dtype,) if args.dtype else bench.default_dtypes()
+    if args.train:
+        result = bench.bench_train(model, tuple(args.shape), args.batch or 2, dtypes, peer, runs=args.runs,
+                                   checkpointing=args.checkpointing)
+    else:
+        result = bench.bench_inference(model, tuple(args.shape), args.batch or 1, dtypes, peer, runs=args.runs,
+                                       onnx=args.onnx, compile=args.compile)
+    print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
+
+
+# ---- export ---------------------------------------------------------------------------------
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model to ONNX (optionally with dynamic height and width)")
+    p.add_argument("model", help="registered name or checkpoint path")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--shape", nargs=2, type=int, default=(512, 512), metavar=("H", "W"), help="example input size")
+    p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args) -> None:
+    from upernet.engine.export import check_onnx, export_onnx
+
+    model = _load_any(args.model)
+    path = export_onnx(model, args.output, tuple(args.shape), args.dynamic, args.opset)
+    print(f"wrote {path}")
+    if not args.no_check:
+        h, w = args.shape
+        shapes = [(h, w), (h + 64, w - 32)] if args.dynamic else [(h, w)]
+        for shape, diff in zip(shapes, check_onnx(model, path, shapes)):
+            print(f"onnxruntime vs PyTorch at {shape[0]}x{shape[1]}: max abs diff {diff:.2e}")
+
+
+COMMANDS = [add_info, add_predict, add_train, add_plot, add_eval, add_convert, add_bench, add_export]
 
 
 def main(argv: list[str] | None = None) -> int:
