@@ -172,8 +172,9 @@ def evaluate_multitask_from_cli(model: nn.Module, config: Config, checkpoint: st
 
 # ---- training -----------------------------------------------------------------------------------
 def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | None = None,
-                    progress: bool = True, info=None) -> dict:
-    """Train the multi-task model of `config` into `run_dir` (same run-folder layout as `train`)."""
+                    stop_at: int | None = None, progress: bool = True, info=None) -> dict:
+    """Train the multi-task model of `config` into `run_dir` (same run-folder layout as `train`);
+    `stop_at` stops after that iteration with a checkpoint, which `resume` continues from."""
     from tqdm import tqdm
 
     from .distributed import all_gather_objects, all_reduce_mean, cleanup, init_distributed, prepare_model
@@ -210,6 +211,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
         total_iters = cfg.schedule.iters + (texture_iters if texture else 0)
 
         start, consumed = 0, [0] * len(train_sources)
+        torch.manual_seed(cfg.train.seed + info.rank)  # dropout differs between processes
         if checkpoint is not None:
             load_state_dict_strict(model, checkpoint["model"], str(resume_file))
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -218,7 +220,6 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
             start, consumed = checkpoint["iteration"], list(checkpoint["data"]["consumed"])
             if len(checkpoint["rng"]) == info.world_size:
                 set_rng_state(checkpoint["rng"][info.rank])
-        torch.manual_seed(cfg.train.seed + info.rank + start)
 
         def stream(i: int):
             sampler = InfiniteSampler(len(train_sources[i]), cfg.train.seed + i, info.rank, info.world_size,
@@ -230,7 +231,9 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
         ddp = prepare_model(model, info, cfg.model.sync_bn)
         log = MetricsLog(run_dir, info.is_main, start)
         bar = tqdm(total=total_iters, initial=start, disable=not (progress and info.is_main), desc="train", unit="it")
-        result: dict = {"iteration": start, "loss": None, "val": None}
+        result: dict = {"iteration": start, "loss": None, "val": None, "best_mIoU": float("nan"),
+                        "run_dir": str(run_dir)}
+        end = min(total_iters, stop_at) if stop_at else total_iters
         last_saved = resume_file
 
         def state(iteration: int) -> dict:
@@ -241,7 +244,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
                     "meta": model.meta}
 
         set_train_mode(ddp, cfg.model.norm_eval)
-        for iteration in range(start + 1, total_iters + 1):
+        for iteration in range(start + 1, end + 1):
             in_texture_phase = iteration > cfg.schedule.iters
             source = texture[0] if in_texture_phase else main[pick_main(iteration)]
             batch = next(streams[source])
@@ -275,10 +278,11 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
                 summary = evaluate_multitask(model, val_sources, tasks, meta, distributed=info.distributed)
                 set_train_mode(ddp, cfg.model.norm_eval)
                 result["val"] = summary
+                result["best_mIoU"] = summary.get("object/mIoU", float("nan"))
                 log.write({"kind": "val", "iter": iteration, **summary})
                 if info.is_main:
                     bar.write(f"iter {iteration}: " + "  ".join(f"{k} {v:.1f}" for k, v in summary.items()))
-            if iteration % cfg.train.checkpoint_interval == 0 or iteration == total_iters:
+            if iteration % cfg.train.checkpoint_interval == 0 or iteration == end:
                 ckpt = _finite_state(state(iteration), iteration, last_saved)
                 if info.is_main:
                     save_checkpoint(ckpt, run_dir, iteration, cfg.train.keep_last)

@@ -205,6 +205,10 @@ def train(config: Config, run_dir: str | os.PathLike, resume: str | os.PathLike 
     """
     info = init_distributed(config.train.device)
     try:
+        if config.data.kind in ("upp_builtin", "broden"):  # heterogeneous multi-task data: its own loop
+            from .multitask import train_multitask
+
+            return train_multitask(config, Path(run_dir), resume, stop_at, progress, info)
         return _train(config, Path(run_dir), resume, stop_at, progress, info)
     finally:
         cleanup()
