@@ -25,6 +25,15 @@ TINY = ["model.args={model_name: test_convnext, channels: 16, aux_channels: 8}",
         "train.checkpoint_interval=2", "schedule.warmup_iters=2", "optim.lr=0.01"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and do not spin-wait on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(*overrides: str):
     return load_config(None, TINY + list(overrides))
 
@@ -86,6 +95,23 @@ def test_convnext_stage_wise_lr_scales_as_mmsegmentation():
         block = next(n for n in scale if n.startswith(f"backbone.body.stages_{s}.blocks.0."))
         assert scale[block] == pytest.approx(0.9 ** (6 - s))
     assert scale["decode_head.classifier.weight"] == pytest.approx(1.0)
+
+
+def test_convnext_layer_wise_ids_as_mmsegmentation():
+    from upernet.engine.optim import convnext_layer_id
+
+    model = upernet.build_model("upernet_timm", model_name="convnext_atto", num_classes=3, channels=8, aux_channels=8,
+                                output_norms=True)
+    # mmseg: stem 0; stage 0 -> 1; stage 1 and its downsampling -> 2; stage 2 -> 3 + block // 3 (its
+    # downsampling 3); stage 3 and its downsampling -> num_layers; the rest num_layers + 1.
+    expected = {"backbone.body.stem_0.weight": 0, "backbone.body.stages_0.blocks.1.conv_dw.weight": 1,
+                "backbone.body.stages_1.downsample.1.weight": 2, "backbone.body.stages_1.blocks.0.conv_dw.weight": 2,
+                "backbone.body.stages_2.downsample.1.weight": 3, "backbone.body.stages_2.blocks.5.conv_dw.weight": 4,
+                "backbone.body.stages_3.downsample.1.weight": 12, "backbone.body.stages_3.blocks.1.conv_dw.weight": 12,
+                "backbone.output_norms.0.weight": 13, "decode_head.classifier.weight": 13}
+    names = dict(model.named_parameters())
+    assert set(expected) <= set(names)
+    assert {n: convnext_layer_id(n, 12, model) for n in expected} == expected
 
 
 def test_swin_layer_wise_lr_scales():
