@@ -62,16 +62,17 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def prepare_model(model: nn.Module, info: DistInfo, sync_bn: bool) -> nn.Module:
+def prepare_model(model: nn.Module, info: DistInfo, sync_bn: bool, find_unused: bool = False) -> nn.Module:
     """Move to the device; with several processes wrap in DDP (SyncBatchNorm on CUDA only: gloo
-    cannot run it, so CPU processes keep per-process BatchNorm statistics)."""
+    cannot run it, so CPU processes keep per-process BatchNorm statistics). `find_unused` for models
+    whose steps use only some parameters (the multi-task model trains only the annotated heads)."""
     model.to(info.device)
     if not info.distributed:
         return model
     if sync_bn and info.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

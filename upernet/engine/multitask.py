@@ -228,7 +228,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
                                    sampler=sampler, collate_fn=collate))
 
         streams = {i: stream(i) for i in range(len(train_sources))}
-        ddp = prepare_model(model, info, cfg.model.sync_bn)
+        ddp = prepare_model(model, info, cfg.model.sync_bn, find_unused=True)
         log = MetricsLog(run_dir, info.is_main, start)
         bar = tqdm(total=total_iters, initial=start, disable=not (progress and info.is_main), desc="train", unit="it")
         result: dict = {"iteration": start, "loss": None, "val": None, "best_mIoU": float("nan"),
@@ -247,6 +247,8 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
         for iteration in range(start + 1, end + 1):
             in_texture_phase = iteration > cfg.schedule.iters
             source = texture[0] if in_texture_phase else main[pick_main(iteration)]
+            if info.distributed and len(set(all_gather_objects(source, info))) != 1:
+                raise RuntimeError(f"iteration {iteration}: processes drew different sources")  # never by design
             batch = next(streams[source])
             consumed[source] += cfg.data.batch_size
             targets = {t: v.to(device) for t, v in batch["targets"].items()}
