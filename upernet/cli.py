@@ -151,7 +151,8 @@ def run_train(args) -> None:
         raise CLIError(str(e)) from None
     run_dir = result["run_dir"]
     done = "finished" if (Path(run_dir) / "model").is_dir() else f"stopped at iteration {result['iteration']}"
-    print(f"run folder: {run_dir} ({done}; best val mIoU {result['best_mIoU']:.2f})")
+    best = f"best val mIoU {result['best_mIoU']:.2f}" if result["val"] or result["best_mIoU"] >= 0 else "not validated yet"
+    print(f"run folder: {run_dir} ({done}; {best})")
 
 
 # ---- plot -----------------------------------------------------------------------------------
