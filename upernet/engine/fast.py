@@ -108,6 +108,14 @@ def fold_backbone_batchnorms(backbone: nn.Module) -> nn.Module:
 
 
 # ---- the inference head ----------------------------------------------------------------------
+def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """`resize`, except during ONNX export, where the resize is always recorded: a size that happens
+    to match at the traced input size need not match at others."""
+    if torch.onnx.is_in_onnx_export():
+        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    return resize(x, size, align_corners)
+
+
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 3x3 conv as 16 matmuls on 4x4 input tiles that overlap by
 # 2, 2.25x fewer multiply-adds than direct convolution. V = B^T d B, U = G g G^T, y = A^T (V U) A.
 _WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
@@ -199,7 +207,7 @@ class ConcatConv(nn.Module):
     def _direct(self, inputs: Sequence[torch.Tensor], size) -> torch.Tensor:
         out = None
         for x, weight in zip(inputs, self.weights):
-            y = F.conv2d(resize(x, size, self.align_corners), weight, None, self.stride, self.padding,
+            y = F.conv2d(_resize(x, size, self.align_corners), weight, None, self.stride, self.padding,
                          self.dilation, self.groups)
             out = y if out is None else out + y
         if self.bias is not None:
@@ -253,9 +261,9 @@ class FastUPerHead(UPerHead):
         for scale, conv in zip(self.pool_scales, self.ppm):
             pooled = adaptive_avg_pool2d_exportable(x, scale)
             if self.ppm_upsample_first:
-                branches.append(conv(resize(pooled, size, self.align_corners)))
+                branches.append(conv(_resize(pooled, size, self.align_corners)))
             else:
-                branches.append(resize(conv(pooled), size, self.align_corners))
+                branches.append(_resize(conv(pooled), size, self.align_corners))
         return self.ppm_bottleneck(torch.cat(branches, dim=1))
 
     def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -263,7 +271,7 @@ class FastUPerHead(UPerHead):
         laterals.append(self.pyramid_pooling(features[-1]))
         # Top-down: 1/32 -> 1/16 -> 1/8 -> 1/4.
         for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:], self.align_corners)
+            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:], self.align_corners)
         outs = [conv([lat]) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
         # Fusion: every level resized to 1/4 and convolved, summed (no concat).
         return self.fusion(outs)
