@@ -53,3 +53,15 @@ def test_export_into_missing_folder_names_it(tiny_model, tmp_path):
 def test_onnx_model_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such ONNX file"):
         OnnxModel(tmp_path / "missing.onnx")
+
+
+def test_predict_cli_runs_an_onnx_model(tiny_model, tmp_path):
+    from PIL import Image
+
+    path = export_onnx(tiny_model, tmp_path / "m.onnx", shape=(64, 64), dynamic=True)
+    Image.new("RGB", (72, 56), (120, 60, 30)).save(tmp_path / "img.png")
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path / "img.png"), "--model", str(path), "--out", str(out), "--size", "none",
+                 "--batch-workers", "0"]) == 0
+    labels = Image.open(out / "img_labels.png")
+    assert labels.size == (72, 56)

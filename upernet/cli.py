@@ -19,6 +19,10 @@ def _load_any(model: str):
 
     import upernet
 
+    if Path(model).suffix == ".onnx" and Path(model).is_file():  # exported by `upernet export`
+        from upernet.engine.export import OnnxModel
+
+        return OnnxModel(model)
     if Path(model).exists():
         return upernet.load_model(model)
     if model in upernet.list_models():

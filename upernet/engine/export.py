@@ -59,7 +59,8 @@ def _write_metadata(path: Path, model: UPerNet) -> None:
     import onnx
 
     proto = onnx.load(str(path))
-    for key, value in {"upernet_config": model.config, "upernet_meta": model.meta}.items():
+    values = {"upernet_config": model.config, "upernet_meta": model.meta, "upernet_num_classes": model.num_classes}
+    for key, value in values.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.save(proto, str(path))
@@ -93,6 +94,9 @@ class OnnxModel:
         props = self.session.get_modelmeta().custom_metadata_map
         self.meta = json.loads(props.get("upernet_meta", "{}"))
         self.config = json.loads(props.get("upernet_config", "{}"))
+        if "upernet_num_classes" not in props:
+            raise ValueError(f"{self.path}: not exported by `upernet export` (no upernet_num_classes metadata)")
+        self.num_classes = int(props["upernet_num_classes"])
         self.training = False
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -100,6 +104,11 @@ class OnnxModel:
         return {"out": torch.from_numpy(logits)}
 
     def eval(self) -> "OnnxModel":
+        return self
+
+    def to(self, device: str | torch.device) -> "OnnxModel":
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{self.path}: ONNX models run on the CPU through onnxruntime, not on {device}")
         return self
 
     def train(self, mode: bool = True) -> "OnnxModel":
