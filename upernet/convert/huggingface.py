@@ -18,6 +18,7 @@ import torch
 
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
+from ..models.weights import read_json
 from .common import Rule, load_converted, load_torch_file
 from .mmseg import WB, conv_bn
 
@@ -195,10 +196,7 @@ def convert_huggingface(path: Path, strict: bool = True) -> UPerNet:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: not a Hugging Face checkpoint folder (no config.json in it)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    config = read_json(config_file)
     _require(config.get("model_type") == "upernet", config_file, f"model_type is {config.get('model_type')!r}, expected 'upernet'")
     bb = config.get("backbone_config") or {}
     family = bb.get("model_type")

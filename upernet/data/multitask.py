@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..models.weights import read_json
 from .synthetic import BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, _generator, _uniform, synthetic_sample
 from .transforms import IGNORE_INDEX, normalize, to_image_tensor
 
@@ -160,10 +161,7 @@ def read_broden_meta(root: str | Path) -> dict:
     meta_file = Path(root) / "meta.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file}: a Broden+-style folder needs meta.json (see the README)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
+    meta = read_json(meta_file)
     for key in ("objects", "sources"):
         if key not in meta:
             raise ValueError(f"{meta_file}: missing the {key!r} entry")
@@ -197,7 +195,7 @@ class BrodenFolder(Dataset):
         self.ids = [p.stem for p in images]
         self.images = {p.stem: p for p in images}
         labels_file = self.folder / "labels.json"
-        self.image_labels = json.loads(labels_file.read_text()) if labels_file.is_file() else {}
+        self.image_labels = read_json(labels_file) if labels_file.is_file() else {}
         for task in self.tasks:
             if task in self.PIXEL_TASKS:
                 missing = [i for i in self.ids if not (self.folder / task / f"{i}.png").is_file()]

@@ -69,6 +69,14 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     model.load_state_dict(state_dict, strict=True)
 
 
+def read_json(path: Path) -> dict:
+    """A JSON file's content; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_model(path: str | os.PathLike) -> UPerNet:
     """Rebuild and load a model from our folder format or a Hugging Face UperNet folder.
 
@@ -84,10 +92,7 @@ def load_model(path: str | os.PathLike) -> UPerNet:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json in it)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    config = read_json(config_file)
     if config.get("model_type") == "upernet":
         from ..convert.huggingface import convert_huggingface
 
