@@ -121,13 +121,19 @@ def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -
 _WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 
 
-def _winograd_input(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> V (16, N*T*S, C) for T x S output tiles of 2x2, padding 1 (B^T d B per tile)."""
-    n, c, h, w = x.shape
+def _winograd_pad(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> NHWC zero-padded by 1, and to 2T + 2 x 2S + 2 for T x S output tiles of 2x2."""
+    h, w = x.shape[-2:]
     t, s = (h + 1) // 2, (w + 1) // 2
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 2 * s + 1 - w, 1, 2 * t + 1 - h))  # NHWC, padded
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 2 * s + 1 - w, 1, 2 * t + 1 - h))
+
+
+def _winograd_input(xp: torch.Tensor) -> torch.Tensor:
+    """Padded NHWC rows (N, 2t + 2, 2s + 2, C) -> V (16, N*t*s, C), B^T d B of every 4x4 tile."""
+    n, rows, cols, c = xp.shape
+    t, s = (rows - 2) // 2, (cols - 2) // 2
     r = [xp[:, i:i + 2 * t:2] for i in range(4)]  # tile row i of every tile row
-    u = xp.new_empty(4, n, t, 2 * s + 2, c)
+    u = xp.new_empty(4, n, t, cols, c)
     torch.sub(r[0], r[2], out=u[0])
     torch.add(r[1], r[2], out=u[1])
     torch.sub(r[2], r[1], out=u[2])
@@ -141,19 +147,18 @@ def _winograd_input(x: torch.Tensor) -> torch.Tensor:
     return v.view(16, n * t * s, c)
 
 
-def _winograd_output(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
-    """M (16, N*T*S, C) -> (N, C, H, W) channels_last (A^T M A per tile)."""
-    t, s, c = (h + 1) // 2, (w + 1) // 2, m.shape[-1]
+def _winograd_output(m: torch.Tensor, out: torch.Tensor) -> None:
+    """M (16, N*t*s, C) -> `out` (N, 2t, 2s, C) NHWC, A^T M A of every tile."""
+    n, rows, cols, c = out.shape
+    t, s = rows // 2, cols // 2
     m = m.view(4, 4, n, t, s, c)
     z = m.new_empty(2, 4, n, t, s, c)
     torch.add(m[0], m[1], out=z[0]).add_(m[2])
     torch.sub(m[1], m[2], out=z[1]).sub_(m[3])
-    y = m.new_empty(n, t, 2, s, 2, c)
+    y = out.view(n, t, 2, s, 2, c)
     left, right = y[:, :, :, :, 0].permute(2, 0, 1, 3, 4), y[:, :, :, :, 1].permute(2, 0, 1, 3, 4)
     torch.add(z[:, 0], z[:, 1], out=left).add_(z[:, 2])
     torch.sub(z[:, 1], z[:, 2], out=right).sub_(z[:, 3])
-    y = y.view(n, 2 * t, 2 * s, c)[:, :h, :w].permute(0, 3, 1, 2)
-    return y.contiguous(memory_format=torch.channels_last)
 
 
 class ConcatConv(nn.Module):
@@ -162,8 +167,8 @@ class ConcatConv(nn.Module):
     conv(cat(x_1..x_k)) == sum_i conv_i(x_i), where conv_i holds the input channels of x_i: the
     concatenation is never built, and each input is resized to the size of the first on the way.
     3x3 convs with stride 1 run as Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; the sum is
-    accumulated in the Winograd domain, so there is one output transform); other convs, and all
-    convs during ONNX export, run directly.
+    accumulated in the Winograd domain, so there is one output transform), in bands of tile rows
+    so that the transformed tensors stay small; other convs, ONNX export and autograd run directly.
 
     Args:
         conv: the (BN-folded) convolution over the concatenation.
@@ -181,6 +186,7 @@ class ConcatConv(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
         self.padding, self.dilation, self.stride, self.groups = conv.padding, conv.dilation, conv.stride, conv.groups
         self.align_corners = align_corners
+        self.band_tiles = 512  # Winograd tiles per batched matmul (memory and cache use)
         self.winograd = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
                          and conv.padding == (1, 1) and conv.groups == 1)
         if self.winograd:  # U = G g G^T per input, as (16, C_in, C_out) for batched matmuls
@@ -196,13 +202,20 @@ class ConcatConv(nn.Module):
         if not self.winograd or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled():
             return self._direct(inputs, size)
         n, h, w = inputs[0].shape[0], *size
-        m = None
-        for x, u in zip(inputs, self.winograd_weights):
-            v = _winograd_input(resize(x, size, self.align_corners))
-            m = torch.bmm(v, u) if m is None else m.baddbmm_(v, u)
-        if self.bias is not None:
-            m[5].add_(self.bias)  # A^T picks tile entry (1, 1) into every output with weight 1
-        return _winograd_output(m, n, h, w).relu_()
+        padded = [_winograd_pad(resize(x, size, self.align_corners)) for x in inputs]
+        t, s = (h + 1) // 2, (w + 1) // 2
+        out = padded[0].new_empty(n, 2 * t, 2 * s, self.winograd_weights[0].shape[-1])
+        band = max(1, self.band_tiles // (n * s))  # tile rows per band: the buffers stay small
+        for r0 in range(0, t, band):
+            r1 = min(t, r0 + band)
+            m = None
+            for xp, u in zip(padded, self.winograd_weights):
+                v = _winograd_input(xp[:, 2 * r0:2 * r1 + 2])
+                m = torch.bmm(v, u) if m is None else m.baddbmm_(v, u)
+            if self.bias is not None:
+                m[5].add_(self.bias)  # A^T carries tile entry (1, 1) into every output with weight 1
+            _winograd_output(m, out[:, 2 * r0:2 * r1])
+        return out[:, :h, :w].permute(0, 3, 1, 2).relu_().contiguous(memory_format=torch.channels_last)
 
     def _direct(self, inputs: Sequence[torch.Tensor], size) -> torch.Tensor:
         out = None
