@@ -178,3 +178,22 @@ def test_benchmark_smoke(capsys):
     from upernet.models.backbones.dcnv3 import dcnv3_core
 
     assert (bench.straightforward_core(x, offset, mask, 3, 2, 2.0) - dcnv3_core(x, offset, mask, 3, 2, 2.0)).abs().max() < 1e-5
+
+
+def test_classification_checkpoint_initialises_backbone(tmp_path):
+    from upernet.models.backbones.internimage import load_classification_checkpoint
+
+    source = randomise(small_model(post_norm=False, offset_scale=1.0, seed=1)).backbone.state_dict()
+    # The layout of internimage_t_1k_224.pth: {"model": backbone keys + classifier}, no layer scales.
+    state = {k: v for k, v in source.items() if not k.endswith(("gamma1", "gamma2"))}
+    state.update({"conv_head.0.weight": torch.zeros(4, 64, 1, 1), "head.weight": torch.zeros(10, 4)})
+    torch.save({"model": state}, tmp_path / "internimage_t_1k_224.pth")
+    backbone = small_model(post_norm=False, offset_scale=1.0).backbone
+    kept = load_classification_checkpoint(backbone, tmp_path / "internimage_t_1k_224.pth")
+    assert kept and all(k.endswith(("gamma1", "gamma2")) for k in kept)
+    loaded = backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+    del state["levels.0.blocks.0.dcn.offset.weight"]
+    torch.save({"model": state}, tmp_path / "broken.pth")
+    with pytest.raises(ValueError, match=r"(?s)broken.pth.*missing keys.*dcn.offset.weight"):
+        load_classification_checkpoint(backbone, tmp_path / "broken.pth")

@@ -7,6 +7,7 @@ Feature maps travel channels-last (N, H, W, C) inside the levels; the outputs ar
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -301,3 +302,29 @@ def internimage_layer_id(name: str, num_layers: int, model: nn.Module) -> int:
     if parts[3] in ("downsample", "norm"):
         return 1 + sum(depths[:min(level, 2) + 1])
     return 1 + sum(depths[:level]) + int(parts[4])
+
+
+def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> list[str]:
+    """Initialise `backbone` from an official InternImage ImageNet checkpoint (`{"model": ...}`).
+
+    The published segmentation runs start from these. Their classifier keys (`conv_head`, `head`,
+    ...) are skipped; layer scales the checkpoint lacks (InternImage-T has none) keep their initial
+    value. Returns the names of those left at their initial value; anything else that does not fit
+    is an error naming the file.
+    """
+    from ...convert.common import load_torch_file
+    from ..weights import load_state_dict_strict
+
+    source = str(path)
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"{source}: no such checkpoint file")
+    checkpoint = load_torch_file(source)
+    state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint)) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{source}: not an InternImage checkpoint (expected a dict of tensors under 'model')")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    weights = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "levels."))}
+    own = backbone.state_dict()
+    kept = [k for k in own if k not in weights and k.rsplit(".", 1)[-1] in ("gamma1", "gamma2")]
+    load_state_dict_strict(backbone, {**weights, **{k: own[k] for k in kept}}, source)
+    return kept
