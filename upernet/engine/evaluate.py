@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .fast import fast_path
 from .inference import infer
 from .metrics import confusion_matrix, reduce, summarize
 
@@ -147,6 +148,7 @@ def evaluate(
     Returns:
         The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
     """
+    model, autocast_dtype = fast_path(model, autocast_dtype)  # folded BNs, Winograd head convs, bf16 weights
     confusion, names = evaluate_confusion(model, dataset, distributed, progress, ignore_index, mode=mode,
                                           crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                                           autocast_dtype=autocast_dtype)

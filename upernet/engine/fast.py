@@ -327,7 +327,8 @@ def prepare_for_inference(
     target = resolve_dtype(dtype, device)
     fast = copy.deepcopy(model).eval()
     fast.aux_head = None  # never run at inference
-    fast.decode_head = FastUPerHead.from_head(fast.decode_head)
+    if type(fast.decode_head) is UPerHead:  # a subclass may compute something else: leave it as it is
+        fast.decode_head = FastUPerHead.from_head(fast.decode_head)
     fast.backbone = fold_backbone_batchnorms(fast.backbone)
     fast = fast.to(dtype=target)
     fast.channels_last = channels_last
@@ -340,3 +341,17 @@ def prepare_for_inference(
     if compile:
         return torch.compile(fast)
     return fast
+
+
+def fast_path(model: nn.Module, autocast_dtype: torch.dtype | None = None) -> tuple[nn.Module, torch.dtype | None]:
+    """What `predict` and `eval` run: (prepared model, autocast dtype still to apply).
+
+    A UPerNet becomes `prepare_for_inference(model)` in fp32, or with real bf16 weights when bf16
+    autocast was asked for (faster than autocast: no per-call weight casts). Other models (ONNX,
+    multi-task, wrapped) are returned as they are.
+    """
+    if not isinstance(model, UPerNet):
+        return model, autocast_dtype
+    if autocast_dtype == torch.bfloat16:
+        return prepare_for_inference(model, "bf16"), None
+    return prepare_for_inference(model, "fp32"), autocast_dtype

@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..data.classes import resolve_meta
+from .fast import fast_path
 from .inference import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
                         normalize, parse_size, resize_image, resize_in_stripes)
 
@@ -208,6 +209,7 @@ def predict(
     rule = parse_size(meta.get("test_size", DEFAULT_SIZE) if size == "meta" else size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
+    model, autocast_dtype = fast_path(model, autocast_dtype)  # folded BNs, Winograd head convs, bf16 weights
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     workers = min(workers, len(files) - 1)  # one image: decoding in this process is faster than a worker
