@@ -157,7 +157,12 @@ def test_layer_wise_lr_decay_as_reference():
     for name in ["backbone.levels.1.blocks.0.gamma1", "backbone.levels.1.blocks.0.dcn.offset.bias",
                  "backbone.levels.1.blocks.0.norm2.0.weight", "backbone.patch_embed.conv1.bias"]:
         assert groups[name]["weight_decay"] == 0.0, name
-    assert groups["backbone.levels.1.blocks.0.dcn.offset.weight"]["weight_decay"] == 0.05
+    assert groups["backbone.levels.1.blocks.0.dcn.offset.weight"]["weight_decay"] == 0.05  # the reference decays it
+    # The recipe: no decay on offsets either (`no_weight_decay: [..., offset]`, as configs/ set it).
+    cfg.no_weight_decay = ["norm", "bias", "1d", "offset"]
+    groups = {name: g for g in param_groups(model, cfg) for name in g["param_names"]}
+    assert groups["backbone.levels.1.blocks.0.dcn.offset.weight"]["weight_decay"] == 0.0
+    assert groups["backbone.levels.1.blocks.0.dcn.mask.weight"]["weight_decay"] == 0.05
 
 
 def test_benchmark_smoke(capsys):

@@ -93,7 +93,8 @@ class OptimConfig:
         weight_decay: weight decay of the parameters not listed by `no_weight_decay`.
         no_weight_decay: parameter kinds without weight decay: "norm" (normalisation layers),
             "bias", "1d" (every 1-D parameter, mmsegmentation's rule for ConvNeXt), "pos" (position
-            tables: relative_position_bias_table, absolute_pos_embed, pos_embed, cls_token).
+            tables: relative_position_bias_table, absolute_pos_embed, pos_embed, cls_token), "offset"
+            (DCNv3's sampling-offset projection).
         layer_decay_type: none, stage_wise or layer_wise (mmsegmentation's
             LearningRateDecayOptimizerConstructor).
         layer_decay_rate: lr multiplier per layer away from the head.
@@ -197,7 +198,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.loss_average": ("valid", "all"),
 }
-NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "1d", "pos")
+NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "1d", "pos", "offset")
 
 
 # ---- reading -----------------------------------------------------------------------------------

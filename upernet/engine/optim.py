@@ -127,7 +127,8 @@ def layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn:
 def _no_decay(name: str, param: nn.Parameter, in_norm: bool, kinds: list[str]) -> bool:
     return (("norm" in kinds and in_norm) or ("bias" in kinds and name.endswith(".bias"))
             or ("1d" in kinds and param.ndim <= 1)
-            or ("pos" in kinds and name.rsplit(".", 1)[-1] in POSITION_TABLES))
+            or ("pos" in kinds and name.rsplit(".", 1)[-1] in POSITION_TABLES)
+            or ("offset" in kinds and ".offset." in name))  # DCNv3's sampling-offset projection
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -200,3 +201,25 @@ class PolySchedule:
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self._apply()
+
+
+# ---- InternImage (backbone.levels.<l>.blocks.<b>, the reference's names) -------------------------
+@register_layer_id("internimage", "layer_wise")
+def internimage_layer_id(name: str, num_layers: int, model: nn.Module) -> int:
+    """Layer id for layer-wise lr decay, numbered as InternImage's recipe numbers parameters.
+
+    0 for the stem, 1 + (index of the layer over all levels) for a layer's parameters, the id of a
+    level's last layer for its final norm and downsampling (level 3's norm shares level 2's), and
+    `num_layers + 1` (full lr) for the heads. The recipes set `num_layers` to sum(depths): 30 (T),
+    33 (S, B), 37 (L), 39 (XL).
+    """
+    depths = model.backbone.depths
+    if name.startswith("backbone.patch_embed"):
+        return 0
+    if not name.startswith("backbone.levels."):
+        return num_layers + 1
+    parts = name.split(".")
+    level = int(parts[2])
+    if parts[3] in ("downsample", "norm"):
+        return 1 + sum(depths[:min(level, 2) + 1])
+    return 1 + sum(depths[:level]) + int(parts[4])

@@ -15,7 +15,6 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from ...engine.optim import register_layer_id
 from .dcnv3 import DCNv3, ToChannelsLast
 
 
@@ -282,26 +281,6 @@ class InternImage(nn.Module):
             features.append(feature.permute(0, 3, 1, 2).contiguous())
         return features
 
-
-@register_layer_id("internimage", "layer_wise")
-def internimage_layer_id(name: str, num_layers: int, model: nn.Module) -> int:
-    """Layer id for layer-wise lr decay, numbered as InternImage's recipe numbers parameters.
-
-    0 for the stem, 1 + (index of the layer over all levels) for a layer's parameters, the id of a
-    level's last layer for its final norm and downsampling (level 3's norm shares level 2's), and
-    `num_layers + 1` (full lr) for the heads. The recipes set `num_layers` to sum(depths): 30 (T),
-    33 (S, B), 37 (L), 39 (XL).
-    """
-    depths = model.backbone.depths
-    if name.startswith("backbone.patch_embed"):
-        return 0
-    if not name.startswith("backbone.levels."):
-        return num_layers + 1
-    parts = name.split(".")
-    level = int(parts[2])
-    if parts[3] in ("downsample", "norm"):
-        return 1 + sum(depths[:min(level, 2) + 1])
-    return 1 + sum(depths[:level]) + int(parts[4])
 
 
 def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> list[str]:
