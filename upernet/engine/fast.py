@@ -186,7 +186,7 @@ class ConcatConv(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
         self.padding, self.dilation, self.stride, self.groups = conv.padding, conv.dilation, conv.stride, conv.groups
         self.align_corners = align_corners
-        self.band_tiles = 512  # Winograd tiles per batched matmul (memory and cache use)
+        self.band_tiles = 4096  # Winograd tiles per batched matmul: bounds memory on large inputs
         self.winograd = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
                          and conv.padding == (1, 1) and conv.groups == 1)
         if self.winograd:  # U = G g G^T per input, as (16, C_in, C_out) for batched matmuls
