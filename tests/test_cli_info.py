@@ -38,7 +38,7 @@ def test_overrides_may_follow_options(monkeypatch):
 
     def fake_train_from_cli(config, overrides, out, resume, resume_flag, stop_at):
         seen.update(config=config, overrides=overrides, out=out)
-        return {"run_dir": out, "iteration": 0, "best_mIoU": 0.0}
+        return {"run_dir": out, "iteration": 0, "best_mIoU": 0.0, "val": None}
 
     monkeypatch.setattr(train_module, "train_from_cli", fake_train_from_cli)
     assert main(["train", "configs/builtin.yaml", "optim.lr=0.1", "--out", "runs/x", "schedule.iters=5"]) == 0
