@@ -134,15 +134,15 @@ def test_cli_train_stop_and_resume_is_exact(tmp_path):
     from upernet.cli import main
     from upernet.engine.checkpoint import load_checkpoint
 
-    args = ["train", "configs/upp_builtin.yaml", "schedule.iters=4", "data.options.texture_iters=2",
-            "data.options.image_size=40", "data.batch_size=2", "val.interval=0", "train.checkpoint_interval=3",
-            "model.args.channels=8", "data.options.val_samples=2"]
+    args = ["train", "configs/upp_builtin.yaml", "schedule.iters=3", "data.options.texture_iters=1",
+            "data.options.image_size=32", "data.batch_size=2", "val.interval=0", "train.checkpoint_interval=2",
+            "model.args.channels=8", "data.options.val_samples=1", "model.args.base_args.model_name=resnet10t"]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
-    assert main(args + ["--out", str(tmp_path / "split"), "--stop-at", "3"]) == 0
+    assert main(args + ["--out", str(tmp_path / "split"), "--stop-at", "2"]) == 0
     assert not (tmp_path / "split" / "model").exists()
     assert main(args + ["--out", str(tmp_path / "split"), "--resume"]) == 0
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "iter_0000006.pt")["model"]
-    resumed = load_checkpoint(tmp_path / "split" / "checkpoints" / "iter_0000006.pt")["model"]
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "iter_0000004.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "split" / "checkpoints" / "iter_0000004.pt")["model"]
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)

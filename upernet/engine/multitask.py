@@ -224,8 +224,10 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
         def stream(i: int):
             sampler = InfiniteSampler(len(train_sources[i]), cfg.train.seed + i, info.rank, info.world_size,
                                       start=consumed[i])
+            # An own generator: creating the iterator must not draw from the global RNG (exact resume).
             return iter(DataLoader(SeededSamples(train_sources[i]), batch_size=cfg.data.batch_size,
-                                   sampler=sampler, collate_fn=collate))
+                                   sampler=sampler, collate_fn=collate,
+                                   generator=torch.Generator().manual_seed(cfg.train.seed + i)))
 
         streams = {i: stream(i) for i in range(len(train_sources))}
         ddp = prepare_model(model, info, cfg.model.sync_bn, find_unused=True)
