@@ -186,7 +186,9 @@ class ConcatConv(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().clone()) if conv.bias is not None else None
         self.padding, self.dilation, self.stride, self.groups = conv.padding, conv.dilation, conv.stride, conv.groups
         self.align_corners = align_corners
-        self.band_tiles = 4096  # Winograd tiles per batched matmul: bounds memory on large inputs
+        # Winograd tiles per batched matmul (None: by thread count). Measured here at 512x512: single-
+        # threaded, 512-tile bands are 15% faster (cache); with 2 threads fewer, larger ops win.
+        self.band_tiles: int | None = None
         self.winograd = (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.dilation == (1, 1)
                          and conv.padding == (1, 1) and conv.groups == 1)
         if self.winograd:  # U = G g G^T per input, as (16, C_in, C_out) for batched matmuls
@@ -205,7 +207,8 @@ class ConcatConv(nn.Module):
         padded = [_winograd_pad(resize(x, size, self.align_corners)) for x in inputs]
         t, s = (h + 1) // 2, (w + 1) // 2
         out = padded[0].new_empty(n, 2 * t, 2 * s, self.winograd_weights[0].shape[-1])
-        band = max(1, self.band_tiles // (n * s))  # tile rows per band: the buffers stay small
+        tiles = self.band_tiles or (512 if torch.get_num_threads() == 1 else 4096)
+        band = max(1, tiles // (n * s))  # tile rows per band: the buffers stay small
         for r0 in range(0, t, band):
             r1 = min(t, r0 + band)
             m = None
