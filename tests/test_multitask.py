@@ -92,9 +92,17 @@ def test_short_multitask_training_run(tmp_path):
 
     cfg = load_config("configs/upp_builtin.yaml", [
         "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
-        "val.interval=0", "train.checkpoint_interval=4", "model.args.channels=16", "data.options.val_samples=6"])
+        "val.interval=0", "train.checkpoint_interval=6", "model.args.channels=16", "data.options.val_samples=6"])
     trained = train_multitask(cfg, tmp_path / "run", progress=False)
     assert trained["iteration"] == 8
+    # The texture phase (iterations 7-8) trains the texture head only: everything else, BatchNorm
+    # statistics included, is exactly as after the main phase.
+    from upernet.engine.checkpoint import load_checkpoint
+
+    before = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000006.pt")["model"]
+    after = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000008.pt")["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.texture.") for k in changed), sorted(changed)[:5]
     assert {"object/mIoU", "material/mIoU", "part/mIoU", "scene/top1", "texture/top1"} <= set(trained["val"])
     model = upernet.load_model(tmp_path / "run" / "model")
     out = model(torch.randn(1, 3, 48, 48))

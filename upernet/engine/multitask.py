@@ -251,6 +251,14 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
             source = texture[0] if in_texture_phase else main[pick_main(iteration)]
             if info.distributed and len(set(all_gather_objects(source, info))) != 1:
                 raise RuntimeError(f"iteration {iteration}: processes drew different sources")  # never by design
+            if in_texture_phase:
+                # The rest is trained: it stays fixed (BatchNorm statistics too), only the texture head
+                # learns, its lr decaying linearly from the base lr over the texture iterations.
+                model.eval()
+                model.heads["texture"].train()
+                left = 1 - (iteration - cfg.schedule.iters - 1) / texture_iters
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * left
             batch = next(streams[source])
             consumed[source] += cfg.data.batch_size
             targets = {t: v.to(device) for t, v in batch["targets"].items()}
