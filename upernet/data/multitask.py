@@ -76,7 +76,7 @@ def multitask_sample(index: int, seed: int, split: str, image_size: int) -> tupl
     part[pier] = torch.where(grey[0, 0] >= local, 1, 2)[pier]
     material = torch.tensor([_MATERIAL_OF[c] for c in range(len(SYNTHETIC_CLASSES))])[objects]
     present = set(torch.unique(objects).tolist())
-    scene = 2 if present & {PIER, BOAT} else 1 if REEDS in present else 0
+    scene = 2 if PIER in present else 1 if REEDS in present else 0  # harbour, marsh, open lake
     return image, {"object": objects, "part": part, "material": material, "scene": torch.tensor(scene)}
 
 
