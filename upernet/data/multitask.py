@@ -16,7 +16,6 @@ An item is {"image": float (3, H, W) normalised, "targets": {task: tensor}, "sou
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence

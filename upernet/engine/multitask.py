@@ -14,11 +14,9 @@ counted) averaged within each object, then across objects; scene and texture top
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -27,11 +25,12 @@ from ..data.multitask import BrodenFolder, SourceSampler, builtin_meta, builtin_
 from ..models import build_model
 from ..models.upp import upp_loss
 from ..models.weights import load_state_dict_strict
-from .checkpoint import find_resume, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, save_config, to_dict
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import Config, to_dict
 from .metrics import confusion_matrix, reduce, summarize
 from .optim import PolySchedule, build_optimizer
-from .train import InfiniteSampler, MetricsLog, SeededSamples, TrainingDiverged, _amp, _finite_state, set_train_mode
+from .train import (InfiniteSampler, MetricsLog, SeededSamples, TrainingDiverged, _amp, _finite_state,
+                    set_train_mode, start_run)
 
 MULTITASK_KINDS = ("upp_builtin", "broden")
 PIXEL_TASKS = ("object", "material")
@@ -183,14 +182,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
     info = info or init_distributed(config.train.device)
     try:
         cfg, device, run_dir = config, info.device, Path(run_dir)
-        resume_file = find_resume(resume) if resume is not None else None
-        checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.yaml")
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
-        np.random.seed(cfg.train.seed)
+        resume_file, checkpoint = start_run(cfg, run_dir, resume, info)
 
         train_sources, meta = build_sources(cfg, cfg.data.train_split)
         val_sources, _ = build_sources(cfg, cfg.data.val_split)

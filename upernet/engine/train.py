@@ -214,22 +214,28 @@ def train(config: Config, run_dir: str | os.PathLike, resume: str | os.PathLike 
         cleanup()
 
 
+def start_run(cfg: Config, run_dir: Path, resume, info: DistInfo) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from (file, content), the run folder with its config.yaml, and every
+    RNG seeded with `train.seed`, so that all processes build the same initial weights."""
+    resume_file = find_resume(resume) if resume is not None else None
+    checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    return resume_file, checkpoint
+
+
 def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress: bool, info: DistInfo) -> dict:
     from tqdm import tqdm
 
     from .evaluate import evaluate
 
     cfg, device = config, info.device
-    resume_file = find_resume(resume) if resume is not None else None
-    checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-
-    # Data, model, optimiser, schedule. The same seed on every process gives the same initial weights.
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
+    resume_file, checkpoint = start_run(cfg, run_dir, resume, info)
+    # Data, model, optimiser, schedule (seeded by start_run: the same initial weights on every process).
     train_set, val_set = build_datasets(cfg)
     model = build_training_model(cfg, train_set).to(device)
     optimizer = build_optimizer(model, cfg.optim)
