@@ -29,8 +29,8 @@ from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import Config, to_dict
 from .metrics import confusion_matrix, reduce, summarize
 from .optim import PolySchedule, build_optimizer
-from .train import (InfiniteSampler, MetricsLog, SeededSamples, TrainingDiverged, _amp, _finite_state,
-                    set_train_mode, start_run)
+from .train import (InfiniteSampler, MetricsLog, SeededSamples, _amp, _finite_state, checked_step, set_train_mode,
+                    start_run)
 
 MULTITASK_KINDS = ("upp_builtin", "broden")
 PIXEL_TASKS = ("object", "material")
@@ -176,7 +176,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
     `stop_at` stops after that iteration with a checkpoint, which `resume` continues from."""
     from tqdm import tqdm
 
-    from .distributed import all_gather_objects, all_reduce_mean, cleanup, init_distributed, prepare_model
+    from .distributed import all_gather_objects, cleanup, init_distributed, prepare_model
 
     own_dist = info is None
     info = info or init_distributed(config.train.device)
@@ -260,15 +260,8 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
                 outputs = ddp(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
             losses = upp_loss(model, outputs, targets, weights)
             scaler.scale(losses["total"]).backward()
-            loss_value = float(all_reduce_mean(losses["total"].detach(), info))
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"the training loss is {loss_value} at iteration {iteration} (source "
-                                       f"{batch['source']}); stopped (last good checkpoint: {last_saved})")
-            if cfg.optim.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            loss_value = checked_step(losses["total"].detach(), iteration, last_saved, model, optimizer, scaler, cfg,
+                                      info, context=f" (source {batch['source']})")
             if not in_texture_phase:
                 schedule.step()
             result.update(iteration=iteration, loss=loss_value)

@@ -214,6 +214,23 @@ def train(config: Config, run_dir: str | os.PathLike, resume: str | os.PathLike 
         cleanup()
 
 
+def checked_step(loss: torch.Tensor, iteration: int, last_saved: Path | None, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scaler, cfg: Config, info: DistInfo, context: str = "") -> float:
+    """The optimiser step after backward: a NaN/Inf loss on any process stops every process before
+    the weights are touched; else clip (when configured) and step. Returns the mean loss."""
+    loss_value = float(all_reduce_mean(loss, info))
+    if not math.isfinite(loss_value):
+        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
+        raise TrainingDiverged(f"the training loss is {loss_value} at iteration {iteration}{context}; stopped "
+                               f"({where}). Lower optim.lr, enable optim.grad_clip, or use train.precision=fp32.")
+    if cfg.optim.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value
+
+
 def start_run(cfg: Config, run_dir: Path, resume, info: DistInfo) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from (file, content), the run folder with its config.yaml, and every
     RNG seeded with `train.seed`, so that all processes build the same initial weights."""
@@ -302,17 +319,8 @@ def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress:
             loss_sum += loss.detach()
         consumed += per_step
 
-        # A NaN/Inf loss on any process stops every process before the weights are touched.
-        loss_value = float(all_reduce_mean(loss_sum / cfg.optim.accumulate, info))
-        if not math.isfinite(loss_value):
-            where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
-            raise TrainingDiverged(f"the training loss is {loss_value} at iteration {iteration}; stopped ({where}). "
-                                   f"Lower optim.lr, enable optim.grad_clip, or use train.precision=fp32.")
-        if cfg.optim.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        loss_value = checked_step(loss_sum / cfg.optim.accumulate, iteration, last_saved, model, optimizer, scaler,
+                                  cfg, info)
         schedule.step()
         result.update(iteration=iteration, loss=loss_value)
 
