@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.upernet import ConvBNReLU, UPerHead, UPerNet, resize
+from ..models.upernet import ConvBNReLU, UPerHead, UPerNet, resize, resized_conv3x3, worth_resizing_after
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,14 @@ class ConcatConv(nn.Module):
         if not self.winograd or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled():
             return self._direct(inputs, size)
         n, h, w = inputs[0].shape[0], *size
-        padded = [_winograd_pad(resize(x, size, self.align_corners)) for x in inputs]
+        # Coarse inputs are convolved before their resize (resized_conv3x3), the rest by Winograd.
+        small = [i for i, x in enumerate(inputs) if worth_resizing_after(x, size)]
+        before_resize = None
+        for i in small:
+            y = resized_conv3x3(inputs[i], self.weights[i], size, self.align_corners)
+            before_resize = y if before_resize is None else before_resize.add_(y)
+        winograd_weights = [u for i, u in enumerate(self.winograd_weights) if i not in small]
+        padded = [_winograd_pad(resize(x, size, self.align_corners)) for i, x in enumerate(inputs) if i not in small]
         t, s = (h + 1) // 2, (w + 1) // 2
         out = padded[0].new_empty(n, 2 * t, 2 * s, self.winograd_weights[0].shape[-1])
         tiles = self.band_tiles or (512 if torch.get_num_threads() == 1 else 4096)
@@ -212,19 +219,25 @@ class ConcatConv(nn.Module):
         for r0 in range(0, t, band):
             r1 = min(t, r0 + band)
             m = None
-            for xp, u in zip(padded, self.winograd_weights):
+            for xp, u in zip(padded, winograd_weights):
                 v = _winograd_input(xp[:, 2 * r0:2 * r1 + 2])
                 m = torch.bmm(v, u) if m is None else m.baddbmm_(v, u)
             if self.bias is not None:
                 m[5].add_(self.bias)  # A^T carries tile entry (1, 1) into every output with weight 1
             _winograd_output(m, out[:, 2 * r0:2 * r1])
-        return out[:, :h, :w].permute(0, 3, 1, 2).relu_().contiguous(memory_format=torch.channels_last)
+        out = out[:, :h, :w].permute(0, 3, 1, 2)
+        if before_resize is not None:
+            out = out + before_resize
+        return out.relu_().contiguous(memory_format=torch.channels_last)
 
     def _direct(self, inputs: Sequence[torch.Tensor], size) -> torch.Tensor:
         out = None
         for x, weight in zip(inputs, self.weights):
-            y = F.conv2d(_resize(x, size, self.align_corners), weight, None, self.stride, self.padding,
-                         self.dilation, self.groups)
+            if self.winograd and worth_resizing_after(x, size):
+                y = resized_conv3x3(x, weight, size, self.align_corners)
+            else:
+                y = F.conv2d(_resize(x, size, self.align_corners), weight, None, self.stride, self.padding,
+                             self.dilation, self.groups)
             out = y if out is None else out + y
         if self.bias is not None:
             out = out + self.bias.reshape(1, -1, 1, 1)

@@ -5,14 +5,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1) -> int:
+def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1, published: bool = True) -> int:
     """Multiply-adds of one eval-mode forward at `shape`, from torch's FLOP counter (FLOPs / 2).
 
     Counted: convolutions, matmuls and attention. Not counted (as in mmcv/fvcore, whose counts the
     published tables report): normalisation, activations, pooling, interpolation, element-wise ops.
     A module with work the counter cannot see (DCNv3's deformable sampling) defines
     `extra_macs(output) -> int`, its published convention, which is added for each call.
+    `published=True` counts UPerHead's fusion as the conv over the concatenation of the resized
+    levels (as the published tables do); False counts what our forward computes
+    (`UPerHead.fuse_before_resize`, about 1/3 fewer multiply-adds).
     """
+    heads = [m for m in model.modules() if hasattr(m, "fuse_before_resize")]
+    saved = [m.fuse_before_resize for m in heads]
+    for m in heads:
+        m.fuse_before_resize = m.fuse_before_resize and not published
     was_training = model.training
     model.eval()
     param = next(model.parameters())
@@ -26,6 +33,8 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1) -
     finally:
         for hook in hooks:
             hook.remove()
+        for m, flag in zip(heads, saved):
+            m.fuse_before_resize = flag
     model.train(was_training)
     return counter.get_total_flops() // 2 + extra[0]
 
