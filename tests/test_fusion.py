@@ -40,3 +40,25 @@ def test_head_fuses_before_resize_with_the_same_outputs_and_fewer_macs():
     coarse_levels_macs = 3 * 32 * 32 * 9 * (96 // 4) * (160 // 4)  # their share of the conv over the concat
     assert published - computed > 0.6 * coarse_levels_macs
     assert model.decode_head.fuse_before_resize  # count_macs restores the flag
+
+
+@pytest.mark.parametrize("shape, average, align", [((64, 96), "valid", False), ((20, 45), "all", True), ((150, 70), "valid", False)])
+def test_loss_from_labels_equals_loss_of_full_size_logits(shape, average, align):
+    """forward(images, labels) (banded, checkpointed upsampling + CE) == loss(forward(images)), values and grads."""
+    torch.manual_seed(0)
+    model = build_model("upernet_timm", model_name="resnet18", num_classes=7, channels=16, output_align_corners=align)
+    model.train()
+    images = torch.randn(2, 3, *shape)
+    labels = torch.randint(0, 7, (2, *shape))
+    labels[0, :5] = 255
+    torch.manual_seed(1)  # same dropout masks in both passes
+    reference = model.loss(model(images), labels, average=average)
+    reference.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    torch.manual_seed(1)
+    loss = model(images, labels=labels, average=average)["loss"]
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    for name, grad in expected.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -312,7 +312,7 @@ def bench_train(
             ours.train()
             set_backbone_checkpointing(ours, ckpt)
             name = f"upernet {dtype}" + (" checkpointing" if ckpt else "")
-            fns[name] = step_fn(ours, lambda ours=ours: ours.loss(ours(images), labels), dtype)
+            fns[name] = step_fn(ours, lambda ours=ours: ours(images, labels=labels)["loss"], dtype)  # as train runs
             meta[name] = {"impl": "upernet", "dtype": dtype}
         if peer is not None:
             peer.train()

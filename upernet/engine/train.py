@@ -313,8 +313,9 @@ def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress:
             sync = contextlib.nullcontext() if last or not info.distributed else ddp.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = ddp(images)
-                loss = model.loss(outputs, labels, train_set.ignore_index, cfg.train.loss_average)
+                    # the loss inside forward: no logits at image size are kept (UPerNet.forward)
+                    loss = ddp(images, labels=labels, ignore_index=train_set.ignore_index,
+                               average=cfg.train.loss_average)["loss"]
                 scaler.scale(loss / cfg.optim.accumulate).backward()
             loss_sum += loss.detach()
         consumed += per_step

@@ -38,14 +38,8 @@ def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) ->
 
 
 @functools.lru_cache(maxsize=256)
-def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
-    """The bilinear resize of one axis, shifted by -1, 0, +1 output pixels, as one banded matrix.
-
-    Returns (matrix, bands): `matrix` is (out_size, 3 * in_size) float64 with column 3k + d holding
-    the weight of source pixel k in output pixel j + d - 1 (zero outside the axis, as a conv's zero
-    padding); `bands` lists (row0, row1, col0, col1) blocks of `block` output rows with the columns
-    they touch, so that the product skips the zeros of a large matrix.
-    """
+def resize_matrix(out_size: int, in_size: int, align_corners: bool) -> torch.Tensor:
+    """(out_size, in_size) float64: PyTorch's bilinear resize of one axis as a matrix (2 taps per row)."""
     j = torch.arange(out_size, dtype=torch.float64)
     if align_corners:
         src = j * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
@@ -54,13 +48,26 @@ def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, blo
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     weight = src - i0
-    resize_matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
-    resize_matrix[j.long(), i0] += 1 - weight
-    resize_matrix[j.long(), i1] += weight
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    matrix[j.long(), i0] += 1 - weight
+    matrix[j.long(), i1] += weight
+    return matrix
+
+
+@functools.lru_cache(maxsize=256)
+def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
+    """The bilinear resize of one axis, shifted by -1, 0, +1 output pixels, as one banded matrix.
+
+    Returns (matrix, bands): `matrix` is (out_size, 3 * in_size) float64 with column 3k + d holding
+    the weight of source pixel k in output pixel j + d - 1 (zero outside the axis, as a conv's zero
+    padding); `bands` lists (row0, row1, col0, col1) blocks of `block` output rows with the columns
+    they touch, so that the product skips the zeros of a large matrix.
+    """
+    resized = resize_matrix(out_size, in_size, align_corners)
     matrix = torch.zeros(out_size, in_size, 3, dtype=torch.float64)
-    matrix[1:, :, 0] = resize_matrix[:-1]  # output j reads resized pixel j - 1
-    matrix[:, :, 1] = resize_matrix
-    matrix[:-1, :, 2] = resize_matrix[1:]  # ... and j + 1
+    matrix[1:, :, 0] = resized[:-1]  # output j reads resized pixel j - 1
+    matrix[:, :, 1] = resized
+    matrix[:-1, :, 2] = resized[1:]  # ... and j + 1
     matrix = matrix.reshape(out_size, 3 * in_size)
     bands = []
     for r0 in range(0, out_size, block):
@@ -282,14 +289,27 @@ class UPerNet(nn.Module):
         self.config: dict = {}  # set by build_model: the name and arguments that rebuild this model
         self.meta: dict = {}  # class names, palette, normalisation: what predict needs besides weights
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Returns {"out": logits at input size}, plus {"aux": ...} in training mode."""
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = 255, average: str = "valid"
+    ) -> dict[str, torch.Tensor]:
+        """Returns {"out": logits at input size}, plus {"aux": ...} in training mode.
+
+        With `labels` (N, H, W), returns {"loss": `loss` of those outputs} instead, computed by
+        `upsampled_cross_entropy` so that no logits at input size are kept: what training runs.
+        """
         height, width = images.shape[-2:]
         pad_h, pad_w = max(0, MIN_SIDE - height), max(0, MIN_SIDE - width)
         if pad_h or pad_w:
             images = F.pad(images, (0, pad_w, 0, pad_h))
         features = self.backbone(images)
         size = images.shape[-2:]
+        if labels is not None:
+            loss = upsampled_cross_entropy(self.decode_head(features), labels, size, ignore_index, average,
+                                           self.output_align_corners)
+            if self.training and self.aux_head is not None:
+                aux = self.aux_head(features[self.aux_level])
+                loss = loss + self.aux_loss_weight * upsampled_cross_entropy(aux, labels, size, ignore_index, average)
+            return {"loss": loss}
         outputs = {"out": resize(self.decode_head(features), size, self.output_align_corners)}
         if self.training and self.aux_head is not None:
             outputs["aux"] = resize(self.aux_head(features[self.aux_level]), size)
@@ -315,6 +335,60 @@ class UPerNet(nn.Module):
         from .weights import save_model
 
         save_model(self, path)
+
+
+def _band_loss(logits: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor, width: int, ignore_index: int,
+               align_corners: bool) -> torch.Tensor:
+    """Summed cross-entropy of a band of output rows: `rows` resizes the height, interpolate the width
+    (then cropped to the labels' width)."""
+    band = torch.matmul(rows, logits)  # (N, C, rows, w): the height resized by its matrix
+    band = F.interpolate(band, size=(band.shape[-2], width), mode="bilinear", align_corners=align_corners)
+    return F.cross_entropy(band[..., :labels.shape[-1]], labels, ignore_index=ignore_index, reduction="sum")
+
+
+def upsampled_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    size: Sequence[int] | None = None,
+    ignore_index: int = 255,
+    average: str = "valid",
+    align_corners: bool = False,
+    band_rows: int = 64,
+) -> torch.Tensor:
+    """`segmentation_loss(resize(logits, size)[..., :H, :W], labels)` without the full-size logits.
+
+    The resized logits and their log-softmax are what fill a training step's memory (150 classes at
+    512x512 are 157 MB per image, each). Here they exist one band of `band_rows` rows at a time, and
+    are recomputed band by band in backward (activation checkpointing), for a few % of the step time.
+
+    Args:
+        logits: (N, C, h, w) low-resolution logits.
+        labels: (N, H, W) class indices.
+        size: (H', W') the logits are resized to before the crop to (H, W); default (H, W).
+        ignore_index, average: as in `segmentation_loss`.
+        align_corners: `align_corners` of the resize.
+        band_rows: output rows per band.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    height, width = labels.shape[-2:]
+    size = (height, width) if size is None else (int(size[0]), int(size[1]))
+    logits = logits.float()
+    matrix = resize_matrix(size[0], logits.shape[-2], align_corners)
+    rows = matrix.to(logits)
+    total = logits.new_zeros(())
+    with torch.autocast(logits.device.type, enabled=False):  # the resize and the loss in float32
+        for r0 in range(0, height, band_rows):
+            r1 = min(height, r0 + band_rows)
+            used = matrix[r0:r1].ne(0).any(0).nonzero()
+            lo, hi = int(used.min()), int(used.max()) + 1
+            total = total + checkpoint(_band_loss, logits[..., lo:hi, :], rows[r0:r1, lo:hi], labels[:, r0:r1],
+                                       size[1], ignore_index, align_corners, use_reentrant=False)
+    if average == "valid":
+        return total / labels.ne(ignore_index).sum()
+    if average == "all":
+        return total / labels.numel()
+    raise ValueError(f"average must be 'valid' or 'all', got {average!r}")
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, average: str = "valid") -> torch.Tensor:
