@@ -248,8 +248,11 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "out" / "per_class.csv").open()))
     assert [r["class"] for r in rows] == ["sky", "tree", "road"] and "road" in printed and "mIoU" in printed
     assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 2
+    from upernet.engine.fast import native_bf16
+
+    assert saved["settings"]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # the "auto" default
     # Without --flip (and with the default --out) the CLI gives the numbers of evaluate() called directly.
-    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model")]) == 0
+    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model"), "--precision", "fp32"]) == 0
     default = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())  # default --out: RUN_DIR/eval
     direct = _direct_results(upernet.load_model(tmp_path / "run" / "model"), config_path)
     assert {k: default[k] for k in ("aAcc", "mIoU", "mAcc")} == {k: direct[k] for k in ("aAcc", "mIoU", "mAcc")}
@@ -269,7 +272,7 @@ def test_cli_eval_training_checkpoint_uses_its_config(tmp_path, capsys):
     model = upernet.build_model(TINY_MODEL["name"], num_classes=3, **args).eval()
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     atomic_save({"model": model.state_dict(), "config": config, "iteration": 10}, ckpt)
-    assert main(["eval", "--checkpoint", str(ckpt)]) == 0  # no CONFIG: the checkpoint's own
+    assert main(["eval", "--checkpoint", str(ckpt), "--precision", "fp32"]) == 0  # no CONFIG: the checkpoint's own
     saved = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     direct = _direct_results(model, config_path)
     assert saved["mIoU"] == direct["mIoU"] and saved["aAcc"] == direct["aAcc"]

@@ -115,3 +115,16 @@ def test_resolve_dtype_rejects_unknown_names():
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="fp16"):
         resolve_dtype("fp16")
+
+
+def test_auto_precision_is_bf16_only_on_hardware_with_native_bf16(monkeypatch):
+    from upernet.engine import fast
+
+    monkeypatch.setattr(fast, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert fast.autocast_dtype_for("auto", "cpu") == torch.bfloat16
+    monkeypatch.setattr(fast, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert fast.autocast_dtype_for("auto", "cpu") is None
+    assert fast.autocast_dtype_for("bf16", "cpu") == torch.bfloat16 and fast.autocast_dtype_for("fp32") is None
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fast.autocast_dtype_for("int8")
+

@@ -62,7 +62,7 @@ def test_predict_matches_inference_api(checkpoint, tmp_path):
 
     _image(tmp_path / "x.png", (48, 40), 3)
     main(["predict", "--model", str(checkpoint), str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
-          "--size", "none", "--mode", "slide", "--crop", "32", "32", "--stride", "16", "16", "--batch-workers", "0"])
+          "--size", "none", "--mode", "slide", "--crop", "32", "32", "--stride", "16", "16", "--batch-workers", "0", "--precision", "fp32"])
     model = upernet.load_model(checkpoint)
     x = normalize(image_to_tensor(load_image(tmp_path / "x.png")), model.meta["mean"], model.meta["std"])
     expected = infer(model, x, mode="slide", crop_size=(32, 32), stride=(16, 16)).argmax(1)[0].numpy()

@@ -91,7 +91,8 @@ def add_predict(sub) -> None:
     p.add_argument("--batch-workers", type=int, help="image decoding processes (default: min(2, CPUs))")
     p.add_argument("--sample", action="store_true", help="also segment the built-in sample image")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
     p.add_argument("--no-legend", action="store_true", help="no class legend on the overlays")
     p.set_defaults(handler=run_predict)
 
@@ -103,6 +104,7 @@ def run_predict(args) -> None:
 
     import upernet
     from upernet.engine.inference import MS_RATIOS
+    from upernet.engine.fast import autocast_dtype_for
     from upernet.engine.predict import SAMPLE_IMAGE, predict
 
     if not Path(args.model).exists() and args.model in upernet.list_models():
@@ -114,7 +116,7 @@ def run_predict(args) -> None:
         model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
         scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
         save_probs=args.save_probs, workers=args.batch_workers, device=args.device,
-        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision],
+        autocast_dtype=autocast_dtype_for(args.precision, args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
         legend=not args.no_legend,
     )
     kinds = "_labels.png, _overlay.png" + (", _probs.npy" if args.save_probs else "")
@@ -191,7 +193,8 @@ def add_eval(sub) -> None:
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     p.set_defaults(handler=run_eval)
 

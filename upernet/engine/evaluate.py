@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fast import fast_path
+from .fast import PRECISIONS, autocast_dtype_for, fast_path
 from .inference import infer
 from .metrics import confusion_matrix, reduce, summarize
 
@@ -241,7 +241,7 @@ def evaluate_from_cli(
     flip: bool = False,
     out: str | None = None,
     device: str = "auto",
-    precision: str = "fp32",
+    precision: str = "auto",
     max_images: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -257,7 +257,7 @@ def evaluate_from_cli(
         flip: also average horizontally flipped predictions.
         out: folder for metrics.json and per_class.csv; None: `eval` in the run folder of the checkpoint.
         device: auto, cpu or cuda (under torchrun each process takes its local GPU).
-        precision: fp32, bf16 or fp16 autocast.
+        precision: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16.
         max_images: evaluate the first N images of the split only (0: all; `val.max_images` of the
             config only limits the periodic validation during training).
         progress: show a progress bar on rank 0.
@@ -271,9 +271,8 @@ def evaluate_from_cli(
     from .distributed import cleanup, init_distributed
     from .inference import MS_RATIOS
 
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {', '.join(dtypes)}, got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     model, stored_config = load_eval_model(checkpoint)
     if config_path is None and stored_config is not None:
         config = config_from_dict(stored_config, list(overrides), source=f"{checkpoint} (stored config)")
@@ -295,13 +294,13 @@ def evaluate_from_cli(
         model.to(info.device)
         mode = mode or v.mode
         scales = MS_RATIOS if multi_scale else (1.0,)
+        dtype = autocast_dtype_for(precision, info.device)
         results = evaluate(model, dataset, mode=mode, crop_size=v.crop_size, stride=v.stride, scales=scales,
-                           flip=flip, distributed=info.distributed, autocast_dtype=dtypes[precision],
-                           progress=progress)
+                           flip=flip, distributed=info.distributed, autocast_dtype=dtype, progress=progress)
         results["settings"] = {
             "checkpoint": str(checkpoint), "dataset": d.kind, "root": d.root, "split": d.val_split,
             "images": len(dataset), "mode": mode, "crop_size": v.crop_size, "stride": v.stride,
-            "scales": list(scales), "flip": flip, "precision": precision, "processes": info.world_size,
+            "scales": list(scales), "flip": flip, "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "processes": info.world_size,
         }
         if info.is_main:
             print(format_table(results))

@@ -68,6 +68,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
     return DTYPES[dtype]
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype_for(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """The `--precision` of predict/eval -> the dtype they run in (None: float32).
+
+    "auto" is bf16 where the hardware runs it natively (`native_bf16`), else float32; with a UPerNet
+    "bf16" means real bf16 weights (`fast_path`), for other models bf16 autocast.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 # ---- BatchNorm folding -----------------------------------------------------------------------
 @torch.no_grad()
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:

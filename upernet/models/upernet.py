@@ -156,8 +156,8 @@ class UPerHead(nn.Module):
         self.fusion = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
-        # Compute the fusion conv of the coarser levels before resizing them (same maths, 1/3 of the
-        # head's multiply-adds); False gives the literal concat -> conv, e.g. to count published FLOPs.
+        # The fusion and PPM convs of coarse inputs computed before their resize (same maths, a third of
+        # the head's multiply-adds); False gives the literal concat -> conv, e.g. to count published FLOPs.
         self.fuse_before_resize = True
 
     def pyramid_pooling(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,8 +169,29 @@ class UPerHead(nn.Module):
             if self.ppm_upsample_first:
                 branches.append(conv(resize(pooled, size, self.align_corners)))
             else:
-                branches.append(resize(conv(pooled), size, self.align_corners))
-        return self.ppm_bottleneck(torch.cat(branches, dim=1))
+                branches.append(conv(pooled))  # resized by concat_conv
+        return self.concat_conv(self.ppm_bottleneck, branches, size)
+
+    def concat_conv(self, block: ConvBNReLU, inputs: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """`block(cat([resize(x, size) for x in inputs]))`, the 3x3 conv of `block` split per input.
+
+        The conv over a concatenation is the sum of one conv per input; with `fuse_before_resize`,
+        the inputs that are much smaller than `size` are convolved before their resize
+        (`resized_conv3x3`), which is the same maths with a fraction of the work.
+        """
+        if not self.fuse_before_resize or not any(worth_resizing_after(x, size) for x in inputs):
+            return block(torch.cat([resize(x, size, self.align_corners) for x in inputs], dim=1))
+        conv = block.conv
+        out = None
+        for x, weight in zip(inputs, torch.split(conv.weight, [x.shape[1] for x in inputs], dim=1)):
+            if worth_resizing_after(x, size):
+                y = resized_conv3x3(x, weight, size, self.align_corners)
+            else:
+                y = F.conv2d(resize(x, size, self.align_corners), weight, None, 1, 1)
+            out = y if out is None else out + y
+        if conv.bias is not None:  # a folded BatchNorm (engine.fast)
+            out = out + conv.bias.view(1, -1, 1, 1)
+        return block.act(block.bn(out))
 
     def pyramid(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The FPN levels [P2 (1/4), P3 (1/8), P4 (1/16), PPM output (1/32)], each `channels` wide."""
@@ -191,18 +212,9 @@ class UPerHead(nn.Module):
 
     def fuse_levels(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
         """The output of `pyramid` -> the fused stride-4 map."""
-        # Every level resized to 1/4, concatenated, fused by a 3x3 conv. The conv over the concatenation
-        # is the sum of one conv per level; the coarser levels' convs run before their resize.
-        size = outs[0].shape[-2:]
-        conv = self.fusion.conv
-        if not self.fuse_before_resize or not all(worth_resizing_after(o, size) for o in outs[1:]):
-            outs = [outs[0]] + [resize(o, size, self.align_corners) for o in outs[1:]]
-            return self.fusion(torch.cat(outs, dim=1))
-        weights = torch.split(conv.weight, [o.shape[1] for o in outs], dim=1)
-        fused = F.conv2d(outs[0], weights[0], None, 1, 1)
-        for level, weight in zip(outs[1:], weights[1:]):
-            fused = fused + resized_conv3x3(level, weight, size, self.align_corners)
-        return self.fusion.act(self.fusion.bn(fused))
+        # Every level resized to 1/4, concatenated, fused by a 3x3 conv (the coarse levels' parts of the
+        # conv computed before their resize).
+        return self.concat_conv(self.fusion, outs, outs[0].shape[-2:])
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.dropout(self.fuse(features)))
