@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from upernet.models.backbones import dcnv3
 from upernet.models.backbones.dcnv3 import DCNv3, dcnv3_core
 
 
@@ -113,26 +114,65 @@ def test_module_uses_reference_parameters_and_init():
     assert module.offset.weight.shape == (3 * 9 * 2, 12) and module.mask.weight.shape == (3 * 9, 12)
 
 
-def test_module_forward_matches_its_definition():
+@pytest.fixture
+def small_bands(monkeypatch):
+    """Bands of one or two output rows: the CPU inference path splits even tiny maps."""
+    monkeypatch.setattr(dcnv3, "_BAND_POINTS", 1)
+    monkeypatch.setattr(dcnv3, "_BAND_PIXELS", 1)
+
+
+def test_bands_and_batch_match_naive_reference(small_bands):
+    """Without autograd on CPU the sampling runs band by band per image, in place, from a reused
+    padded buffer: same values as the naive loop, for two different inputs in a row."""
+    torch.manual_seed(0)
+    for _ in range(2):
+        x, offset, mask = random_inputs(2, 5, 7, 3, 2, 3)
+        with torch.no_grad():
+            ours = dcnv3_core(x, offset, mask, 3, 3, 2.0)
+        assert (ours - naive_dcnv3_core(x, offset, mask, 3, 3, 2.0, pad=1)).abs().max().item() <= 1e-5
+    # The autograd path (one band: the whole batch, nothing in place) computes the same.
+    inputs = [t.clone().requires_grad_() for t in (x, offset, mask)]
+    assert (dcnv3_core(*inputs, 3, 3, 2.0) - ours).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_module_forward_matches_its_definition(grad, small_bands):
     """Offsets/mask from the unprojected input (dwconv -> LN -> GELU -> Linear), softmax per group,
-    sampling of the projected input, centre-feature gate, output projection."""
+    sampling of the projected input, centre-feature gate, output projection; with autograd (one band)
+    and without (band by band, output projection straight into the output)."""
     torch.manual_seed(0)
     module = DCNv3(channels=8, group=2, offset_scale=2.0, center_feature_scale=True).eval()
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
-    x = torch.randn(1, 5, 6, 8)
+    x = torch.randn(2, 5, 6, 8)
+    with torch.set_grad_enabled(grad):
+        got = module(x)
+    assert got.requires_grad == grad
     with torch.no_grad():
         feat = F.gelu(F.layer_norm(module.dw_conv[0](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), (8,),
                                    module.dw_conv[1][1].weight, module.dw_conv[1][1].bias, 1e-6))
         offset = module.offset(feat)
-        mask = module.mask(feat).view(1, 5, 6, 2, 9).softmax(-1).view(1, 5, 6, 18)
+        mask = module.mask(feat).view(2, 5, 6, 2, 9).softmax(-1).view(2, 5, 6, 18)
         projected = module.input_proj(x)
         sampled = naive_dcnv3_core(projected, offset, mask, 3, 2, 2.0, pad=1)
         gate = torch.sigmoid(feat @ module.center_feature_scale_proj_weight.T + module.center_feature_scale_proj_bias)
         gate = gate.repeat_interleave(4, dim=-1)
         expected = module.output_proj(sampled * (1 - gate) + projected * gate)
-        assert (module(x) - expected).abs().max().item() <= 1e-5
+        assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_module_bfloat16_close_to_float32(small_bands):
+    torch.manual_seed(0)
+    module = DCNv3(channels=16, group=2).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        x = torch.randn(1, 6, 7, 16)
+        ours32 = module(x)
+        ours16 = module.to(torch.bfloat16)(x.bfloat16())
+    assert ours16.dtype == torch.bfloat16
+    assert (ours16.float() - ours32).abs().max().item() < 0.1 * ours32.abs().max().item()
 
 
 def test_bfloat16_close_to_float32():

@@ -19,6 +19,8 @@ standard operators every runtime has.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,162 @@ def _sampling_grid(
     grid_x = xs.view(1, w_out, 1, 1) + steps.repeat_interleave(kernel_size)  # x outer
     grid_y = ys.view(h_out, 1, 1, 1) + steps.repeat(kernel_size)  # y inner
     return grid_x.to(device), grid_y.to(device)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants(h_out, w_out, groups, kernel_size, stride, pad, dilation, scale, dtype, index_dtype, device):
+    """Regular sampling grid x and y, (Ho, Wo, G, K), and the group of each point, (G, K).
+
+    Full-size and contiguous on purpose: broadcasting over a 9-long innermost dimension makes
+    PyTorch's CPU elementwise kernels several times slower. Cached per shape (a few MB at most).
+    """
+    key = (h_out, w_out, groups, kernel_size, stride, pad, dilation, scale, dtype, index_dtype, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        grid_x, grid_y = _sampling_grid(h_out, w_out, kernel_size, stride, pad, dilation, scale, torch.device("cpu"))
+        k = kernel_size * kernel_size
+        full = (h_out, w_out, groups, k)
+        group = torch.arange(groups).view(groups, 1).expand(groups, k)
+        hit = tuple(t.to(dtype).expand(full).contiguous().to(device) for t in (grid_x, grid_y))
+        hit += (group.to(index_dtype).contiguous().to(device),)
+        if len(_CONSTANTS) >= 32:
+            _CONSTANTS.pop(next(iter(_CONSTANTS)))
+        _CONSTANTS[key] = hit
+    return hit
+
+
+_WORKSPACE = threading.local()
+_WORKSPACE_TABLES = 4  # InternImage's 4 levels at one input size
+_BAND_POINTS = 2**16  # sampling points per band on CPU (x 4 bytes per intermediate)
+_BAND_PIXELS = 1024  # and at least as many pixels, for efficient matrix products
+
+
+def _padded(x: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
+    """`x` (N, H, W, C) as `dtype` with a zero border: 1 pixel before and 2 after in H and W.
+
+    With `reuse` (CPU, nothing saved for backward), into a buffer kept per thread and shape whose
+    border stays zero, so only the interior is written: a fresh multi-MB buffer costs more than the
+    copy (it is zero-filled, and the allocator often hands back memory the OS must map again).
+    """
+    n, h, w, c = x.shape
+    if not reuse:
+        return F.pad(x.to(dtype), (0, 0, 1, 2, 1, 2))
+    tables = _WORKSPACE.__dict__.setdefault("tables", {})
+    key = (n, h, w, c, dtype)
+    table = tables.pop(key, None)  # re-inserted last: the dict is in least-recently-used order
+    if table is None:
+        table = x.new_zeros((n, h + 3, w + 3, c), dtype=dtype)
+    tables[key] = table
+    while len(tables) > _WORKSPACE_TABLES:
+        tables.pop(next(iter(tables)))
+    table[:, 1:h + 1, 1:w + 1].copy_(x)
+    return table
+
+
+class _Sampling:
+    """The deformable sampling of one input `x` (N, H, W, C), computed band by band.
+
+    What does not depend on the band (the zero-padded table, the regular grid) is set up once;
+    `bands()` lists the bands and `sample()` computes one from its offsets and mask. On CPU without
+    autograd, a band is a few output rows of one image, small enough for every intermediate to stay
+    in the CPU caches (the work is memory-bound: a whole 128x128 map makes 2.4 MB per intermediate)
+    and computed in place where possible. Otherwise (autograd, CUDA, ONNX export) there is one band,
+    the whole batch, and no operation overwrites a value autograd needs. Same arithmetic either way.
+    """
+
+    def __init__(self, x, out_size, groups, kernel_size, offset_scale, stride, pad, dilation, offset_dtype, grad):
+        n, h, w, c = x.shape
+        h_out, w_out = out_size
+        if c % groups:
+            raise ValueError(f"DCNv3: {c} channels are not divisible by {groups} groups")
+        self.n, self.h, self.w, self.c, self.h_out, self.w_out = n, h, w, c, h_out, w_out
+        self.groups, self.k, self.offset_scale, self.dtype = groups, kernel_size * kernel_size, offset_scale, x.dtype
+        self.exporting = torch.onnx.is_in_onnx_export()
+        self.inplace = not grad
+        banded = not grad and not self.exporting and x.device.type == "cpu"
+        # Zero padding made explicit: 1 pixel before and 2 after each side. Positions clamped to
+        # [-1, size] then have all 4 bilinear corners inside the padded map, so no corner needs a
+        # validity test, and clamping changes nothing (beyond one pixel outside, every corner is
+        # zero). The table is float32 at least: bfloat16 gathers are not faster on CPU, and the sums
+        # are more exact. Seen as (rows, C / G): the row of (y, x, g) is (y * Wp + x) * G + g.
+        hp, wp = h + 3, w + 3
+        self.table = _padded(x, torch.promote_types(x.dtype, torch.float32), reuse=banded)
+        self.table = self.table.view(n, hp * wp * groups, c // groups)
+        self.index_dtype = torch.int32 if n * hp * wp * groups < 2**31 else torch.int64
+        # Positions in float32 at least (bf16 would put them on a 0.5-pixel raster at 128 pixels).
+        self.real = torch.promote_types(offset_dtype, self.table.dtype)
+        self.grid_x, self.grid_y, group = _constants(h_out, w_out, groups, kernel_size, stride, pad, dilation,
+                                                     offset_scale, self.real, self.index_dtype, x.device)
+        if banded:
+            bands = max(1, min(h_out * w_out * groups * self.k // _BAND_POINTS, h_out * w_out // _BAND_PIXELS))
+            self.band = -(-h_out // bands)
+            self.first_row = group  # per image: table[i], rows from (G, K)
+        else:
+            self.band = None
+            image = torch.arange(n, device=x.device, dtype=self.index_dtype).view(n, 1, 1, 1, 1) * (hp * wp * groups)
+            self.first_row = image + group  # (N, 1, 1, G, K): the whole batch in one table
+            self.table = self.table.view(n * hp * wp * groups, c // groups)
+
+    def bands(self):
+        """Indices of the bands into (N, H_out, W_out, ...) tensors: (image, rows) or the whole batch."""
+        if self.band is None:
+            yield (slice(None),)
+            return
+        for i in range(self.n):
+            for top in range(0, self.h_out, self.band):
+                yield i, slice(top, min(top + self.band, self.h_out))
+
+    def sample(self, index, offset_x, offset_y, mask, mask_logits=False, out=None):
+        """The band's output, (bags, C / G) in float32 at least (into `out` if given): bags = its
+        pixels x groups. `offset_x`, `offset_y` and `mask` are the band's (..., W_out, G, K) values,
+        the mask normalised or, with `mask_logits`, its logits (the softmax is computed here)."""
+        inplace, groups, k, wp = self.inplace, self.groups, self.k, self.w + 3
+        grid = index[-1]
+        table = self.table if self.band is None else self.table[index[0]]
+        # Sampling positions in padded-map pixels: regular grid + offset_scale * (kernel point +
+        # learned offset), the kernel points being in the grid already.
+        px = torch.add(self.grid_x[grid], offset_x, alpha=self.offset_scale).clamp_(0.0, self.w + 1.0)
+        py = torch.add(self.grid_y[grid], offset_y, alpha=self.offset_scale).clamp_(0.0, self.h + 1.0)
+        x0, y0 = px.floor(), py.floor()
+        fx, fy = px.sub_(x0), py.sub_(y0)  # fractional parts: px and py are not needed any more
+        # Top-left corner's row; y * Wp + x is exact in float32 (below 2**24 pixels per map), int32
+        # rows halve the index traffic.
+        rows = torch.add(self.first_row, x0.add_(y0, alpha=wp).to(self.index_dtype), alpha=groups).view(-1, k)
+
+        mask = mask.to(self.real)
+        if mask_logits:  # softmax over the K points, written out: PyTorch's kernel is slow on 9 values
+            mask = torch.sub(mask, mask.amax(dim=-1, keepdim=True))
+            mask = mask.exp_() if inplace else mask.exp()
+            total = mask.sum(dim=-1, keepdim=True)
+            mask = mask.div_(total) if inplace else mask / total
+
+        # Bilinear weight x mask of the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1).
+        wy1 = torch.mul(fy, mask)
+        wy0 = torch.sub(mask, wy1)
+        w01, w11 = wy0 * fx, wy1 * fx
+        w00 = wy0.sub_(w01) if inplace else wy0 - w01
+        w10 = wy1.sub_(w11) if inplace else wy1 - w11
+
+        # One gather per corner: each output row is the weighted sum of K table rows (a "bag"). The
+        # other corners are the same rows of the table shifted by 1 pixel, 1 row or both: a view.
+        # In place is safe: the gathers' backward ignores their outputs.
+        corners = ((0, w00), (groups, w01), (wp * groups, w10), ((wp + 1) * groups, w11))
+        result = None
+        for j, (shift, weight) in enumerate(corners):
+            weight = weight.view(rows.shape)
+            if self.exporting:
+                part = torch.matmul(weight.unsqueeze(1), table[shift:][rows]).squeeze(1)
+            else:
+                part = F.embedding_bag(rows, table[shift:], mode="sum", per_sample_weights=weight)
+            if result is None:
+                result = part
+            elif out is not None and j == len(corners) - 1:
+                result = torch.add(result, part, out=out)
+            else:
+                result = result.add_(part)
+        return result
 
 
 def dcnv3_core(
@@ -71,75 +229,24 @@ def dcnv3_core(
     Returns:
         (N, H_out, W_out, C) in the dtype of `x`.
     """
-    n, h, w, c = x.shape
-    _, h_out, w_out, _ = offset.shape
-    if c % groups:
-        raise ValueError(f"DCNv3: {c} channels are not divisible by {groups} groups")
+    n, h_out, w_out, _ = offset.shape
     k = kernel_size * kernel_size
     if offset.shape[-1] != groups * k * 2 or mask.shape[-1] != groups * k:
         raise ValueError(f"DCNv3: offset/mask have {offset.shape[-1]}/{mask.shape[-1]} channels, expected "
                          f"{groups * k * 2}/{groups * k} for {groups} groups and kernel {kernel_size}")
-    if pad is None:
-        pad = (dilation * (kernel_size - 1)) // 2
-    device = x.device
-
-    # Zero padding made explicit: 1 pixel before and 2 after each side. Positions clamped to
-    # [-1, size] then have all 4 bilinear corners inside the padded map, so no corner needs a
-    # validity test, and clamping changes nothing (beyond one pixel outside, every corner is zero).
-    xp = F.pad(x, (0, 0, 1, 2, 1, 2))
-    hp, wp = h + 3, w + 3
-
-    # Sampling positions in padded-map pixels, in float32 at least (bf16 would put them on a
-    # 0.5-pixel raster at 128 pixels): regular grid + offset_scale * (kernel point + learned offset).
-    # x and y are kept as separate contiguous (N, Ho, Wo, G, K) tensors: elementwise ops with a
-    # tiny innermost dimension are several times slower on CPU.
-    real = torch.promote_types(offset.dtype, torch.float32)
-    grid_x, grid_y = _sampling_grid(h_out, w_out, kernel_size, stride, pad, dilation, offset_scale, device)
-    grid_x, grid_y = grid_x.to(real), grid_y.to(real)
-    offset = offset.to(real).view(n, h_out, w_out, groups, k, 2)
-    px = torch.add(grid_x, offset[..., 0], alpha=offset_scale).clamp_(0.0, w + 1.0)
-    py = torch.add(grid_y, offset[..., 1], alpha=offset_scale).clamp_(0.0, h + 1.0)
-    x0, y0 = px.floor(), py.floor()
-    fx, fy = px - x0, py - y0
-
-    # Bilinear weights x mask of the corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1).
-    bags = n * h_out * w_out * groups
-    mask = mask.to(real).view(n, h_out, w_out, groups, k)
-    wy1 = fy * mask
-    wy0 = mask - wy1
-    wx0 = 1 - fx
-
-    # Row of (n, y, x, g) in the padded input seen as a (N * Hp * Wp * G, C / G) table.
-    # y * Wp + x is exact in float32 below 2**24 pixels per map; int32 rows halve the index traffic.
-    index_dtype = torch.int32 if n * hp * wp * groups < 2**31 else torch.int64
-    top_left = torch.add(x0, y0, alpha=wp).to(index_dtype)
-    start = torch.arange(n, device=device, dtype=index_dtype).view(n, 1, 1, 1, 1) * (hp * wp * groups)
-    start = start + torch.arange(groups, device=device, dtype=index_dtype).view(1, 1, 1, groups, 1)
-    rows = torch.add(start, top_left, alpha=groups).view(bags, k)
-
-    # One gather per corner: each output row is the weighted sum of K table rows (a "bag").
-    # Four bags of K are about twice as fast as one bag of 4K (and need no stacking). The other
-    # corners are the same rows of the table shifted by 1 pixel, 1 row or both: a view, no new index.
-    table = xp.reshape(n * hp * wp * groups, c // groups)
-    corners = [(0, wy0 * wx0), (groups, wy0 * fx), (wp * groups, wy1 * wx0), ((wp + 1) * groups, wy1 * fx)]
-    exporting = torch.onnx.is_in_onnx_export()
-    out = None
-    for shift, weight in corners:
-        weight = weight.to(x.dtype).view(bags, k)
-        if exporting:
-            part = torch.matmul(weight.unsqueeze(1), table[shift:][rows]).squeeze(1)
-        else:
-            part = F.embedding_bag(rows, table[shift:], mode="sum", per_sample_weights=weight)
-        # Sum the corners in float32 at least; in place is safe (the gathers' backward ignores outputs).
-        out = part.to(torch.promote_types(x.dtype, torch.float32)) if out is None else out.add_(part)
-    out = out.to(x.dtype)
-    return out.view(n, h_out, w_out, c)
-
-
-def softmax_last(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, written out: PyTorch's CPU kernel is ~5x slower on 9 values."""
-    exp = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
-    return exp / exp.sum(dim=-1, keepdim=True)
+    pad = (dilation * (kernel_size - 1)) // 2 if pad is None else pad
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, offset, mask))
+    sampling = _Sampling(x, (h_out, w_out), groups, kernel_size, offset_scale, stride, pad, dilation,
+                         torch.promote_types(offset.dtype, mask.dtype), grad)
+    offset = offset.view(n, h_out, w_out, groups, k, 2)
+    mask = mask.view(n, h_out, w_out, groups, k)
+    out = None if grad else x.new_empty(n, h_out, w_out, x.shape[-1])
+    parts = [sampling.sample(i, offset[i][..., 0], offset[i][..., 1], mask[i],
+                             out=None if out is None else out[i].view(-1, x.shape[-1] // groups))
+             for i in sampling.bands()]
+    if out is not None:
+        return out
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype).view(n, h_out, w_out, -1)
 
 
 class ToChannelsLast(nn.Module):
@@ -214,20 +321,43 @@ class DCNv3(nn.Module):
             constant_(layer.bias, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) -> (N, H_out, W_out, C)."""
-        n, h, w, _ = x.shape
+        """(N, H, W, C) -> (N, H, W, C)."""
+        n, h, w, c = x.shape
+        groups, k = self.group, self.kernel_size ** 2
         projected = self.input_proj(x)
         features = self.dw_conv(x.permute(0, 3, 1, 2))  # back to (N, H, W, C) after the norm
-        offset = self.offset(features)
-        mask = softmax_last(self.mask(features).view(n, h, w, self.group, -1)).view(n, h, w, -1)
-        out = dcnv3_core(projected, offset, mask, self.kernel_size, self.group, self.offset_scale,
-                         self.stride, self.pad, self.dilation)
-        if self.center_feature_scale:
-            gate = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight,
-                                          self.center_feature_scale_proj_bias))
-            gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
-            out = out * (1 - gate) + projected * gate
-        return self.output_proj(out)
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        sampling = _Sampling(projected, (h, w), groups, self.kernel_size, self.offset_scale, self.stride, self.pad,
+                             self.dilation, features.dtype, grad)
+        # The `offset` projection computed as two, x and y: each comes out contiguous (.., G, K),
+        # which the elementwise work of the sampling reads several times faster than every other
+        # value of the interleaved [x, y] layout. Same weights, same values. Offsets, mask logits,
+        # sampling and output projection are computed band by band (on CPU: a few rows at a time,
+        # all in the CPU caches), the output projection straight into the output.
+        weight = self.offset.weight.view(groups * k, 2, c).transpose(0, 1).contiguous()
+        bias = self.offset.bias.view(groups * k, 2).t().contiguous()
+        out = None if grad else torch.empty_like(x)
+        parts = []
+        for index in sampling.bands():
+            band = features[index]
+            offset_x, offset_y, logits = (F.linear(band, wt, bt).view(*band.shape[:-1], groups, k) for wt, bt in
+                                          ((weight[0], bias[0]), (weight[1], bias[1]),
+                                           (self.mask.weight, self.mask.bias)))
+            sampled = sampling.sample(index, offset_x, offset_y, logits, mask_logits=True)
+            sampled = sampled.to(x.dtype).view(band.shape)
+            if self.center_feature_scale:
+                gate = torch.sigmoid(F.linear(band, self.center_feature_scale_proj_weight,
+                                              self.center_feature_scale_proj_bias))
+                gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
+                sampled = sampled * (1 - gate) + projected[index] * gate
+            if out is None:
+                parts.append(self.output_proj(sampled))
+            else:
+                torch.addmm(self.output_proj.bias, sampled.view(-1, c), self.output_proj.weight.t(),
+                            out=out[index].view(-1, c))
+        if out is None:
+            out = parts[0] if len(parts) == 1 else torch.cat(parts).view(n, h, w, c)
+        return out
 
     def extra_macs(self, output: torch.Tensor) -> int:
         """Multiply-adds of the deformable sampling, which torch's FLOP counter does not see.
