@@ -202,3 +202,82 @@ def test_classification_checkpoint_initialises_backbone(tmp_path):
     torch.save({"model": state}, tmp_path / "broken.pth")
     with pytest.raises(ValueError, match=r"(?s)broken.pth.*missing keys.*dcn.offset.weight"):
         load_classification_checkpoint(backbone, tmp_path / "broken.pth")
+
+
+# A tiny InternImage UPerNet trained for one step on 32x32 synthetic scenes (tests/test_train.py's recipe).
+TINY_RUN = ["model.name=upernet_internimage_t",
+            "model.args={channels: 16, aux_channels: 8, backbone_args: {channels: 8, depths: [1, 1, 1, 1], "
+            "groups: [1, 2, 2, 4]}}",
+            "data.options={num_samples: 4, image_size: 32}", "data.crop_size=[32,32]", "data.scale=[64,32]",
+            "data.batch_size=2", "data.workers=0", "val.interval=0", "val.max_images=1", "schedule.iters=1",
+            "schedule.warmup_iters=0", "train.checkpoint_interval=1"]
+
+
+def tiny_backbone_state() -> dict:
+    """The state dict of a backbone of TINY_RUN's size with every tensor random (offsets included)."""
+    backbone = upernet.build_model("upernet_internimage_t", num_classes=2, channels=16, aux_channels=8,
+                                   backbone_args={"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)}).backbone
+    return {k: torch.randn_like(v) * 0.2 for k, v in backbone.state_dict().items()}
+
+
+def test_backbone_checkpoint_option_initialises_the_training_model(tmp_path):
+    """`model.backbone_checkpoint` loads an official ImageNet checkpoint (`{"model": ...}`, classifier
+    keys, no layer scales) into the backbone before training; lr 1e-12 keeps them through a step."""
+    from upernet.engine.config import load_config
+    from upernet.engine.train import build_datasets, build_training_model, train
+
+    torch.manual_seed(3)
+    source = tiny_backbone_state()
+    state = dict(source, **{"conv_head.0.weight": torch.zeros(4, 64, 1, 1), "head.weight": torch.zeros(10, 4)})
+    path = tmp_path / "internimage_t_1k_224.pth"
+    torch.save({"model": state}, path)
+
+    config = load_config(None, TINY_RUN + [f"model.backbone_checkpoint={path}", "optim.lr=1.0e-12"])
+    assert config.model.backbone_checkpoint == str(path)
+    model = build_training_model(config, build_datasets(config)[0])
+    loaded = model.backbone.state_dict()
+    assert set(source) == set(loaded)
+    assert all(torch.equal(loaded[k], v) for k, v in source.items())
+    fresh = build_training_model(load_config(None, TINY_RUN), build_datasets(config)[0]).backbone.state_dict()
+    assert not torch.equal(fresh["levels.0.blocks.0.dcn.offset.weight"], source["levels.0.blocks.0.dcn.offset.weight"])
+
+    train(config, tmp_path / "run", progress=False)
+    trained = upernet.load_model(tmp_path / "run" / "model").backbone.state_dict()
+    assert all(torch.allclose(trained[k], v, rtol=0, atol=1e-9) for k, v in source.items())
+
+
+def test_backbone_checkpoint_of_the_wrong_layout_names_the_file(tmp_path):
+    from upernet.engine.config import load_config
+    from upernet.engine.train import train
+
+    state = tiny_backbone_state()
+    del state["levels.1.blocks.0.dcn.mask.weight"]
+    path = tmp_path / "not_this_one.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"(?s)not_this_one\.pth.*missing keys.*levels\.1\.blocks\.0\.dcn\.mask\.weight"):
+        train(load_config(None, TINY_RUN + [f"model.backbone_checkpoint={path}"]), tmp_path / "run", progress=False)
+    with pytest.raises(FileNotFoundError, match="absent.pth"):
+        train(load_config(None, TINY_RUN + [f"model.backbone_checkpoint={tmp_path / 'absent.pth'}"]), tmp_path / "run2",
+              progress=False)
+
+
+def test_backbone_checkpoint_of_another_backbone_is_its_state_dict(tmp_path):
+    """Other backbones read a state dict of the backbone (here under "backbone.", as segmentation
+    checkpoints store it); one that does not fit is an error naming the file."""
+    from upernet.engine.config import load_config
+    from upernet.engine.train import build_datasets, build_training_model
+
+    overrides = ["model.name=upernet_timm", "model.args={model_name: test_convnext, channels: 16, aux_channels: 8}"]
+    config = load_config(None, TINY_RUN + overrides)
+    train_set = build_datasets(config)[0]
+    source = build_training_model(config, train_set).backbone.state_dict()
+    with torch.no_grad():
+        source = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in source.items()}
+    torch.save({"state_dict": {f"backbone.{k}": v for k, v in source.items()}}, tmp_path / "convnext.pth")
+    model = build_training_model(load_config(None, TINY_RUN + overrides + [f"model.backbone_checkpoint={tmp_path / 'convnext.pth'}"]),
+                                 train_set)
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in source.items())
+    torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"(?s)other\.pth.*unexpected keys.*something"):
+        build_training_model(load_config(None, TINY_RUN + overrides + [f"model.backbone_checkpoint={tmp_path / 'other.pth'}"]),
+                             train_set)

@@ -33,12 +33,17 @@ class ModelConfig:
         sync_bn: convert BatchNorm to SyncBatchNorm when training on several CUDA processes.
         norm_eval: keep BatchNorm layers in eval mode while training (running statistics are used and
             not updated; mmsegmentation's `norm_eval`).
+        backbone_checkpoint: weights the backbone starts from (null: its own initialisation), loaded
+            before training (not when resuming): an official InternImage ImageNet checkpoint for the
+            InternImage variants (e.g. `internimage_t_1k_224.pth`), otherwise a state dict of the
+            backbone alone (keys as in `model.backbone.state_dict()`, optionally under "backbone.").
     """
 
     name: str = "upernet_r50"
     args: dict = field(default_factory=dict)
     sync_bn: bool = True
     norm_eval: bool = False
+    backbone_checkpoint: Optional[str] = None
 
 
 @dataclass

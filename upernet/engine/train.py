@@ -122,17 +122,42 @@ def build_datasets(config: Config):
 
 
 # ---- model --------------------------------------------------------------------------------------
-def build_training_model(config: Config, train_set) -> nn.Module:
-    """The configured variant with `num_classes` and the meta (classes, palette, mean/std) of the data."""
+def build_training_model(config: Config, train_set, pretrained: bool = True) -> nn.Module:
+    """The configured variant with `num_classes` and the meta (classes, palette, mean/std) of the data.
+
+    With `pretrained`, the backbone starts from `model.backbone_checkpoint` if one is set.
+    """
     args = dict(config.model.args)
     num_classes = len(train_set.classes)
     if args.setdefault("num_classes", num_classes) != num_classes:
         raise ValueError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes")
     model = build_model(config.model.name, **args)
+    if pretrained and config.model.backbone_checkpoint:
+        load_backbone_checkpoint(model.backbone, config.model.backbone_checkpoint)
     model.meta = {"class_names": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
                   "mean": list(config.data.mean), "std": list(config.data.std),
                   "ignore_index": int(train_set.ignore_index)}
     return model
+
+
+def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
+    """Backbone weights from `path`: InternImage's ImageNet layout for InternImage, else a state dict
+    of the backbone (optionally under "state_dict"/"model" and with a "backbone." prefix). Read with
+    weights_only=True; a layout that does not fit is an error naming the file and the keys."""
+    from ..convert.common import load_torch_file
+    from ..models.backbones.internimage import InternImage, load_classification_checkpoint
+
+    if isinstance(backbone, InternImage):
+        load_classification_checkpoint(backbone, path)
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file (model.backbone_checkpoint)")
+    state = load_torch_file(path)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
+    load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
 
 
 def set_train_mode(model: nn.Module, norm_eval: bool) -> None:
@@ -254,7 +279,7 @@ def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress:
     resume_file, checkpoint = start_run(cfg, run_dir, resume, info)
     # Data, model, optimiser, schedule (seeded by start_run: the same initial weights on every process).
     train_set, val_set = build_datasets(cfg)
-    model = build_training_model(cfg, train_set).to(device)
+    model = build_training_model(cfg, train_set, pretrained=checkpoint is None).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = PolySchedule(optimizer, cfg.schedule)
     amp_dtype, use_scaler = _amp(cfg.train.precision, device)
