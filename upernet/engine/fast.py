@@ -5,9 +5,10 @@
 - every BatchNorm that follows a convolution is folded into it (the head's `ConvBNReLU`s, and a
   backbone's conv -> BN pairs where torch.fx can trace it);
 - the decode head is a `FastUPerHead`: the fusion conv over the 4-level concatenation is computed
-  as the sum of one conv per level (the same maths without the 2048-channel concat, and oneDNN runs
-  four 512-channel convs faster than one 2048-channel conv), the auxiliary head is never run and the
-  head returns float32 logits, so the final upsampling to the image size is done in float32;
+  as the sum of one conv per level (the same maths without the 2048-channel concat): the coarse
+  levels' parts before their resize (`resized_conv3x3`, as the training head does), the stride-4
+  level's and the FPN convs as Winograd F(2x2, 3x3); the auxiliary head is never run and the head
+  returns float32 logits, so the final upsampling to the image size is done in float32;
 - weights are bfloat16 on hardware with native bf16 (AVX512-BF16/AMX CPUs, CUDA GPUs with bf16) when
   `dtype="auto"`, and tensors are channels_last; a forward pre-hook casts the input images to match.
 
@@ -181,7 +182,8 @@ class ConcatConv(nn.Module):
     """A 3x3 conv + ReLU over the channel concatenation of its inputs, as a sum over the inputs.
 
     conv(cat(x_1..x_k)) == sum_i conv_i(x_i), where conv_i holds the input channels of x_i: the
-    concatenation is never built, and each input is resized to the size of the first on the way.
+    concatenation is never built, and each input is resized to the size of the first on the way
+    (inputs with at most half its pixels are convolved first and resized after: `resized_conv3x3`).
     3x3 convs with stride 1 run as Winograd F(2x2, 3x3) (2.25x fewer multiply-adds; the sum is
     accumulated in the Winograd domain, so there is one output transform), in bands of tile rows
     so that the transformed tensors stay small; other convs, ONNX export and autograd run directly.
