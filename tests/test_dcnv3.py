@@ -190,3 +190,27 @@ def test_bad_shapes_fail_early():
         dcnv3_core(x, offset, mask, 3, 4)
     with pytest.raises(ValueError, match="divisible"):
         DCNv3(channels=10, group=4)
+
+
+def test_module_without_autograd_follows_parameter_changes():
+    """Without autograd the de-interleaved offset projection is kept between calls: it must follow
+    in-place updates (optimiser steps, load_state_dict) and dtype round trips of the parameters."""
+    torch.manual_seed(0)
+    module = DCNv3(channels=8, group=2).eval()
+    x = torch.randn(1, 5, 6, 8)
+    with torch.no_grad():
+        module.offset.weight.normal_()
+        first = module(x)
+        module.offset.bias.normal_()
+        module.offset.weight.mul_(2.0)
+        second = module(x)
+        reference = DCNv3(channels=8, group=2).eval()
+        reference.load_state_dict(module.state_dict())
+        assert (second - reference(x)).abs().max().item() <= 1e-6
+        assert (second - first).abs().max().item() > 1e-3
+        module.load_state_dict(DCNv3(channels=8, group=2).state_dict())
+        module.to(torch.bfloat16).float()
+        got = module(x)
+    reference.load_state_dict(module.state_dict())
+    expected = reference(x)  # with autograd: nothing kept between calls
+    assert expected.requires_grad and (got - expected).abs().max().item() <= 1e-6

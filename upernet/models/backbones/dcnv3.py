@@ -334,8 +334,7 @@ class DCNv3(nn.Module):
         # value of the interleaved [x, y] layout. Same weights, same values. Offsets, mask logits,
         # sampling and output projection are computed band by band (on CPU: a few rows at a time,
         # all in the CPU caches), the output projection straight into the output.
-        weight = self.offset.weight.view(groups * k, 2, c).transpose(0, 1).contiguous()
-        bias = self.offset.bias.view(groups * k, 2).t().contiguous()
+        weight, bias = self._offset_xy(grad)
         out = None if grad else torch.empty_like(x)
         parts = []
         for index in sampling.bands():
@@ -358,6 +357,22 @@ class DCNv3(nn.Module):
         if out is None:
             out = parts[0] if len(parts) == 1 else torch.cat(parts).view(n, h, w, c)
         return out
+
+    def _offset_xy(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `offset` projection's weight and bias with the x rows first, then the y rows:
+        (2, groups * K, C) and (2, groups * K). Without autograd, kept until the parameters change."""
+        params = (self.offset.weight, self.offset.bias)
+        cached = None if grad else self.__dict__.get("_offset_xy_cache")
+        # Same storage (the cache holds it, so no new tensor can take its address) and no write since.
+        if cached is not None and all(p.data_ptr() == q.data_ptr() and p.dtype == q.dtype and p._version == v
+                                      for p, (q, v) in zip(params, cached[0])):
+            return cached[1]
+        weight, bias = params
+        rows = weight.shape[0] // 2
+        split = weight.view(rows, 2, -1).transpose(0, 1).contiguous(), bias.view(rows, 2).t().contiguous()
+        if not grad:
+            self.__dict__["_offset_xy_cache"] = (tuple((p.detach(), p._version) for p in params), split)
+        return split
 
     def extra_macs(self, output: torch.Tensor) -> int:
         """Multiply-adds of the deformable sampling, which torch's FLOP counter does not see.
