@@ -12,7 +12,9 @@ Measured, in one run with interleaved repetitions and medians (the machine may b
      at the size of each InternImage-T level for a 512x512 image, and their sums over T's 30 layers;
   3. the whole UPerNet InternImage-T forward at 512x512;
 in float32 and bfloat16, as wall time and as CPU time of this process (less sensitive to other
-processes on a shared machine). Ratios > 1 mean ours is faster.
+processes on a shared machine). Ratios > 1 mean ours is faster. Everything runs under
+`torch.no_grad()`: ours takes its inference path (on CPU, band by band; see `dcnv3.py`).
+On a shared machine pin it to one core: `taskset -c 1 python benchmarks/dcnv3.py --threads 1`.
 
     python benchmarks/dcnv3.py                     # 512x512, 5 repetitions
     python benchmarks/dcnv3.py --size 1024 --reps 3 --threads 2
