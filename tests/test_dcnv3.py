@@ -121,9 +121,13 @@ def small_bands(monkeypatch):
     monkeypatch.setattr(dcnv3, "_BAND_PIXELS", 1)
 
 
-def test_bands_and_batch_match_naive_reference(small_bands):
+@pytest.mark.parametrize("banded", [True, False])
+def test_bands_and_batch_match_naive_reference(small_bands, monkeypatch, banded):
     """Without autograd on CPU the sampling runs band by band per image, in place, from a reused
-    padded buffer: same values as the naive loop, for two different inputs in a row."""
+    padded buffer; on other devices (CUDA) in place over the whole batch: same values as the naive
+    loop, for two different inputs in a row."""
+    if not banded:
+        monkeypatch.setattr(dcnv3, "_BANDED_DEVICES", ())
     torch.manual_seed(0)
     for _ in range(2):
         x, offset, mask = random_inputs(2, 5, 7, 3, 2, 3)
@@ -135,11 +139,14 @@ def test_bands_and_batch_match_naive_reference(small_bands):
     assert (dcnv3_core(*inputs, 3, 3, 2.0) - ours).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("grad", [True, False])
-def test_module_forward_matches_its_definition(grad, small_bands):
+@pytest.mark.parametrize("grad,banded", [(True, False), (False, True), (False, False)])
+def test_module_forward_matches_its_definition(grad, banded, small_bands, monkeypatch):
     """Offsets/mask from the unprojected input (dwconv -> LN -> GELU -> Linear), softmax per group,
     sampling of the projected input, centre-feature gate, output projection; with autograd (one band)
-    and without (band by band, output projection straight into the output)."""
+    and without (band by band on CPU, the whole batch elsewhere; output projection straight into the
+    output)."""
+    if not banded:
+        monkeypatch.setattr(dcnv3, "_BANDED_DEVICES", ())
     torch.manual_seed(0)
     module = DCNv3(channels=8, group=2, offset_scale=2.0, center_feature_scale=True).eval()
     with torch.no_grad():

@@ -74,6 +74,7 @@ _WORKSPACE = threading.local()
 _WORKSPACE_TABLES = 4  # InternImage's 4 levels at one input size
 _BAND_POINTS = 2**16  # sampling points per band on CPU (x 4 bytes per intermediate)
 _BAND_PIXELS = 1024  # and at least as many pixels, for efficient matrix products
+_BANDED_DEVICES = ("cpu",)  # elsewhere (CUDA) many small kernels would cost more than they save
 
 
 def _padded(x: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
@@ -118,7 +119,7 @@ class _Sampling:
         self.groups, self.k, self.offset_scale, self.dtype = groups, kernel_size * kernel_size, offset_scale, x.dtype
         self.exporting = torch.onnx.is_in_onnx_export()
         self.inplace = not grad
-        banded = not grad and not self.exporting and x.device.type == "cpu"
+        banded = not grad and not self.exporting and x.device.type in _BANDED_DEVICES
         # Zero padding made explicit: 1 pixel before and 2 after each side. Positions clamped to
         # [-1, size] then have all 4 bilinear corners inside the padded map, so no corner needs a
         # validity test, and clamping changes nothing (beyond one pixel outside, every corner is
