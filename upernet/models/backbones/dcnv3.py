@@ -72,6 +72,7 @@ def _constants(h_out, w_out, groups, kernel_size, stride, pad, dilation, scale, 
 
 _WORKSPACE = threading.local()
 _WORKSPACE_TABLES = 4  # InternImage's 4 levels at one input size
+_WORKSPACE_BYTES = 2**25  # larger tables are not kept (memory held between calls)
 _BAND_POINTS = 2**16  # sampling points per band on CPU (x 4 bytes per intermediate)
 _BAND_PIXELS = 1024  # and at least as many pixels, for efficient matrix products
 _BANDED_DEVICES = ("cpu",)  # elsewhere (CUDA) many small kernels would cost more than they save
@@ -85,7 +86,7 @@ def _padded(x: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     copy (it is zero-filled, and the allocator often hands back memory the OS must map again).
     """
     n, h, w, c = x.shape
-    if not reuse:
+    if not reuse or n * (h + 3) * (w + 3) * c * dtype.itemsize > _WORKSPACE_BYTES:
         return F.pad(x.to(dtype), (0, 0, 1, 2, 1, 2))
     tables = _WORKSPACE.__dict__.setdefault("tables", {})
     key = (n, h, w, c, dtype)
