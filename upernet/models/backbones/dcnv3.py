@@ -15,7 +15,8 @@ and let `F.embedding_bag(mode="sum", per_sample_weights=...)` do the gather and 
 in one pass, straight into the channels-last output: no permute, no intermediate. Gradients flow to
 the input (through the table) and to offsets and mask (through the weights), exactly as through
 `grid_sample`. Under ONNX export the same indices and weights are reduced with Gather + MatMul,
-standard operators every runtime has.
+standard operators every runtime has. On CPU without autograd, `DCNv3` runs band by band so that
+the memory-bound elementwise work stays in the CPU caches (`_Sampling`).
 """
 from __future__ import annotations
 
