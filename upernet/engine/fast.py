@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -138,11 +140,38 @@ def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -
 _WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
 
 
-def _winograd_pad(x: torch.Tensor) -> torch.Tensor:
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor for intermediate values, from a buffer kept per thread between calls.
+
+    On CPU a fresh multi-MB tensor costs page faults: the OS maps and zero-fills it again on every
+    call (measured: a 512x512 Winograd conv's element-wise transforms ran 2-3x slower in fresh
+    memory). Each slot grows to the largest size asked for and is reused; elsewhere (CUDA has a
+    caching allocator) a new tensor is returned.
+    """
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    numel = math.prod(shape)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((slot, like.dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffers[(slot, like.dtype)] = buffer = like.new_empty(numel)
+    return buffer[:numel].view(shape)
+
+
+def _winograd_pad(x: torch.Tensor, slot: str) -> torch.Tensor:
     """(N, C, H, W) -> NHWC zero-padded by 1, and to 2T + 2 x 2S + 2 for T x S output tiles of 2x2."""
-    h, w = x.shape[-2:]
+    n, c, h, w = x.shape
     t, s = (h + 1) // 2, (w + 1) // 2
-    return F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 2 * s + 1 - w, 1, 2 * t + 1 - h))
+    padded = _scratch(slot, (n, 2 * t + 2, 2 * s + 2, c), x)
+    padded[:, 0].zero_()
+    padded[:, h + 1:].zero_()
+    padded[:, 1:h + 1, 0].zero_()
+    padded[:, 1:h + 1, w + 1:].zero_()
+    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+    return padded
 
 
 def _winograd_input(xp: torch.Tensor) -> torch.Tensor:
@@ -150,13 +179,13 @@ def _winograd_input(xp: torch.Tensor) -> torch.Tensor:
     n, rows, cols, c = xp.shape
     t, s = (rows - 2) // 2, (cols - 2) // 2
     r = [xp[:, i:i + 2 * t:2] for i in range(4)]  # tile row i of every tile row
-    u = xp.new_empty(4, n, t, cols, c)
+    u = _scratch("winograd u", (4, n, t, cols, c), xp)
     torch.sub(r[0], r[2], out=u[0])
     torch.add(r[1], r[2], out=u[1])
     torch.sub(r[2], r[1], out=u[2])
     torch.sub(r[1], r[3], out=u[3])
     q = [u[:, :, :, j:j + 2 * s:2] for j in range(4)]  # tile column j
-    v = xp.new_empty(4, 4, n, t, s, c)
+    v = _scratch("winograd v", (4, 4, n, t, s, c), xp)
     torch.sub(q[0], q[2], out=v[:, 0])
     torch.add(q[1], q[2], out=v[:, 1])
     torch.sub(q[2], q[1], out=v[:, 2])
@@ -169,7 +198,7 @@ def _winograd_output(m: torch.Tensor, out: torch.Tensor) -> None:
     n, rows, cols, c = out.shape
     t, s = rows // 2, cols // 2
     m = m.view(4, 4, n, t, s, c)
-    z = m.new_empty(2, 4, n, t, s, c)
+    z = _scratch("winograd z", (2, 4, n, t, s, c), m)
     torch.add(m[0], m[1], out=z[0]).add_(m[2])
     torch.sub(m[1], m[2], out=z[1]).sub_(m[3])
     y = out.view(n, t, 2, s, 2, c)
@@ -229,7 +258,8 @@ class ConcatConv(nn.Module):
             y = resized_conv3x3(inputs[i], self.weights[i], size, self.align_corners)
             before_resize = y if before_resize is None else before_resize.add_(y)
         winograd_weights = [u for i, u in enumerate(self.winograd_weights) if i not in small]
-        padded = [_winograd_pad(resize(x, size, self.align_corners)) for i, x in enumerate(inputs) if i not in small]
+        padded = [_winograd_pad(resize(x, size, self.align_corners), f"winograd input {i}")
+                  for i, x in enumerate(inputs) if i not in small]
         t, s = (h + 1) // 2, (w + 1) // 2
         out = padded[0].new_empty(n, 2 * t, 2 * s, self.winograd_weights[0].shape[-1])
         tiles = self.band_tiles or (512 if torch.get_num_threads() == 1 else 4096)
@@ -239,7 +269,10 @@ class ConcatConv(nn.Module):
             m = None
             for xp, u in zip(padded, winograd_weights):
                 v = _winograd_input(xp[:, 2 * r0:2 * r1 + 2])
-                m = torch.bmm(v, u) if m is None else m.baddbmm_(v, u)
+                if m is None:
+                    m = torch.bmm(v, u, out=_scratch("winograd m", (16, v.shape[1], u.shape[-1]), v))
+                else:
+                    m.baddbmm_(v, u)
             if self.bias is not None:
                 m[5].add_(self.bias)  # A^T carries tile entry (1, 1) into every output with weight 1
             _winograd_output(m, out[:, 2 * r0:2 * r1])
