@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.scratch import scratch as _scratch
 from ..models.upernet import ConvBNReLU, UPerHead, UPerNet, resize, resized_conv3x3, worth_resizing_after
 
 log = logging.getLogger(__name__)
@@ -138,27 +137,6 @@ def _resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 3x3 conv as 16 matmuls on 4x4 input tiles that overlap by
 # 2, 2.25x fewer multiply-adds than direct convolution. V = B^T d B, U = G g G^T, y = A^T (V U) A.
 _WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(slot: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor for intermediate values, from a buffer kept per thread between calls.
-
-    On CPU a fresh multi-MB tensor costs page faults: the OS maps and zero-fills it again on every
-    call (measured: a 512x512 Winograd conv's element-wise transforms ran 2-3x slower in fresh
-    memory). Each slot grows to the largest size asked for and is reused; elsewhere (CUDA has a
-    caching allocator) a new tensor is returned.
-    """
-    if like.device.type != "cpu":
-        return like.new_empty(shape)
-    numel = math.prod(shape)
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((slot, like.dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffers[(slot, like.dtype)] = buffer = like.new_empty(numel)
-    return buffer[:numel].view(shape)
 
 
 def _winograd_pad(x: torch.Tensor, slot: str) -> torch.Tensor:

@@ -93,7 +93,8 @@ def _padded(x: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     key = (n, h, w, c, dtype)
     table = tables.pop(key, None)  # re-inserted last: the dict is in least-recently-used order
     if table is None:
-        table = x.new_zeros((n, h + 3, w + 3, c), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            table = x.new_zeros((n, h + 3, w + 3, c), dtype=dtype)
     tables[key] = table
     while len(tables) > _WORKSPACE_TABLES:
         tables.pop(next(iter(tables)))

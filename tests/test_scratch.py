@@ -1,0 +1,34 @@
+"""Reused scratch buffers work across inference mode, no_grad and sizes, and keep results exact."""
+import torch
+
+import upernet
+from upernet.engine.fast import prepare_for_inference
+from upernet.models.backbones.dcnv3 import DCNv3
+from upernet.models.scratch import scratch
+
+
+def test_scratch_reuses_and_grows():
+    like = torch.zeros(1)
+    a = scratch("test slot", (4, 5), like)
+    b = scratch("test slot", (2, 3), like)
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 3)
+    c = scratch("test slot", (100, 100), like)
+    assert c.shape == (100, 100) and c.numel() == 10_000
+
+
+def test_fast_model_and_dcnv3_alternate_inference_mode_and_no_grad():
+    """Buffers made under torch.inference_mode() must still be writable under no_grad, and back."""
+    torch.manual_seed(0)
+    model = upernet.build_model("upernet_timm", model_name="resnet18", num_classes=3, channels=16)
+    fast = prepare_for_inference(model, "fp32")
+    layer = DCNv3(channels=16, group=2).eval()
+    x, y = torch.randn(1, 3, 64, 96), torch.randn(1, 9, 11, 16)
+    with torch.inference_mode():
+        first, first_dcn = fast(x)["out"].clone(), layer(y).clone()
+    with torch.no_grad():
+        second, second_dcn = fast(x)["out"], layer(y)
+    with torch.inference_mode():
+        third = fast(torch.randn(1, 3, 128, 160))["out"]  # a larger size grows the buffers
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first_dcn, second_dcn, rtol=0, atol=0)
+    assert third.shape == (1, 3, 128, 160)
