@@ -18,8 +18,10 @@ from upernet.engine.fast import prepare_for_inference
 
 GROUPS = {  # aten op -> group
     "aten::mkldnn_convolution": "convolution", "aten::_slow_conv2d_forward": "convolution",
-    "aten::bmm": "Winograd matmuls", "aten::baddbmm_": "Winograd matmuls", "aten::baddbmm": "Winograd matmuls",
-    "aten::addmm": "linear (ConvNeXt MLPs)", "aten::mm": "linear (ConvNeXt MLPs)",
+    "aten::bmm": "batched matmuls (Winograd; interpolation of resize-after convs)",
+    "aten::baddbmm_": "batched matmuls (Winograd; interpolation of resize-after convs)",
+    "aten::baddbmm": "batched matmuls (Winograd; interpolation of resize-after convs)",
+    "aten::addmm": "linear (ConvNeXt MLPs)", "aten::mm": "matmuls (per-tap 1x1 convs of resize-after convs)",
     "aten::upsample_bilinear2d": "bilinear resize",
     "aten::native_layer_norm": "normalisation", "aten::native_batch_norm": "normalisation",
     "aten::gelu": "activations", "aten::relu_": "activations", "aten::clamp_min_": "activations",
