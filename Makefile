@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 
-# The main job: train the built-in recipe (synthetic scenes, no download; ~10 min on 2 CPU cores),
+# The main job: train the built-in recipe (synthetic scenes, no download; ~7 min on 2 CPU cores),
 # evaluate it, segment a few validation images, plot the curves. Everything lands in runs/demo.
 DEMO := runs/demo
 demo: setup
