@@ -50,3 +50,27 @@ def test_bench_train_json(tiny_hf_folder, capsys):
 def test_bench_against_unknown_variant_is_a_clear_error(capsys):
     assert main(["bench", "upernet_r50", "--against", "transformers"]) == 2
     assert "Hugging Face UperNet folder" in capsys.readouterr().err
+
+
+def test_bench_against_smp_on_the_same_weights(tmp_path, capsys):
+    """A tiny smp UPerNet folder: bench converts it, checks nothing itself, so the pair is checked here."""
+    import segmentation_models_pytorch as smp
+    import torch
+
+    from upernet.engine.bench import smp_pair
+
+    smp.UPerNet("resnet18", encoder_weights=None, classes=3, decoder_channels=16).save_pretrained(tmp_path / "smp")
+    ours, peer = smp_pair(str(tmp_path / "smp"))
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours.eval()(images)["out"] - peer(images)).abs().max() <= 1e-4
+    capsys.readouterr()  # what smp printed while saving and loading
+    result = _run_json(capsys, ["bench", str(tmp_path / "smp"), "--against", "smp", "--shape", "64", "64",
+                                "--runs", "1", "--dtype", "fp32", "--json"])
+    assert {r["name"] for r in result["rows"]} == {"upernet fp32", "smp fp32"}
+    assert result["ratios"]["upernet fp32 / smp fp32"] > 0
+    train = _run_json(capsys, ["bench", str(tmp_path / "smp"), "--against", "smp", "--train", "--shape", "64", "64",
+                               "--runs", "1", "--dtype", "fp32", "--json"])
+    assert {r["name"] for r in train["rows"]} == {"upernet fp32", "smp fp32"}
+    assert main(["bench", "upernet_r50", "--against", "smp"]) == 2
+    assert "--against smp needs a segmentation-models-pytorch UPerNet folder" in capsys.readouterr().err

@@ -256,14 +256,15 @@ def run_convert(args) -> None:
 
 # ---- bench ----------------------------------------------------------------------------------
 def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="latency, throughput, GFLOP/s and memory, optionally vs transformers")
+    p = sub.add_parser("bench", help="latency, throughput, GFLOP/s and memory, optionally vs transformers or smp")
     p.add_argument("model", help="registered name or checkpoint path (a Hugging Face folder with --against)")
     p.add_argument("--shape", nargs=2, type=int, default=(512, 512), metavar=("H", "W"))
     p.add_argument("--batch", type=int, default=None, help="images per call (default 1; 2 with --train)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="our dtype (default: fp32, plus bf16 where the hardware has it)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--against", choices=("transformers",), default=None, help="time the peer on the same weights")
+    p.add_argument("--against", choices=("transformers", "smp"), default=None,
+                   help="time the peer (transformers or segmentation-models-pytorch) on the same weights")
     p.add_argument("--train", action="store_true", help="time one optimiser step instead of inference")
     p.add_argument("--checkpointing", action="store_true", help="with --train: also with backbone checkpointing")
     p.add_argument("--onnx", action="store_true", help="also export to ONNX and time onnxruntime")
@@ -282,17 +283,18 @@ def run_bench(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.against == "transformers":
-        model, peer = bench.transformers_pair(args.model)
+    if args.against:
+        pair = bench.transformers_pair if args.against == "transformers" else bench.smp_pair
+        model, peer = pair(args.model)
     else:
         model, peer = _load_any(args.model), None
     dtypes = (args.dtype,) if args.dtype else bench.default_dtypes()
     if args.train:
-        result = bench.bench_train(model, tuple(args.shape), args.batch or 2, dtypes, peer, runs=args.runs,
-                                   checkpointing=args.checkpointing)
+        result = bench.bench_train(model, tuple(args.shape), args.batch or 2, dtypes, peer, args.against or "peer",
+                                   runs=args.runs, checkpointing=args.checkpointing)
     else:
-        result = bench.bench_inference(model, tuple(args.shape), args.batch or 1, dtypes, peer, runs=args.runs,
-                                       onnx=args.onnx, compile=args.compile)
+        result = bench.bench_inference(model, tuple(args.shape), args.batch or 1, dtypes, peer, args.against or "peer",
+                                       runs=args.runs, onnx=args.onnx, compile=args.compile)
     print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
 
 

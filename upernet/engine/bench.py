@@ -12,11 +12,13 @@ training step, the gradients. It is None where the kernel does not offer the res
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -136,19 +138,69 @@ def transformers_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
     config = UperNetConfig(backbone_config=backbone, num_labels=150, auxiliary_in_channels=dims[2])
     torch.manual_seed(seed)
     peer = UperNetForSemanticSegmentation(config).eval()
-    with torch.no_grad():  # non-trivial BN statistics, so that folding them is tested too
-        for m in peer.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
+    _randomise_batchnorm(peer)
     with tempfile.TemporaryDirectory() as folder:
         peer.save_pretrained(folder)
         ours = load_model(folder)
     return ours, peer
 
 
+# Our variant names -> the segmentation-models-pytorch encoder of the same backbone (timm's ConvNeXt).
+_SMP_ENCODERS = {"upernet_convnext_tiny": "tu-convnext_tiny", "upernet_convnext_small": "tu-convnext_small",
+                 "upernet_convnext_base": "tu-convnext_base", "upernet_convnext_large": "tu-convnext_large"}
+
+
+def smp_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
+    """(ours, segmentation-models-pytorch's UPerNet) holding the same weights.
+
+    `model` is a folder saved by smp's `save_pretrained`, or one of our ConvNeXt variant names, for
+    which a randomly initialised smp UPerNet (150 classes, 512 decoder channels as mmsegmentation's
+    head) is saved and converted with our importer. smp's UPerNet has no auxiliary head, so neither
+    has ours here.
+    """
+    import segmentation_models_pytorch as smp
+
+    from ..convert import convert_checkpoint
+
+    if Path(model).is_dir():
+        with contextlib.redirect_stdout(sys.stderr):  # smp prints a progress line; stdout may carry --json
+            peer = smp.from_pretrained(model).eval()
+        return convert_checkpoint(model, "smp"), peer
+    if model not in _SMP_ENCODERS:
+        raise ValueError(f"--against smp needs a segmentation-models-pytorch UPerNet folder or one of "
+                         f"{', '.join(_SMP_ENCODERS)}; got {model!r}")
+    torch.manual_seed(seed)
+    peer = smp.UPerNet(_SMP_ENCODERS[model], encoder_weights=None, classes=150, decoder_channels=512).eval()
+    _randomise_batchnorm(peer)
+    with tempfile.TemporaryDirectory() as folder:
+        peer.save_pretrained(folder)
+        ours = convert_checkpoint(folder, "smp")
+    return ours, peer
+
+
+def _randomise_batchnorm(model: nn.Module) -> None:
+    """Non-trivial BN statistics, so that folding them is measured (and tested) too."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+
+
+def _is_transformers(peer: nn.Module) -> bool:
+    return type(peer).__module__.startswith("transformers")
+
+
 def _peer_logits(peer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    return peer(pixel_values=images).logits
+    """Logits at input size from either peer (transformers takes `pixel_values`, smp the images)."""
+    return peer(pixel_values=images).logits if _is_transformers(peer) else peer(images)
+
+
+def _peer_loss(peer: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The peer's training loss: transformers' own (with its auxiliary head), else cross-entropy."""
+    if _is_transformers(peer):
+        return peer(pixel_values=images, labels=labels).loss
+    return torch.nn.functional.cross_entropy(peer(images).float(), labels, ignore_index=255)
 
 
 # ---- inference ---------------------------------------------------------------------------------
@@ -317,7 +369,7 @@ def bench_train(
         if peer is not None:
             peer.train()
             name = f"{peer_name} {dtype}"
-            fns[name] = step_fn(peer, lambda: peer(pixel_values=images, labels=labels).loss, dtype)
+            fns[name] = step_fn(peer, lambda: _peer_loss(peer, images, labels), dtype)
             meta[name] = {"impl": peer_name, "dtype": dtype}
     timings = interleaved(fns, runs)
     memory = {name: peak_memory_mb(fn) for name, fn in fns.items()}
