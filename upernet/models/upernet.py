@@ -53,6 +53,23 @@ def resize_matrix(out_size: int, in_size: int, align_corners: bool) -> torch.Ten
     return matrix
 
 
+def _bands(matrix: torch.Tensor, block: int) -> tuple:
+    """(row0, row1, col0, col1) blocks of `block` rows of `matrix`, each with the columns it uses."""
+    bands = []
+    for r0 in range(0, matrix.shape[0], block):
+        r1 = min(matrix.shape[0], r0 + block)
+        used = matrix[r0:r1].ne(0).any(0).nonzero()
+        bands.append((r0, r1, int(used.min()), int(used.max()) + 1))
+    return tuple(bands)
+
+
+@functools.lru_cache(maxsize=256)
+def _banded_resize(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
+    """`resize_matrix` and its `_bands`."""
+    matrix = resize_matrix(out_size, in_size, align_corners)
+    return matrix, _bands(matrix, block)
+
+
 @functools.lru_cache(maxsize=256)
 def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
     """The bilinear resize of one axis, shifted by -1, 0, +1 output pixels, as one banded matrix.
@@ -68,12 +85,7 @@ def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, blo
     matrix[:, :, 1] = resized
     matrix[:-1, :, 2] = resized[1:]  # ... and j + 1
     matrix = matrix.reshape(out_size, 3 * in_size)
-    bands = []
-    for r0 in range(0, out_size, block):
-        r1 = min(out_size, r0 + block)
-        used = matrix[r0:r1].ne(0).any(0).nonzero()
-        bands.append((r0, r1, int(used.min()), int(used.max()) + 1))
-    return matrix, tuple(bands)
+    return matrix, _bands(matrix, block)
 
 
 def _banded_matmul(matrix: torch.Tensor, bands: tuple, x: torch.Tensor) -> torch.Tensor:
@@ -109,10 +121,10 @@ def resized_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int], 
     taps = weight.permute(3, 2, 0, 1).reshape(9 * out_channels, c)
     z = F.linear(x.permute(0, 2, 3, 1), taps.to(x.dtype)).reshape(n * h, 3 * w, 3 * out_channels)
     cols, col_bands = _shifted_interpolation(width, w, align_corners)
-    t = _banded_matmul(cols.to(z.dtype).to(z.device), col_bands, z)  # (N*h, W, [dy, C_out])
+    t = _banded_matmul(cols.to(z), col_bands, z)  # (N*h, W, [dy, C_out])
     t = t.view(n, h, width, 3, out_channels).permute(0, 1, 3, 2, 4).reshape(n, 3 * h, width * out_channels)
     rows, row_bands = _shifted_interpolation(height, h, align_corners)
-    y = _banded_matmul(rows.to(t.dtype).to(t.device), row_bands, t)  # (N, H, W * C_out)
+    y = _banded_matmul(rows.to(t), row_bands, t)  # (N, H, W * C_out)
     return y.view(n, height, width, out_channels).permute(0, 3, 1, 2)
 
 
@@ -386,16 +398,21 @@ def upsampled_cross_entropy(
     height, width = labels.shape[-2:]
     size = (height, width) if size is None else (int(size[0]), int(size[1]))
     logits = logits.float()
-    matrix = resize_matrix(size[0], logits.shape[-2], align_corners)
+    matrix, bands = _banded_resize(size[0], logits.shape[-2], align_corners, band_rows)
     rows = matrix.to(logits)
     total = logits.new_zeros(())
     with torch.autocast(logits.device.type, enabled=False):  # the resize and the loss in float32
-        for r0 in range(0, height, band_rows):
-            r1 = min(height, r0 + band_rows)
-            used = matrix[r0:r1].ne(0).any(0).nonzero()
-            lo, hi = int(used.min()), int(used.max()) + 1
+        for r0, r1, lo, hi in bands:
+            if r0 >= height:  # rows of a zero-padded input beyond the labels
+                break
+            r1 = min(r1, height)
             total = total + checkpoint(_band_loss, logits[..., lo:hi, :], rows[r0:r1, lo:hi], labels[:, r0:r1],
                                        size[1], ignore_index, align_corners, use_reentrant=False)
+    return _average(total, labels, ignore_index, average)
+
+
+def _average(total: torch.Tensor, labels: torch.Tensor, ignore_index: int, average: str) -> torch.Tensor:
+    """A summed loss divided as `average` says (see `UPerNet.loss`)."""
     if average == "valid":
         return total / labels.ne(ignore_index).sum()
     if average == "all":
@@ -405,9 +422,5 @@ def upsampled_cross_entropy(
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, average: str = "valid") -> torch.Tensor:
     """Per-pixel cross-entropy; see `UPerNet.loss` for `average`."""
-    if average == "valid":
-        return F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index)
-    if average == "all":
-        summed = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
-        return summed / labels.numel()
-    raise ValueError(f"average must be 'valid' or 'all', got {average!r}")
+    summed = F.cross_entropy(logits.float(), labels.long(), ignore_index=ignore_index, reduction="sum")
+    return _average(summed, labels, ignore_index, average)
