@@ -56,6 +56,26 @@ def test_variant_forward_backward(name, aux):
     assert set(out) == {"out"} and torch.isfinite(out["out"]).all()
 
 
+@pytest.mark.parametrize("name", SINGLE_TASK)
+def test_variant_under_bfloat16_autocast(name):
+    """predict/eval default to bf16 autocast on CPUs with native bf16, and training offers it: every
+    variant must run under it, in inference and with autograd, close to its float32 output."""
+    torch.manual_seed(0)
+    model = upernet.build_model(name, num_classes=5, **small_args(name)).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(images)["out"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(images)["out"]
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    assert (got.float() - expected).abs().max().item() <= 0.1 * expected.abs().max().item() + 1e-3
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(images, labels=torch.randint(0, 5, (2, 64, 96)))["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_unknown_name_suggests():
     with pytest.raises(ValueError, match="upernet_convnext_tiny"):
         upernet.build_model("upernet_convnext_tiy")

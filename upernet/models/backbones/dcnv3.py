@@ -339,7 +339,10 @@ class DCNv3(nn.Module):
         # sampling and output projection are computed band by band (on CPU: a few rows at a time,
         # all in the CPU caches), the output projection straight into the output.
         weight, bias = self._offset_xy(grad)
-        out = None if grad else torch.empty_like(x)
+        if not grad:  # each band's output projection goes straight into the output
+            out = torch.empty_like(projected)  # in the dtype linear layers compute in (autocast's, if on)
+            # addmm(out=) is not seen by autocast: cast as it would.
+            out_weight, out_bias = (t.to(out.dtype) for t in (self.output_proj.weight, self.output_proj.bias))
         parts = []
         for index in sampling.bands():
             band = features[index]
@@ -347,18 +350,17 @@ class DCNv3(nn.Module):
                                           ((weight[0], bias[0]), (weight[1], bias[1]),
                                            (self.mask.weight, self.mask.bias)))
             sampled = sampling.sample(index, offset_x, offset_y, logits, mask_logits=True)
-            sampled = sampled.to(x.dtype).view(band.shape)
+            sampled = sampled.to(projected.dtype).view(band.shape)
             if self.center_feature_scale:
                 gate = torch.sigmoid(F.linear(band, self.center_feature_scale_proj_weight,
                                               self.center_feature_scale_proj_bias))
                 gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
                 sampled = sampled * (1 - gate) + projected[index] * gate
-            if out is None:
+            if grad:
                 parts.append(self.output_proj(sampled))
             else:
-                torch.addmm(self.output_proj.bias, sampled.view(-1, c), self.output_proj.weight.t(),
-                            out=out[index].view(-1, c))
-        if out is None:
+                torch.addmm(out_bias, sampled.view(-1, c), out_weight.t(), out=out[index].view(-1, c))
+        if grad:
             out = parts[0] if len(parts) == 1 else torch.cat(parts).view(n, h, w, c)
         return out
 
