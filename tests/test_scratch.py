@@ -4,7 +4,7 @@ import torch
 import upernet
 from upernet.engine.fast import prepare_for_inference
 from upernet.models.backbones.dcnv3 import DCNv3
-from upernet.models.scratch import scratch
+from upernet.models.scratch import padded_scratch, scratch
 
 
 def test_scratch_reuses_and_grows():
@@ -32,3 +32,12 @@ def test_fast_model_and_dcnv3_alternate_inference_mode_and_no_grad():
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first_dcn, second_dcn, rtol=0, atol=0)
     assert third.shape == (1, 3, 128, 160)
+
+
+def test_padded_scratch_equals_zero_padding_after_a_larger_call():
+    """The buffer holds the previous call's values: the new border must still read zero."""
+    padded_scratch("test pad", torch.full((1, 9, 9, 3), 7.0), (2, 2), (2, 2))
+    x = torch.randn(1, 4, 5, 3, dtype=torch.bfloat16)
+    got = padded_scratch("test pad", x, (1, 2), (3, 1), torch.float32)
+    expected = torch.nn.functional.pad(x.float(), (0, 0, 3, 1, 1, 2))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.scratch import scratch as _scratch
+from ..models.scratch import padded_scratch, scratch as _scratch
 from ..models.upernet import ConvBNReLU, UPerHead, UPerNet, resize, resized_conv3x3, worth_resizing_after
 
 log = logging.getLogger(__name__)
@@ -141,15 +141,9 @@ _WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0,
 
 def _winograd_pad(x: torch.Tensor, slot: str) -> torch.Tensor:
     """(N, C, H, W) -> NHWC zero-padded by 1, and to 2T + 2 x 2S + 2 for T x S output tiles of 2x2."""
-    n, c, h, w = x.shape
+    h, w = x.shape[-2:]
     t, s = (h + 1) // 2, (w + 1) // 2
-    padded = _scratch(slot, (n, 2 * t + 2, 2 * s + 2, c), x)
-    padded[:, 0].zero_()
-    padded[:, h + 1:].zero_()
-    padded[:, 1:h + 1, 0].zero_()
-    padded[:, 1:h + 1, w + 1:].zero_()
-    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    return padded
+    return padded_scratch(slot, x.permute(0, 2, 3, 1), (1, 2 * t + 1 - h), (1, 2 * s + 1 - w))
 
 
 def _winograd_input(xp: torch.Tensor) -> torch.Tensor:

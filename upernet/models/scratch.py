@@ -27,3 +27,19 @@ def scratch(slot: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             buffers[(slot, like.dtype)] = buffer = torch.empty(numel, dtype=like.dtype)
     return buffer[:numel].view(shape)
+
+
+def padded_scratch(slot: str, x: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`x` (N, H, W, C) copied, as `dtype`, into a `scratch` buffer with zero borders: `rows` =
+    (above, below) and `cols` = (left, right). Only the border is zeroed, not the whole buffer."""
+    n, h, w, c = x.shape
+    (top, bottom), (left, right) = rows, cols
+    like = x if dtype in (None, x.dtype) else x.new_empty(0, dtype=dtype)
+    padded = scratch(slot, (n, top + h + bottom, left + w + right, c), like)
+    padded[:, :top].zero_()
+    padded[:, top + h:].zero_()
+    padded[:, top:top + h, :left].zero_()
+    padded[:, top:top + h, left + w:].zero_()
+    padded[:, top:top + h, left:left + w].copy_(x)
+    return padded

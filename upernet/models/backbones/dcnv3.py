@@ -20,12 +20,12 @@ the memory-bound elementwise work stays in the CPU caches (`_Sampling`).
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
+
+from ..scratch import padded_scratch
 
 
 def _sampling_grid(
@@ -71,8 +71,6 @@ def _constants(h_out, w_out, groups, kernel_size, stride, pad, dilation, scale, 
     return hit
 
 
-_WORKSPACE = threading.local()
-_WORKSPACE_TABLES = 4  # InternImage's 4 levels at one input size
 _WORKSPACE_BYTES = 2**25  # larger tables are not kept (memory held between calls)
 _BAND_POINTS = 2**16  # sampling points per band on CPU (x 4 bytes per intermediate)
 _BAND_PIXELS = 1024  # and at least as many pixels, for efficient matrix products
@@ -82,24 +80,14 @@ _BANDED_DEVICES = ("cpu",)  # elsewhere (CUDA) many small kernels would cost mor
 def _padded(x: torch.Tensor, dtype: torch.dtype, reuse: bool) -> torch.Tensor:
     """`x` (N, H, W, C) as `dtype` with a zero border: 1 pixel before and 2 after in H and W.
 
-    With `reuse` (CPU, nothing saved for backward), into a buffer kept per thread and shape whose
-    border stays zero, so only the interior is written: a fresh multi-MB buffer costs more than the
-    copy (it is zero-filled, and the allocator often hands back memory the OS must map again).
+    With `reuse` (CPU, nothing saved for backward), in a buffer reused between calls: a fresh
+    multi-MB buffer costs more than the copy (it is zero-filled, and the allocator often hands back
+    memory the OS must map again).
     """
     n, h, w, c = x.shape
     if not reuse or n * (h + 3) * (w + 3) * c * dtype.itemsize > _WORKSPACE_BYTES:
         return F.pad(x.to(dtype), (0, 0, 1, 2, 1, 2))
-    tables = _WORKSPACE.__dict__.setdefault("tables", {})
-    key = (n, h, w, c, dtype)
-    table = tables.pop(key, None)  # re-inserted last: the dict is in least-recently-used order
-    if table is None:
-        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-            table = x.new_zeros((n, h + 3, w + 3, c), dtype=dtype)
-    tables[key] = table
-    while len(tables) > _WORKSPACE_TABLES:
-        tables.pop(next(iter(tables)))
-    table[:, 1:h + 1, 1:w + 1].copy_(x)
-    return table
+    return padded_scratch("dcnv3 table", x, (1, 2), (1, 2), dtype)
 
 
 class _Sampling:
