@@ -6,6 +6,10 @@ of all groups on a (N * groups, C / groups, H, W) copy, multiply by the mask, su
 It is written out below (our code) and swapped into the same model as `DCNv3.forward`, so both run
 on identical weights and inputs.
 
+The sampling operator is also compared with torchvision's compiled deformable convolution
+(`torchvision.ops.deform_conv2d`, DCNv2), which computes DCNv3's sampling with a depthwise all-ones
+kernel: the compiled operator a user already has, with no build step (`torchvision_core`).
+
 Measured, in one run with interleaved repetitions and medians (the machine may be shared):
   1. the sampling operator alone (what the reference's compiled DCNv3 op computes) and
   2. one DCNv3 layer (the whole module: projections, offset/mask branch, softmax, sampling),
@@ -60,6 +64,29 @@ def straightforward_core(x, offset, mask, kernel_size, groups, offset_scale=1.0,
     weights = mask.view(n, h_out * w_out, groups, k).transpose(1, 2).reshape(n * groups, 1, h_out * w_out, k)
     out = (samples * weights.to(x.dtype)).sum(-1).view(n, c, h_out * w_out)
     return out.transpose(1, 2).reshape(n, h_out, w_out, c)
+
+
+def torchvision_core(x, offset, mask, kernel_size, groups, offset_scale=1.0):
+    """DCNv3 sampling with torchvision's compiled DCNv2 operator (`torchvision.ops.deform_conv2d`).
+
+    A depthwise all-ones k x k kernel turns DCNv2 (sum over points of mask x sample, weighted per
+    channel) into DCNv3's sampling, with one offset group per DCNv3 group. torchvision lays points
+    out row-major (y outer) with offsets as (y, x); DCNv3 x outer with (x, y). An integer
+    `offset_scale` s becomes dilation s and offsets x s. Computed in float32 (no bfloat16 CPU kernel).
+    """
+    from torchvision.ops import deform_conv2d
+
+    n, h, w, c = x.shape
+    scale = int(offset_scale)
+    if scale != offset_scale:
+        raise ValueError(f"torchvision_core: offset_scale {offset_scale} is not an integer")
+    k = kernel_size
+    offset = offset.float().view(n, h, w, groups, k, k, 2).transpose(4, 5).flip(-1) * scale  # (.., y, x, [y, x])
+    mask = mask.float().view(n, h, w, groups, k, k).transpose(4, 5)
+    weight = torch.ones(c, 1, k, k)
+    out = deform_conv2d(x.float().permute(0, 3, 1, 2), offset.reshape(n, h, w, -1).permute(0, 3, 1, 2), weight,
+                        padding=scale * (k // 2), dilation=scale, mask=mask.reshape(n, h, w, -1).permute(0, 3, 1, 2))
+    return out.permute(0, 2, 3, 1).to(x.dtype)
 
 
 def straightforward_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
@@ -130,6 +157,8 @@ def row(label: str, t: dict[str, dict[str, float]]) -> str:
     ours, ref = t["ours"], t["grid_sample"]
     text = (f"{label:<38} wall {ours['wall']:8.1f} vs {ref['wall']:8.1f} ms x{ref['wall'] / ours['wall']:5.2f}  "
             f"cpu {ours['cpu']:8.1f} vs {ref['cpu']:8.1f} ms x{ref['cpu'] / ours['cpu']:5.2f}")
+    if "torchvision" in t:  # torchvision's compiled DCNv2 operator, used as DCNv3's sampling
+        text += f"  torchvision {t['torchvision']['wall']:8.1f} ms x{t['torchvision']['wall'] / ours['wall']:5.2f}"
     if "shared" in t:  # the best a layer could gain with sampling for free
         text += f"  bound x{ref['wall'] / t['shared']['wall']:5.2f}"
     return text
@@ -167,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in [getattr(torch, d) for d in args.dtypes]:
         model.to(dtype)
         name = str(dtype)[6:]
-        ops = {n: {"wall": 0.0, "cpu": 0.0} for n in FORWARDS}
+        ops = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "torchvision")}
         layers = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "shared")}
         with torch.no_grad():
             for i, level in enumerate(backbone.levels):
@@ -177,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
                 offset = torch.randn(1, side, side, groups * 18, dtype=dtype)
                 mask = torch.randn(1, side, side, groups, 9).softmax(-1).to(dtype).view(1, side, side, -1)
                 t = compare({"ours": lambda: dcnv3_module.dcnv3_core(x, offset, mask, 3, groups),
-                             "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups)}, reps)
+                             "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups),
+                             "torchvision": lambda: torchvision_core(x, offset, mask, 3, groups)}, reps)
                 print(row(f"{name} sampling op {side}x{side}x{channels}", t))
                 add(ops, t, depth)
                 t = compare({**under_each_forward(lambda: layer(x)), "shared": lambda: shared_forward(layer, x)}, reps)

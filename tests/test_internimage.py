@@ -183,6 +183,13 @@ def test_benchmark_smoke(capsys):
     from upernet.models.backbones.dcnv3 import dcnv3_core
 
     assert (bench.straightforward_core(x, offset, mask, 3, 2, 2.0) - dcnv3_core(x, offset, mask, 3, 2, 2.0)).abs().max() < 1e-5
+    # So does torchvision's compiled DCNv2 operator with a depthwise all-ones kernel (a peer
+    # implementation of the same sampling), at offset_scale 1 and 2 (dilation 2) and kernel 5.
+    for kernel, scale in ((3, 1.0), (3, 2.0), (5, 1.0)):
+        offset = torch.randn(1, 6, 7, 2 * kernel * kernel * 2) * 2
+        mask = torch.randn(1, 6, 7, 2, kernel * kernel).softmax(-1).view(1, 6, 7, -1)
+        ours = dcnv3_core(x, offset, mask, kernel, 2, scale)
+        assert (bench.torchvision_core(x, offset, mask, kernel, 2, scale) - ours).abs().max() < 1e-5
 
 
 def test_classification_checkpoint_initialises_backbone(tmp_path):
