@@ -192,6 +192,36 @@ def test_benchmark_smoke(capsys):
         assert (bench.torchvision_core(x, offset, mask, kernel, 2, scale) - ours).abs().max() < 1e-5
 
 
+def test_fused_kernel_experiment(tmp_path, monkeypatch, capsys):
+    """benchmarks/dcnv3_fused.py (the compiled-kernel experiment) computes what our DCNv3 computes."""
+    import importlib.util
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("the experiment compiles C++ at run time and this machine has no C++ compiler")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a fresh build, no cache from elsewhere
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # finds pip's ninja
+    path = Path(__file__).parents[1] / "benchmarks" / "dcnv3_fused.py"
+    spec = importlib.util.spec_from_file_location("bench_dcnv3_fused", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke"])
+    assert "all 4 layers" in capsys.readouterr().out
+    torch.manual_seed(0)
+    # 16 channels per group (InternImage's; the kernel's specialised path) and 6 (the generic one),
+    # offset_scale 1 and 2, offsets reaching outside the map.
+    for channels, groups, scale in ((64, 4, 1.0), (24, 4, 2.0)):
+        layer = DCNv3(channels, group=groups, offset_scale=scale).eval()
+        with torch.no_grad():
+            layer.offset.weight.normal_(0, 1.0)
+            layer.mask.weight.normal_(0, 1.0)
+            x = torch.randn(2, 7, 9, channels)
+            assert (bench.fused_forward(layer, x) - layer(x)).abs().max() < 1e-5
+
+
 def test_classification_checkpoint_initialises_backbone(tmp_path):
     from upernet.models.backbones.internimage import load_classification_checkpoint
 
