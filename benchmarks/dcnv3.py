@@ -170,6 +170,25 @@ def add(total: dict, t: dict, times: int) -> None:
             total[name][kind] += t[name][kind] * times
 
 
+def benchmark_model(smoke: bool) -> torch.nn.Module:
+    """UPerNet InternImage-T (with `smoke`, a tiny one) with random offsets and masks: trained models
+    have them; the init is all zeros and uniform."""
+    small = {"channels": 16, "aux_channels": 8, "backbone_args": {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)}}
+    torch.manual_seed(0)
+    model = upernet.build_model("upernet_internimage_t", **(small if smoke else {})).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, dcnv3_module.DCNv3):
+                module.offset.weight.normal_(0, 0.1)
+                module.mask.weight.normal_(0, 0.1)
+    return model
+
+
+def dcnv3_levels(model: torch.nn.Module, size: int) -> list[tuple[int, dcnv3_module.DCNv3, int]]:
+    """(side, first DCNv3 layer, number of layers) of each backbone level for a `size` x `size` image."""
+    return [(size // 4 // 2**i, level.blocks[0].dcn, len(level.blocks)) for i, level in enumerate(model.backbone.levels)]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side (the levels are size/4 ... size/32)")
@@ -181,15 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     size, reps = (64, 1) if args.smoke else (args.size, args.reps)
-    small = {"channels": 16, "aux_channels": 8, "backbone_args": {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)}}
-    torch.manual_seed(0)
-    model = upernet.build_model("upernet_internimage_t", **(small if args.smoke else {})).eval()
-    # Random offsets and masks (trained models have them; the init is all zeros and uniform).
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, dcnv3_module.DCNv3):
-                module.offset.weight.normal_(0, 0.1)
-                module.mask.weight.normal_(0, 0.1)
+    model = benchmark_model(args.smoke)
     backbone = model.backbone
     print(f"DCNv3: ours (gather + embedding_bag) vs straightforward (grid_sample); InternImage-T, {size}x{size}, "
           f"{torch.get_num_threads()} threads, median of {reps}; x = straightforward / ours")
@@ -199,9 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         ops = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "torchvision")}
         layers = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "shared")}
         with torch.no_grad():
-            for i, level in enumerate(backbone.levels):
-                layer, depth = level.blocks[0].dcn, len(level.blocks)
-                side, channels, groups = size // 4 // 2**i, backbone.channels[i], level.blocks[0].dcn.group
+            for side, layer, depth in dcnv3_levels(model, size):
+                channels, groups = layer.channels, layer.group
                 x = torch.randn(1, side, side, channels, dtype=dtype)
                 offset = torch.randn(1, side, side, groups * 18, dtype=dtype)
                 mask = torch.randn(1, side, side, groups, 9).softmax(-1).to(dtype).view(1, side, side, -1)

@@ -31,21 +31,19 @@ _SOURCE = r"""
 #include <vector>
 
 // One output pixel and group: sum over the K points of softmax(logits) x bilinear sample of the
-// zero-bordered table (1 pixel before, 2 after, as upernet's plain path pads it). GC channels.
+// zero-bordered table (1 pixel before, 2 after, as upernet's plain path pads it), into `out`.
+// GC > 0 fixes the channel count at compile time (InternImage's 16); 0 takes `gc`. `weights` holds K
+// floats of scratch.
 template <int GC>
-static void pixel_group(const float* table, const float* off, const float* logits, float* out, int64_t k,
-                        int64_t kernel, float x_base, float y_base, int64_t dilation, int64_t half, float scale,
-                        int64_t h, int64_t w, int64_t wp, int64_t c, int64_t gc) {
-  std::vector<float> weights(k);
+static void pixel_group(const float* table, const float* off, const float* logits, float* out, float* weights,
+                        int64_t k, int64_t kernel, float x_base, float y_base, int64_t dilation, int64_t half,
+                        float scale, int64_t h, int64_t w, int64_t wp, int64_t c, int64_t gc) {
+  const int64_t channels = GC > 0 ? GC : gc;
   float top = logits[0];
   for (int64_t p = 1; p < k; ++p) top = std::max(top, logits[p]);
   float total = 0.f;
   for (int64_t p = 0; p < k; ++p) total += (weights[p] = std::exp(logits[p] - top));
-  float acc[GC > 0 ? GC : 1];
-  const int64_t channels = GC > 0 ? GC : gc;
-  std::vector<float> wide(GC > 0 ? 0 : gc, 0.f);
-  float* sum = GC > 0 ? acc : wide.data();
-  for (int64_t q = 0; q < channels; ++q) sum[q] = 0.f;
+  for (int64_t q = 0; q < channels; ++q) out[q] = 0.f;
   for (int64_t p = 0; p < k; ++p) {
     const int64_t ix = p / kernel, iy = p % kernel;  // x outer, y inner: the reference's point order
     float px = x_base + (float)(ix * dilation - half) * scale + off[2 * p] * scale;
@@ -57,9 +55,8 @@ static void pixel_group(const float* table, const float* off, const float* logit
     const float w01 = wy0 * fx, w11 = wy1 * fx, w00 = wy0 - w01, w10 = wy1 - w11;
     const float* t00 = table + ((int64_t)y0 * wp + (int64_t)x0) * c;
     const float *t01 = t00 + c, *t10 = t00 + wp * c, *t11 = t10 + c;
-    for (int64_t q = 0; q < channels; ++q) sum[q] += w00 * t00[q] + w01 * t01[q] + w10 * t10[q] + w11 * t11[q];
+    for (int64_t q = 0; q < channels; ++q) out[q] += w00 * t00[q] + w01 * t01[q] + w10 * t10[q] + w11 * t11[q];
   }
-  for (int64_t q = 0; q < channels; ++q) out[q] = sum[q];
 }
 
 torch::Tensor dcnv3_fused(torch::Tensor table, torch::Tensor offset, torch::Tensor logits, int64_t groups,
@@ -71,6 +68,7 @@ torch::Tensor dcnv3_fused(torch::Tensor table, torch::Tensor offset, torch::Tens
   const float *t = table.data_ptr<float>(), *o = offset.data_ptr<float>(), *l = logits.data_ptr<float>();
   float* r = out.data_ptr<float>();
   at::parallel_for(0, n * h_out * w_out, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(k);  // once per chunk, not per pixel and group
     for (int64_t pixel = begin; pixel < end; ++pixel) {
       const int64_t b = pixel / (h_out * w_out), i = (pixel / w_out) % h_out, j = pixel % w_out;
       const float x_base = (float)(j * stride + half - pad + 1), y_base = (float)(i * stride + half - pad + 1);
@@ -79,10 +77,8 @@ torch::Tensor dcnv3_fused(torch::Tensor table, torch::Tensor offset, torch::Tens
         const float* og = o + (pixel * groups + g) * k * 2;
         const float* lg = l + (pixel * groups + g) * k;
         float* rg = r + pixel * c + g * gc;
-        if (gc == 16)
-          pixel_group<16>(tg, og, lg, rg, k, kernel, x_base, y_base, dilation, half, (float)scale, h, w, wp, c, gc);
-        else
-          pixel_group<0>(tg, og, lg, rg, k, kernel, x_base, y_base, dilation, half, (float)scale, h, w, wp, c, gc);
+        auto sample = gc == 16 ? pixel_group<16> : pixel_group<0>;
+        sample(tg, og, lg, rg, weights.data(), k, kernel, x_base, y_base, dilation, half, (float)scale, h, w, wp, c, gc);
       }
     }
   });
@@ -102,14 +98,14 @@ def kernel():
 
 def fused_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
     """DCNv3.forward with the sampling (softmax included) in one compiled pass; float32, no autograd."""
+    if self.center_feature_scale:
+        raise NotImplementedError("the experiment leaves out center_feature_scale (InternImage-H/G)")
     projected = self.input_proj(x)
     features = self.dw_conv(x.permute(0, 3, 1, 2))
     offset, logits = self.offset(features).contiguous(), self.mask(features).contiguous()
     table = dcnv3_module._padded(projected, torch.float32, reuse=True)  # zero border: 1 before, 2 after
     sampled = kernel().dcnv3_fused(table, offset, logits, self.group, self.kernel_size, self.offset_scale,
                                    self.stride, self.pad, self.dilation)
-    if self.center_feature_scale:
-        raise NotImplementedError("the experiment leaves out center_feature_scale (InternImage-H/G)")
     return self.output_proj(sampled)
 
 
@@ -126,32 +122,26 @@ def main(argv: list[str] | None = None) -> None:
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     size, reps = (64, 1) if args.smoke else (args.size, args.reps)
-    levels = [(64, 4, 4), (128, 8, 4), (256, 16, 18), (512, 32, 4)]  # InternImage-T: channels, groups, depth
-    if args.smoke:
-        levels = [(8, 1, 1), (16, 2, 1), (32, 4, 1), (64, 4, 1)]
+    levels = bench.dcnv3_levels(bench.benchmark_model(args.smoke), size)  # InternImage-T's, or a tiny one
     forwards = {"ours": dcnv3_module.DCNv3.forward, "grid_sample": bench.straightforward_forward,
                 "fused": fused_forward}
     print(f"DCNv3 layer, float32, InternImage-T levels at {size}x{size}, {torch.get_num_threads()} threads, "
           f"median wall ms of {reps}; x = grid_sample / the other")
     total = dict.fromkeys(forwards, 0.0)
     torch.manual_seed(0)
-    for i, (channels, groups, depth) in enumerate(levels):
-        side = size // 4 // 2**i
-        layer = dcnv3_module.DCNv3(channels, group=groups).eval()
+    for side, layer, depth in levels:
         with torch.no_grad():
-            layer.offset.weight.normal_(0, 0.1)
-            layer.mask.weight.normal_(0, 0.1)
-            x = torch.randn(1, side, side, channels)
+            x = torch.randn(1, side, side, layer.channels)
             diff = (fused_forward(layer, x) - layer(x)).abs().max().item()
             t = bench.compare({name: functools.partial(f, layer, x) for name, f in forwards.items()}, reps)
         for name in total:
             total[name] += t[name]["wall"] * depth
         base = t["grid_sample"]["wall"]
-        print(f"{side}x{side}x{channels:<4} ours {t['ours']['wall']:7.2f} x{base / t['ours']['wall']:5.2f}  "
+        print(f"{side}x{side}x{layer.channels:<4} ours {t['ours']['wall']:7.2f} x{base / t['ours']['wall']:5.2f}  "
               f"fused {t['fused']['wall']:7.2f} x{base / t['fused']['wall']:5.2f}  grid_sample {base:7.2f}  "
               f"fused vs ours max diff {diff:.1e}")
     base = total["grid_sample"]
-    print(f"all {sum(d for *_, d in levels)} layers   ours {total['ours']:7.1f} x{base / total['ours']:5.2f}  "
+    print(f"all {sum(depth for *_, depth in levels)} layers   ours {total['ours']:7.1f} x{base / total['ours']:5.2f}  "
           f"fused {total['fused']:7.1f} x{base / total['fused']:5.2f}  grid_sample {base:7.1f}")
 
 

@@ -165,14 +165,19 @@ def test_layer_wise_lr_decay_as_reference():
     assert groups["backbone.levels.1.blocks.0.dcn.mask.weight"]["weight_decay"] == 0.05
 
 
-def test_benchmark_smoke(capsys):
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "benchmarks" / "dcnv3.py"
-    spec = importlib.util.spec_from_file_location("bench_dcnv3", path)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_smoke(capsys):
+    bench = load_benchmark("dcnv3")
     bench.main(["--smoke", "--dtypes", "float32"])
     out = capsys.readouterr().out
     assert "UPerNet InternImage-T forward" in out and "DCNv3 layer" in out
@@ -194,7 +199,6 @@ def test_benchmark_smoke(capsys):
 
 def test_fused_kernel_experiment(tmp_path, monkeypatch, capsys):
     """benchmarks/dcnv3_fused.py (the compiled-kernel experiment) computes what our DCNv3 computes."""
-    import importlib.util
     import os
     import shutil
     import sys
@@ -204,10 +208,7 @@ def test_fused_kernel_experiment(tmp_path, monkeypatch, capsys):
         pytest.skip("the experiment compiles C++ at run time and this machine has no C++ compiler")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a fresh build, no cache from elsewhere
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # finds pip's ninja
-    path = Path(__file__).parents[1] / "benchmarks" / "dcnv3_fused.py"
-    spec = importlib.util.spec_from_file_location("bench_dcnv3_fused", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("dcnv3_fused")
     bench.main(["--smoke"])
     assert "all 4 layers" in capsys.readouterr().out
     torch.manual_seed(0)
