@@ -6,6 +6,10 @@ of all groups on a (N * groups, C / groups, H, W) copy, multiply by the mask, su
 It is written out below (our code) and swapped into the same model as `DCNv3.forward`, so both run
 on identical weights and inputs.
 
+Ours runs twice: with the default plain-PyTorch sampling ("ours") and with the optional compiled
+CPU kernel (`set_dcnv3_kernel("compiled")`, "compiled"; built on first use, about 30 s, needs a C++
+compiler and ninja; left out with a note if it cannot be built).
+
 The sampling operator is also compared with torchvision's compiled deformable convolution
 (`torchvision.ops.deform_conv2d`, DCNv2), which computes DCNv3's sampling with a depthwise all-ones
 kernel: the compiled operator a user already has, with no build step (`torchvision_core`).
@@ -105,15 +109,26 @@ def straightforward_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.
     return self.output_proj(out)
 
 
+def compiled_core(x, offset, mask, kernel_size, groups, offset_scale=1.0):
+    """DCNv3 sampling by our optional compiled kernel (it takes mask logits: log of the mask here)."""
+    table = dcnv3_module._padded(x, torch.float32, reuse=True)
+    real = torch.promote_types(offset.dtype, torch.bfloat16)  # float32 or bfloat16
+    offset = offset.to(real).unflatten(-1, (-1, 2))
+    offset_x, offset_y = offset[..., 0].contiguous(), offset[..., 1].contiguous()
+    return dcnv3_module.compiled_kernel().dcnv3_sample(table, offset_x, offset_y, mask.to(real).log(), groups,
+                                                       kernel_size, offset_scale, 1, (kernel_size - 1) // 2, 1,
+                                                       0).to(x.dtype)
+
+
 @contextlib.contextmanager
-def use_forward(forward):
-    """Run every DCNv3 module with `forward`."""
-    saved = dcnv3_module.DCNv3.forward
-    dcnv3_module.DCNv3.forward = forward
+def use_forward(forward, kernel="torch"):
+    """Run every DCNv3 module with `forward`, ours with sampling `kernel`."""
+    saved = dcnv3_module.DCNv3.forward, dcnv3_module._kernel
+    dcnv3_module.DCNv3.forward, dcnv3_module._kernel = forward, kernel
     try:
         yield
     finally:
-        dcnv3_module.DCNv3.forward = saved
+        dcnv3_module.DCNv3.forward, dcnv3_module._kernel = saved
 
 
 def shared_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
@@ -126,7 +141,18 @@ def shared_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
     return self.output_proj(projected)
 
 
-FORWARDS = {"ours": dcnv3_module.DCNv3.forward, "grid_sample": straightforward_forward}
+FORWARDS = {"ours": (dcnv3_module.DCNv3.forward, "torch"), "compiled": (dcnv3_module.DCNv3.forward, "compiled"),
+            "grid_sample": (straightforward_forward, "torch")}
+
+
+def compiled_available() -> bool:
+    """Build the optional compiled kernel; False (with the reason printed) if it cannot be built."""
+    try:
+        dcnv3_module.compiled_kernel()
+        return True
+    except RuntimeError as e:
+        print(f"note: no 'compiled' column: {e}")
+        return False
 
 
 def compare(fns: dict, reps: int) -> dict[str, dict[str, float]]:
@@ -143,20 +169,23 @@ def compare(fns: dict, reps: int) -> dict[str, dict[str, float]]:
     return {name: {kind: 1e3 * statistics.median(v) for kind, v in t.items()} for name, t in times.items()}
 
 
-def under_each_forward(fn) -> dict:
-    """{"ours": fn under our DCNv3.forward, "grid_sample": fn under the straightforward one}."""
-    def run(forward):
+def under_each_forward(fn, names) -> dict:
+    """{"ours": fn under our DCNv3.forward, "compiled": ... with the compiled kernel, "grid_sample": fn
+    under the straightforward forward}, for those of `names`."""
+    def run(forward, kernel):
         def call():
-            with use_forward(forward):
+            with use_forward(forward, kernel):
                 return fn()
         return call
-    return {name: run(forward) for name, forward in FORWARDS.items()}
+    return {name: run(*FORWARDS[name]) for name in names}
 
 
 def row(label: str, t: dict[str, dict[str, float]]) -> str:
     ours, ref = t["ours"], t["grid_sample"]
     text = (f"{label:<38} wall {ours['wall']:8.1f} vs {ref['wall']:8.1f} ms x{ref['wall'] / ours['wall']:5.2f}  "
             f"cpu {ours['cpu']:8.1f} vs {ref['cpu']:8.1f} ms x{ref['cpu'] / ours['cpu']:5.2f}")
+    if "compiled" in t:  # our optional compiled kernel
+        text += f"  compiled {t['compiled']['wall']:8.1f} ms x{ref['wall'] / t['compiled']['wall']:5.2f}"
     if "torchvision" in t:  # torchvision's compiled DCNv2 operator, used as DCNv3's sampling
         text += f"  torchvision {t['torchvision']['wall']:8.1f} ms x{t['torchvision']['wall'] / ours['wall']:5.2f}"
     if "shared" in t:  # the best a layer could gain with sampling for free
@@ -202,32 +231,38 @@ def main(argv: list[str] | None = None) -> None:
     size, reps = (64, 1) if args.smoke else (args.size, args.reps)
     model = benchmark_model(args.smoke)
     backbone = model.backbone
+    names = [n for n in FORWARDS if n != "compiled" or compiled_available()]
     print(f"DCNv3: ours (gather + embedding_bag) vs straightforward (grid_sample); InternImage-T, {size}x{size}, "
-          f"{torch.get_num_threads()} threads, median of {reps}; x = straightforward / ours")
+          f"{torch.get_num_threads()} threads, median of {reps}; x = straightforward / ours (or / compiled)")
     for dtype in [getattr(torch, d) for d in args.dtypes]:
         model.to(dtype)
         name = str(dtype)[6:]
-        ops = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "torchvision")}
-        layers = {n: {"wall": 0.0, "cpu": 0.0} for n in (*FORWARDS, "shared")}
+        ops = {n: {"wall": 0.0, "cpu": 0.0} for n in (*names, "torchvision")}
+        layers = {n: {"wall": 0.0, "cpu": 0.0} for n in (*names, "shared")}
         with torch.no_grad():
             for side, layer, depth in dcnv3_levels(model, size):
                 channels, groups = layer.channels, layer.group
                 x = torch.randn(1, side, side, channels, dtype=dtype)
                 offset = torch.randn(1, side, side, groups * 18, dtype=dtype)
                 mask = torch.randn(1, side, side, groups, 9).softmax(-1).to(dtype).view(1, side, side, -1)
-                t = compare({"ours": lambda: dcnv3_module.dcnv3_core(x, offset, mask, 3, groups),
-                             "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups),
-                             "torchvision": lambda: torchvision_core(x, offset, mask, 3, groups)}, reps)
+                cores = {"ours": lambda: dcnv3_module.dcnv3_core(x, offset, mask, 3, groups),
+                         "compiled": lambda: compiled_core(x, offset, mask, 3, groups),
+                         "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups),
+                         "torchvision": lambda: torchvision_core(x, offset, mask, 3, groups)}
+                t = compare({n: f for n, f in cores.items() if n in names or n == "torchvision"}, reps)
                 print(row(f"{name} sampling op {side}x{side}x{channels}", t))
                 add(ops, t, depth)
-                t = compare({**under_each_forward(lambda: layer(x)), "shared": lambda: shared_forward(layer, x)}, reps)
-                diff = (layer(x).float() - under_each_forward(lambda: layer(x))["grid_sample"]().float()).abs().max()
-                print(row(f"{name} DCNv3 layer {side}x{side}x{channels}", t) + f"  max diff {diff.item():.1e}")
+                t = compare({**under_each_forward(lambda: layer(x), names), "shared": lambda: shared_forward(layer, x)}, reps)
+                outputs = {n: f().float() for n, f in under_each_forward(lambda: layer(x), names).items()}
+                diffs = "  ".join(f"{n} vs grid_sample max diff {(outputs[n] - outputs['grid_sample']).abs().max():.1e}"
+                                  for n in names if n != "grid_sample")
+                print(row(f"{name} DCNv3 layer {side}x{side}x{channels}", t) + "  " + diffs)
                 add(layers, t, depth)
             print(row(f"{name} sampling op, all {sum(backbone.depths)} layers", ops))
             print(row(f"{name} DCNv3 layer, all {sum(backbone.depths)} layers", layers))
             images = torch.randn(1, 3, size, size, dtype=dtype)
-            print(row(f"{name} UPerNet InternImage-T forward", compare(under_each_forward(lambda: model(images)), reps)))
+            print(row(f"{name} UPerNet InternImage-T forward", compare(under_each_forward(lambda: model(images), names),
+                                                                           reps)))
 
 
 if __name__ == "__main__":

@@ -139,14 +139,18 @@ def test_bands_and_batch_match_naive_reference(small_bands, monkeypatch, banded)
     assert (dcnv3_core(*inputs, 3, 3, 2.0) - ours).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("grad,banded", [(True, False), (False, True), (False, False)])
-def test_module_forward_matches_its_definition(grad, banded, small_bands, monkeypatch):
+@pytest.mark.parametrize("grad,banded,kernel", [(True, False, "torch"), (False, True, "torch"), (False, False, "torch"),
+                                               (False, True, "compiled"), (True, True, "compiled")])
+def test_module_forward_matches_its_definition(grad, banded, kernel, small_bands, monkeypatch, request):
     """Offsets/mask from the unprojected input (dwconv -> LN -> GELU -> Linear), softmax per group,
     sampling of the projected input, centre-feature gate, output projection; with autograd (one band)
     and without (band by band on CPU, the whole batch elsewhere; output projection straight into the
-    output)."""
+    output); with the optional compiled kernel (inference; with autograd it takes the plain path)."""
     if not banded:
         monkeypatch.setattr(dcnv3, "_BANDED_DEVICES", ())
+    if kernel == "compiled":
+        request.getfixturevalue("compiled_dcnv3")
+        monkeypatch.setattr(dcnv3, "_kernel", "compiled")
     torch.manual_seed(0)
     module = DCNv3(channels=8, group=2, offset_scale=2.0, center_feature_scale=True).eval()
     with torch.no_grad():
@@ -221,3 +225,86 @@ def test_module_without_autograd_follows_parameter_changes():
     reference.load_state_dict(module.state_dict())
     expected = reference(x)  # with autograd: nothing kept between calls
     assert expected.requires_grad and (got - expected).abs().max().item() <= 1e-6
+
+
+@pytest.fixture
+def compiled(compiled_dcnv3, monkeypatch):
+    """DCNv3 layers sample with the compiled kernel for this test."""
+    monkeypatch.setattr(dcnv3, "_kernel", "compiled")
+    return compiled_dcnv3
+
+
+@pytest.mark.parametrize(
+    "channels,group,kernel_size,offset_scale,dilation,center,shape",
+    [
+        (64, 4, 3, 1.0, 1, False, (2, 9, 13)),  # 16 channels per group (every InternImage): the specialised path
+        (48, 8, 3, 2.0, 1, False, (1, 7, 5)),  # 6 per group (the generic path), offset_scale 2
+        (32, 2, 5, 1.0, 1, True, (1, 6, 11)),  # kernel 5, centre-feature gate
+        (32, 2, 3, 0.5, 2, False, (1, 8, 6)),  # dilation 2, a fractional offset_scale
+        (16, 1, 3, 1.0, 1, False, (1, 1, 1)),  # a single pixel: every point but the centre in the border
+    ],
+)
+def test_compiled_kernel_matches_plain_path(compiled, monkeypatch, channels, group, kernel_size, offset_scale,
+                                            dilation, center, shape):
+    """The optional compiled kernel computes what the plain path computes (which the tests above
+    check against the naive loop): float32 within 1e-5, bfloat16 within one rounding step; offsets
+    large enough to leave the map, mask logits far apart."""
+    torch.manual_seed(0)
+    layer = DCNv3(channels, kernel_size, group=group, offset_scale=offset_scale, dilation=dilation,
+                  center_feature_scale=center).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        layer.offset.bias.normal_(0, 4.0)
+        layer.mask.bias.normal_(0, 10.0)
+        x = torch.randn(*shape, channels)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+            layer.to(dtype)
+            monkeypatch.setattr(dcnv3, "_kernel", "compiled")
+            got = layer(x.to(dtype))
+            monkeypatch.setattr(dcnv3, "_kernel", "torch")
+            expected = layer(x.to(dtype))
+            assert got.dtype == dtype and got.shape == expected.shape
+            scale = expected.float().abs().max().item()
+            assert (got.float() - expected.float()).abs().max().item() <= tolerance * max(scale, 1.0)
+
+
+def test_compiled_kernel_under_autocast_and_autograd(compiled):
+    """Under bfloat16 autocast (offsets in bfloat16, the norm in float32) the compiled path matches
+    the plain one; with autograd the plain path runs, so gradients reach the offsets."""
+    torch.manual_seed(0)
+    layer = DCNv3(32, group=2).eval()
+    with torch.no_grad():
+        layer.offset.weight.normal_(0, 0.5)
+        layer.mask.weight.normal_(0, 0.5)
+    x = torch.randn(1, 6, 7, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+        dcnv3._kernel = "torch"  # the fixture restores it
+        expected = layer(x)
+        dcnv3._kernel = "compiled"
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).abs().max().item() <= 2**-7 * expected.float().abs().max().item()
+    layer(x).sum().backward()
+    assert layer.offset.weight.grad.abs().sum() > 0
+
+
+def test_set_dcnv3_kernel_errors(monkeypatch):
+    """An unknown name, and a kernel that cannot be built: both say what is wrong and what to do,
+    and leave the default kernel in place."""
+    monkeypatch.setattr(dcnv3, "_kernel", "torch")
+    with pytest.raises(ValueError, match="expected one of torch, compiled"):
+        dcnv3.set_dcnv3_kernel("triton")
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    dcnv3.compiled_kernel.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"dcnv3_cpu\.cpp.*Ninja is required.*pip install ninja"):
+            dcnv3.set_dcnv3_kernel("compiled")
+    finally:
+        dcnv3.compiled_kernel.cache_clear()  # the next use builds for real
+    assert dcnv3._kernel == "torch"

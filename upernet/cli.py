@@ -31,6 +31,24 @@ def _load_any(model: str):
                    f"(see `upernet info --list`)")
 
 
+def _add_dcnv3_kernel(p) -> None:
+    p.add_argument("--dcnv3-kernel", choices=("torch", "compiled"), default="torch",
+                   help="InternImage models on CPU: 'compiled' samples DCNv3 with a C++ kernel built on first use "
+                        "(needs a C++ compiler and ninja; same results, faster); default: plain PyTorch")
+
+
+def _use_dcnv3_kernel(args) -> None:
+    """Apply --dcnv3-kernel (commands without it keep the default)."""
+    name = getattr(args, "dcnv3_kernel", "torch")
+    if name != "torch":
+        from upernet.models.backbones.dcnv3 import set_dcnv3_kernel
+
+        try:
+            set_dcnv3_kernel(name)
+        except RuntimeError as e:
+            raise CLIError(str(e)) from None
+
+
 # ---- info -----------------------------------------------------------------------------------
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters and FLOPs of a model")
@@ -94,6 +112,7 @@ def add_predict(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
     p.add_argument("--no-legend", action="store_true", help="no class legend on the overlays")
+    _add_dcnv3_kernel(p)
     p.set_defaults(handler=run_predict)
 
 
@@ -196,6 +215,7 @@ def add_eval(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
+    _add_dcnv3_kernel(p)
     p.set_defaults(handler=run_eval)
 
 
@@ -271,6 +291,7 @@ def add_bench(sub) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile (reports compile time)")
     p.add_argument("--runs", type=int, default=5, help="timed runs per row (median reported)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_dcnv3_kernel(p)
     p.set_defaults(handler=run_bench)
 
 
@@ -340,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if extras:
         args.overrides = list(args.overrides) + extras
     try:
+        _use_dcnv3_kernel(args)
         args.handler(args)
     except (CLIError, FileNotFoundError, ValueError) as e:
         print(f"upernet {args.command}: error: {e}", file=sys.stderr)

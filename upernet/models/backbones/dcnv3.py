@@ -17,8 +17,15 @@ the input (through the table) and to offsets and mask (through the weights), exa
 `grid_sample`. Under ONNX export the same indices and weights are reduced with Gather + MatMul,
 standard operators every runtime has. On CPU without autograd, `DCNv3` runs band by band so that
 the memory-bound elementwise work stays in the CPU caches (`_Sampling`).
+
+Optionally (`set_dcnv3_kernel("compiled")`), CPU inference runs the sampling as one compiled C++
+pass instead (`dcnv3_cpu.cpp`, built on first use): same arithmetic, several times faster.
 """
 from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +115,7 @@ class _Sampling:
             raise ValueError(f"DCNv3: {c} channels are not divisible by {groups} groups")
         self.n, self.h, self.w, self.c, self.h_out, self.w_out = n, h, w, c, h_out, w_out
         self.groups, self.k, self.offset_scale, self.dtype = groups, kernel_size * kernel_size, offset_scale, x.dtype
+        self.kernel_size, self.stride, self.pad, self.dilation = kernel_size, stride, pad, dilation
         self.exporting = torch.onnx.is_in_onnx_export()
         self.inplace = not grad
         banded = not grad and not self.exporting and x.device.type in _BANDED_DEVICES
@@ -193,6 +201,16 @@ class _Sampling:
                 result = result.add_(part)
         return result
 
+    def sample_compiled(self, index, offset_x, offset_y, logits):
+        """`sample(index, offset_x, offset_y, logits, mask_logits=True)` by the compiled kernel, as
+        (rows, W_out, C) in the dtype of the offsets (float32 or bfloat16). Banded CPU path only."""
+        image, rows = index
+        real = offset_x.dtype if offset_x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        per_point = (t.to(real).reshape(1, *t.shape[:-2], -1) for t in (offset_x, offset_y, logits))
+        table = self.table[image].view(1, self.h + 3, self.w + 3, self.c)
+        return compiled_kernel().dcnv3_sample(table, *per_point, self.groups, self.kernel_size, self.offset_scale,
+                                              self.stride, self.pad, self.dilation, rows.start)[0]
+
 
 def dcnv3_core(
     x: torch.Tensor,
@@ -239,6 +257,43 @@ def dcnv3_core(
     if out is not None:
         return out
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).to(x.dtype).view(n, h_out, w_out, -1)
+
+
+_KERNELS = ("torch", "compiled")
+_kernel = "torch"
+
+
+def set_dcnv3_kernel(name: str) -> None:
+    """Choose how DCNv3 layers sample at CPU inference: "torch" (the default: plain PyTorch, nothing
+    to build) or "compiled" (`dcnv3_cpu.cpp`, one pass per pixel, built here on first use by
+    `torch.utils.cpp_extension`: needs a C++ compiler and the `ninja` package). Training (autograd),
+    CUDA, ONNX export and dtypes other than float32/bfloat16 always take the plain path.
+    """
+    global _kernel
+    if name not in _KERNELS:
+        raise ValueError(f"DCNv3 kernel {name!r}: expected one of {', '.join(_KERNELS)}")
+    if name == "compiled":
+        compiled_kernel()  # a missing compiler fails here, not in the middle of a run
+    _kernel = name
+
+
+@functools.cache
+def compiled_kernel():
+    """The compiled CPU sampling extension (`dcnv3_cpu.cpp`), built once per source and torch
+    version and cached by torch (in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR)."""
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).with_name("dcnv3_cpu.cpp")
+    if sys.platform == "win32":
+        raise RuntimeError(f"DCNv3: the compiled kernel ({source}) needs GCC or Clang; use the default 'torch' kernel")
+    # -fno-trapping-math lets the compiler vectorise the clamps and int conversions (no -ffast-math:
+    # the arithmetic stays IEEE). -march=native: it is built on the machine that runs it.
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
+    try:
+        return load("upernet_dcnv3_cpu", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # compiler or ninja missing, compile error
+        raise RuntimeError(f"DCNv3: could not build the compiled kernel {source}: {e}. It needs a C++ compiler "
+                           f"(g++ or clang) and `pip install ninja`; the default 'torch' kernel needs neither.") from e
 
 
 class ToChannelsLast(nn.Module):
@@ -327,6 +382,7 @@ class DCNv3(nn.Module):
         # sampling and output projection are computed band by band (on CPU: a few rows at a time,
         # all in the CPU caches), the output projection straight into the output.
         weight, bias = self._offset_xy(grad)
+        compiled = _kernel == "compiled" and sampling.band is not None  # CPU inference: see set_dcnv3_kernel
         if not grad:  # each band's output projection goes straight into the output
             out = torch.empty_like(projected)  # in the dtype linear layers compute in (autocast's, if on)
             # addmm(out=) is not seen by autocast: cast as it would.
@@ -337,13 +393,11 @@ class DCNv3(nn.Module):
             offset_x, offset_y, logits = (F.linear(band, wt, bt).view(*band.shape[:-1], groups, k) for wt, bt in
                                           ((weight[0], bias[0]), (weight[1], bias[1]),
                                            (self.mask.weight, self.mask.bias)))
-            sampled = sampling.sample(index, offset_x, offset_y, logits, mask_logits=True)
-            sampled = sampled.to(projected.dtype).view(band.shape)
-            if self.center_feature_scale:
-                gate = torch.sigmoid(F.linear(band, self.center_feature_scale_proj_weight,
-                                              self.center_feature_scale_proj_bias))
-                gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
-                sampled = sampled * (1 - gate) + projected[index] * gate
+            if compiled:
+                sampled = sampling.sample_compiled(index, offset_x, offset_y, logits)
+            else:
+                sampled = sampling.sample(index, offset_x, offset_y, logits, mask_logits=True)
+            sampled = self._blend(sampled.to(projected.dtype).view(band.shape), projected[index], band)
             if grad:
                 parts.append(self.output_proj(sampled))
             else:
@@ -351,6 +405,15 @@ class DCNv3(nn.Module):
         if grad:
             out = parts[0] if len(parts) == 1 else torch.cat(parts).view(n, h, w, c)
         return out
+
+    def _blend(self, sampled: torch.Tensor, projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """With `center_feature_scale`, blend the sampled features with the projected input by a
+        learned per-group gate computed from the offset branch's `features`; else `sampled`."""
+        if not self.center_feature_scale:
+            return sampled
+        gate = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias))
+        gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
+        return sampled * (1 - gate) + projected * gate
 
     def _offset_xy(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The `offset` projection's weight and bias with the x rows first, then the y rows:
