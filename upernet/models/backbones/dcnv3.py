@@ -287,13 +287,28 @@ def compiled_kernel():
     if sys.platform == "win32":
         raise RuntimeError(f"DCNv3: the compiled kernel ({source}) needs GCC or Clang; use the default 'torch' kernel")
     # -fno-trapping-math lets the compiler vectorise the clamps and int conversions (no -ffast-math:
-    # the arithmetic stays IEEE). -march=native: it is built on the machine that runs it.
+    # the arithmetic stays IEEE). -march=native: it is built for this CPU, so the build's name carries
+    # the CPU's feature flags (a home folder shared by machines of several CPU types keeps one each).
     flags = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
     try:
-        return load("upernet_dcnv3_cpu", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return load(f"upernet_dcnv3_cpu_{_cpu_fingerprint()}", [str(source)], extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"])
     except Exception as e:  # compiler or ninja missing, compile error
         raise RuntimeError(f"DCNv3: could not build the compiled kernel {source}: {e}. It needs a C++ compiler "
                            f"(g++ or clang) and `pip install ninja`; the default 'torch' kernel needs neither.") from e
+
+
+def _cpu_fingerprint() -> str:
+    """A short hash of this CPU's model and feature flags (Linux's /proc/cpuinfo, else the platform)."""
+    import hashlib
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text = "\n".join(sorted({line for line in lines if line.startswith(("flags", "model name", "Features"))}))
+    except OSError:
+        text = platform.platform() + platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 class ToChannelsLast(nn.Module):
