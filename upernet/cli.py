@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extras:
         args.overrides = list(args.overrides) + extras
+    from upernet.models.scratch import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours: reuse freed activations instead of faulting them in again
     try:
         _use_dcnv3_kernel(args)
         args.handler(args)
