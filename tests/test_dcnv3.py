@@ -271,7 +271,7 @@ def test_compiled_kernel_matches_plain_path(compiled, monkeypatch, channels, gro
 
 def test_compiled_kernel_under_autocast_and_autograd(compiled):
     """Under bfloat16 autocast (offsets in bfloat16, the norm in float32) the compiled path matches
-    the plain one; with autograd the plain path runs, so gradients reach the offsets."""
+    the plain one; with autograd, and in float64, the plain path runs."""
     torch.manual_seed(0)
     layer = DCNv3(32, group=2).eval()
     with torch.no_grad():
@@ -287,6 +287,12 @@ def test_compiled_kernel_under_autocast_and_autograd(compiled):
     assert (got.float() - expected.float()).abs().max().item() <= 2**-7 * expected.float().abs().max().item()
     layer(x).sum().backward()
     assert layer.offset.weight.grad.abs().sum() > 0
+    # float64 (the kernel computes in float32) takes the plain path too: bit-identical.
+    layer.double()
+    with torch.no_grad():
+        got = layer(x.double())
+        dcnv3._kernel = "torch"
+        assert torch.equal(got, layer(x.double()))
 
 
 def test_set_dcnv3_kernel_errors(monkeypatch):

@@ -397,7 +397,8 @@ class DCNv3(nn.Module):
         # sampling and output projection are computed band by band (on CPU: a few rows at a time,
         # all in the CPU caches), the output projection straight into the output.
         weight, bias = self._offset_xy(grad)
-        compiled = _kernel == "compiled" and sampling.band is not None  # CPU inference: see set_dcnv3_kernel
+        compiled = (_kernel == "compiled" and sampling.band is not None  # CPU inference: see set_dcnv3_kernel
+                    and projected.dtype in (torch.float32, torch.bfloat16))
         if not grad:  # each band's output projection goes straight into the output
             out = torch.empty_like(projected)  # in the dtype linear layers compute in (autocast's, if on)
             # addmm(out=) is not seen by autocast: cast as it would.
@@ -412,7 +413,12 @@ class DCNv3(nn.Module):
                 sampled = sampling.sample_compiled(index, offset_x, offset_y, logits)
             else:
                 sampled = sampling.sample(index, offset_x, offset_y, logits, mask_logits=True)
-            sampled = self._blend(sampled.to(projected.dtype).view(band.shape), projected[index], band)
+            sampled = sampled.to(projected.dtype).view(band.shape)
+            if self.center_feature_scale:
+                gate = torch.sigmoid(F.linear(band, self.center_feature_scale_proj_weight,
+                                              self.center_feature_scale_proj_bias))
+                gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
+                sampled = sampled * (1 - gate) + projected[index] * gate
             if grad:
                 parts.append(self.output_proj(sampled))
             else:
@@ -420,15 +426,6 @@ class DCNv3(nn.Module):
         if grad:
             out = parts[0] if len(parts) == 1 else torch.cat(parts).view(n, h, w, c)
         return out
-
-    def _blend(self, sampled: torch.Tensor, projected: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """With `center_feature_scale`, blend the sampled features with the projected input by a
-        learned per-group gate computed from the offset branch's `features`; else `sampled`."""
-        if not self.center_feature_scale:
-            return sampled
-        gate = torch.sigmoid(F.linear(features, self.center_feature_scale_proj_weight, self.center_feature_scale_proj_bias))
-        gate = gate.repeat_interleave(self.channels // self.group, dim=-1)
-        return sampled * (1 - gate) + projected * gate
 
     def _offset_xy(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The `offset` projection's weight and bias with the x rows first, then the y rows:
