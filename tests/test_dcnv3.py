@@ -314,3 +314,20 @@ def test_set_dcnv3_kernel_errors(monkeypatch):
     finally:
         dcnv3.compiled_kernel.cache_clear()  # the next use builds for real
     assert dcnv3._kernel == "torch"
+
+
+def test_compiled_kernel_propagates_nan(compiled, monkeypatch):
+    """A NaN offset or mask logit (a diverged or corrupt model) gives NaN outputs, as the plain path
+    does, and never an out-of-range read."""
+    torch.manual_seed(0)
+    layer = DCNv3(32, group=2).eval()
+    x = torch.randn(1, 5, 6, 32)
+    with torch.no_grad():
+        for bias in (layer.offset.bias, layer.mask.bias):
+            bias.zero_()
+            bias[3] = float("nan")
+            monkeypatch.setattr(dcnv3, "_kernel", "compiled")
+            got = layer(x)
+            monkeypatch.setattr(dcnv3, "_kernel", "torch")
+            assert torch.equal(got.isnan(), layer(x).isnan()) and got.isnan().all()
+            bias.zero_()

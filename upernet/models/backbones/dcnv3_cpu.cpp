@@ -18,10 +18,11 @@ namespace {
 // exp(x) for x <= 0 in plain arithmetic that compilers vectorise (std::exp is a scalar call unless
 // -ffast-math): x = n ln2 + r with n the nearest integer, exp(r) by Cephes' polynomial, 2^n written
 // into the exponent bits. Relative error ~1e-7. Below -87 it returns exp(-87) (a softmax term
-// smaller than 1e-37 of the top one).
+// smaller than 1e-37 of the top one); NaN stays NaN.
 inline float exp_nonpositive(float x) {
   x = x < -87.f ? -87.f : x;
-  const int32_t n = (int32_t)(x * 1.44269504f - 0.5f);  // truncation of a value <= 0 is its ceil
+  const float finite = x > -87.f ? x : -87.f;  // NaN -> -87: no int conversion of NaN
+  const int32_t n = (int32_t)(finite * 1.44269504f - 0.5f);  // truncation of a value <= 0 is its ceil
   const float r = (x - (float)n * 0.693359375f) + (float)n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -81,11 +82,14 @@ void sample_pixel(const float* __restrict table, const scalar_t* __restrict off_
   }
 #pragma omp simd
   for (int64_t i = 0; i < gk; ++i) {  // positions in the bordered table, corners, weights
-    const float px = std::min(std::max(x_base + step_x[i] + (float)off_x[i] * scale, 0.f), x_max);
-    const float py = std::min(std::max(y_base + step_y[i] + (float)off_y[i] * scale, 0.f), y_max);
+    const float ux = x_base + step_x[i] + (float)off_x[i] * scale, uy = y_base + step_y[i] + (float)off_y[i] * scale;
+    float px = ux > 0.f ? ux : 0.f, py = uy > 0.f ? uy : 0.f;  // a NaN offset reads pixel 0 ...
+    px = px < x_max ? px : x_max;
+    py = py < y_max ? py : y_max;
+    const float m = ux == ux && uy == uy ? mask[i] : ux + uy;  // ... with a NaN weight, as the plain path
     const int32_t ix = (int32_t)px, iy = (int32_t)py;  // floor: px, py >= 0
     const float fx = px - (float)ix, fy = py - (float)iy;
-    const float wy1 = fy * mask[i], wy0 = mask[i] - wy1;
+    const float wy1 = fy * m, wy0 = m - wy1;
     w01[i] = wy0 * fx;
     w11[i] = wy1 * fx;
     w00[i] = wy0 - w01[i];
