@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..models.scratch import release_freed_memory
 from ..models.stats import count_macs
 from ..models.upernet import UPerNet
 from .fast import cpu_flags, native_bf16, prepare_for_inference
@@ -77,20 +78,10 @@ def _rss_kib(field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _release_free_memory() -> None:
-    """Hand memory that earlier calls freed back to the OS (glibc keeps it), so reuse is not free."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     """Peak resident-memory growth (MB) during `fn()`; None where the peak cannot be reset."""
     try:
-        _release_free_memory()
+        release_freed_memory()  # reuse of earlier calls' memory is not free
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current VmRSS
         before = _rss_kib("VmRSS")
     except OSError:

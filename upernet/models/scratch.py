@@ -61,11 +61,27 @@ def keep_freed_memory(limit: int = 2**30) -> bool:
     Process-wide, so `upernet`'s command line calls it and the library does not on import. Returns
     whether it applied: glibc only, and never over the user's own MALLOC_* / GLIBC_TUNABLES settings.
     """
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _MALLOC_SETTINGS):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+    libc = _glibc()
+    if libc is None or any(name in os.environ for name in _MALLOC_SETTINGS):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
-    return bool(mallopt(m_mmap_threshold, limit)) and bool(mallopt(m_trim_threshold, limit))
+    return bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
+
+
+def release_freed_memory() -> None:
+    """Hand the memory malloc keeps for reuse back to the OS now (glibc only; else nothing), e.g.
+    before measuring a peak so that reuse of earlier calls' memory is not counted as free."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None  # not musl, ...

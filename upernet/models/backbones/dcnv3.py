@@ -205,8 +205,7 @@ class _Sampling:
         """`sample(index, offset_x, offset_y, logits, mask_logits=True)` by the compiled kernel, as
         (rows, W_out, C) in the dtype of the offsets (float32 or bfloat16). Banded CPU path only."""
         image, rows = index
-        real = offset_x.dtype if offset_x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        per_point = (t.to(real).reshape(1, *t.shape[:-2], -1) for t in (offset_x, offset_y, logits))
+        per_point = (t.reshape(1, *t.shape[:-2], -1) for t in (offset_x, offset_y, logits))
         table = self.table[image].view(1, self.h + 3, self.w + 3, self.c)
         return compiled_kernel().dcnv3_sample(table, *per_point, self.groups, self.kernel_size, self.offset_scale,
                                               self.stride, self.pad, self.dilation, rows.start)[0]
