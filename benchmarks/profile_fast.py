@@ -13,8 +13,8 @@ import copy
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from upernet.engine.bench import transformers_pair
-from upernet.engine.fast import prepare_for_inference
+from upernet.inference.bench import transformers_pair
+from upernet.inference.prepare import prepare_for_inference
 
 GROUPS = {  # aten op -> group
     "aten::mkldnn_convolution": "convolution", "aten::_slow_conv2d_forward": "convolution",

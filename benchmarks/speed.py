@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from upernet.engine import bench
+from upernet.inference import bench
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from upernet.engine.config import load_config
-from upernet.engine.train import train
+from upernet.config import load_config
+from upernet.training.loop import train
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
 
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in val if r["kind"] == "val"]
-    print(f"recipe:        configs/builtin.yaml {' '.join(args.overrides)}".rstrip())
+    print(f"recipe:        builtin {' '.join(args.overrides)}".rstrip())
     print(f"model:         {config.model.name} {config.model.args}")
     print(f"iterations:    {result['iteration']} x batch {config.data.batch_size} "
           f"({config.data.crop_size[0]}x{config.data.crop_size[1]} crops), torch threads {torch.get_num_threads()}")

@@ -57,7 +57,7 @@ def test_bench_against_smp_on_the_same_weights(tmp_path, capsys):
     import segmentation_models_pytorch as smp
     import torch
 
-    from upernet.engine.bench import smp_pair
+    from upernet.inference.bench import smp_pair
 
     smp.UPerNet("resnet18", encoder_weights=None, classes=3, decoder_channels=16).save_pretrained(tmp_path / "smp")
     ours, peer = smp_pair(str(tmp_path / "smp"))

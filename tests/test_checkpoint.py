@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from upernet.engine import checkpoint as ckpt
+from upernet.training import checkpoint as ckpt
 
 
 def _state(value: float) -> dict:

@@ -28,11 +28,11 @@ def test_info_checkpoint_and_list(tmp_path, capsys):
 
 def test_info_unknown_name(capsys):
     assert main(["info", "upernet_nope"]) == 2
-    assert "neither an existing checkpoint path nor a registered model name" in capsys.readouterr().err
+    assert "upernet_nope: no such file or folder, nor a registered model name" in capsys.readouterr().err
 
 
 def test_overrides_may_follow_options(monkeypatch):
-    import upernet.engine.train as train_module
+    import upernet.training.loop as train_module
 
     seen = {}
 

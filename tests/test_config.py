@@ -5,9 +5,9 @@ import pytest
 import yaml
 
 import upernet
-from upernet.engine.config import Config, config_from_dict, load_config, save_config, to_dict
+from upernet.config import Config, config_from_dict, load_config, save_config, to_dict
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "upernet" / "configs").glob("*.yaml"))
 
 
 def test_overrides_are_typed_and_applied():
@@ -50,7 +50,7 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path.write_text("optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"recipe.yaml: unknown config key 'optim.learning_rate'"):
         load_config(path)
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ValueError, match="nope.yaml: no such recipe file"):
         load_config(tmp_path / "nope.yaml")
 
 

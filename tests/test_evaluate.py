@@ -11,8 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from upernet.engine.evaluate import evaluate, evaluate_confusion, format_table, save_results
-from upernet.engine.metrics import confusion_matrix, summarize
+from upernet.evaluation.evaluate import evaluate, evaluate_confusion, format_table, save_results
+from upernet.evaluation.metrics import confusion_matrix, summarize
 
 C = 4
 
@@ -121,8 +121,8 @@ def _tiny_real_model(num_classes=3):
 
 
 def test_eval_resizes_logits_before_the_softmax():
-    from upernet.engine.inference import infer
-    from upernet.models.upernet import resize
+    from upernet.inference.modes import infer
+    from upernet.ops.resize import resize
 
     model = _tiny_real_model()
     image = torch.randn(3, 40, 56)
@@ -226,7 +226,7 @@ def _tiny_config(tmp_path):
 def _direct_results(model, config_path):
     from upernet.data.datasets import build_dataset
     from upernet.data.transforms import build_eval_transform
-    from upernet.engine.config import load_config
+    from upernet.config import load_config
 
     d = load_config(config_path).data
     dataset = build_dataset(d.kind, d.root, d.val_split, build_eval_transform(d.scale, d.mean, d.std), **d.options)
@@ -248,7 +248,7 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "out" / "per_class.csv").open()))
     assert [r["class"] for r in rows] == ["sky", "tree", "road"] and "road" in printed and "mIoU" in printed
     assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 2
-    from upernet.engine.fast import native_bf16
+    from upernet.inference.prepare import native_bf16
 
     assert saved["settings"]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # the "auto" default
     # Without --flip (and with the default --out) the CLI gives the numbers of evaluate() called directly.
@@ -261,8 +261,8 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
 def test_cli_eval_training_checkpoint_uses_its_config(tmp_path, capsys):
     import upernet
     from upernet.cli import main
-    from upernet.engine.checkpoint import atomic_save
-    from upernet.engine.config import load_config, to_dict
+    from upernet.training.checkpoint import atomic_save
+    from upernet.config import load_config, to_dict
 
     torch.manual_seed(1)
     config_path = _tiny_config(tmp_path)
@@ -290,8 +290,8 @@ def test_docstring_args_match_signatures():
     import inspect
     import re
 
-    from upernet.engine import evaluate as ev
-    from upernet.engine import metrics
+    from upernet.evaluation import evaluate as ev
+    from upernet.evaluation import metrics
 
     for fn in [ev.evaluate, ev.evaluate_confusion, ev.evaluate_from_cli,
                metrics.confusion_matrix, metrics.summarize]:

@@ -6,7 +6,7 @@ import torch
 
 import upernet
 from upernet.cli import main
-from upernet.engine.export import OnnxModel, check_onnx, export_onnx
+from upernet.inference.export import OnnxModel, check_onnx, export_onnx
 
 TINY = dict(backbone_args={"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 48]}, channels=32)
 

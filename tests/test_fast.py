@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import upernet
 from upernet.data.synthetic import synthetic_sample
-from upernet.engine.fast import (
+from upernet.inference.prepare import (
     ConcatConv,
     FastUPerHead,
     adaptive_avg_pool2d_exportable,
@@ -118,7 +118,7 @@ def test_resolve_dtype_rejects_unknown_names():
 
 
 def test_auto_precision_is_bf16_only_on_hardware_with_native_bf16(monkeypatch):
-    from upernet.engine import fast
+    from upernet.inference import prepare as fast
 
     monkeypatch.setattr(fast, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert fast.autocast_dtype_for("auto", "cpu") == torch.bfloat16

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from upernet.models.registry import build_model
 from upernet.models.stats import count_macs
-from upernet.models.upernet import resized_conv3x3
+from upernet.ops.resize import resized_conv3x3
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

@@ -10,7 +10,7 @@ from torch import nn
 import upernet
 from upernet.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, DATASET_META,
                                   VOC_CLASSES, VOC_PALETTE, default_palette, resolve_meta, set_meta)
-from upernet.engine.inference import (MS_RATIOS, infer, load_image, normalize, parse_size, resize_image, resize_probs,
+from upernet.inference.modes import (MS_RATIOS, infer, load_image, normalize, parse_size, resize_image, resize_probs,
                                       resized_shape, slide_logits, window_grid)
 
 
@@ -272,7 +272,7 @@ def test_meta_defaults_and_set_meta(tmp_path):
 
 
 def test_resize_in_stripes_matches_interpolate():
-    from upernet.engine.inference import resize_in_stripes
+    from upernet.ops.resize import resize_in_stripes
 
     for (h, w), size in (((30, 40), (61, 83)), ((61, 83), (30, 40)), ((17, 5), (100, 7))):
         x = torch.randn(1, 4, h, w)

@@ -133,8 +133,8 @@ def test_flop_count_adds_published_dcn_convention():
 
 
 def test_layer_wise_lr_decay_as_reference():
-    from upernet.engine.config import OptimConfig
-    from upernet.engine.optim import param_groups
+    from upernet.config import OptimConfig
+    from upernet.training.optim import param_groups
 
     model = small_model(post_norm=False, offset_scale=1.0)  # depths 1, 1, 2, 1: 5 layers
     cfg = OptimConfig(name="adamw", lr=1.0, weight_decay=0.05, no_weight_decay=["norm", "bias", "1d"],
@@ -258,8 +258,8 @@ def tiny_backbone_state() -> dict:
 def test_backbone_checkpoint_option_initialises_the_training_model(tmp_path):
     """`model.backbone_checkpoint` loads an official ImageNet checkpoint (`{"model": ...}`, classifier
     keys, no layer scales) into the backbone before training; lr 1e-12 keeps them through a step."""
-    from upernet.engine.config import load_config
-    from upernet.engine.train import build_datasets, build_training_model, train
+    from upernet.config import load_config
+    from upernet.training.loop import build_datasets, build_training_model, train
 
     torch.manual_seed(3)
     source = tiny_backbone_state()
@@ -282,8 +282,8 @@ def test_backbone_checkpoint_option_initialises_the_training_model(tmp_path):
 
 
 def test_backbone_checkpoint_of_the_wrong_layout_names_the_file(tmp_path):
-    from upernet.engine.config import load_config
-    from upernet.engine.train import train
+    from upernet.config import load_config
+    from upernet.training.loop import train
 
     state = tiny_backbone_state()
     del state["levels.1.blocks.0.dcn.mask.weight"]
@@ -299,8 +299,8 @@ def test_backbone_checkpoint_of_the_wrong_layout_names_the_file(tmp_path):
 def test_backbone_checkpoint_of_another_backbone_is_its_state_dict(tmp_path):
     """Other backbones read a state dict of the backbone (here under "backbone.", as segmentation
     checkpoints store it); one that does not fit is an error naming the file."""
-    from upernet.engine.config import load_config
-    from upernet.engine.train import build_datasets, build_training_model
+    from upernet.config import load_config
+    from upernet.training.loop import build_datasets, build_training_model
 
     overrides = ["model.name=upernet_timm", "model.args={model_name: test_convnext, channels: 16, aux_channels: 8}"]
     config = load_config(None, TINY_RUN + overrides)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from upernet.engine.metrics import confusion_matrix, reduce, summarize
+from upernet.evaluation.metrics import confusion_matrix, reduce, summarize
 
 C = 7
 ABSENT_BOTH = 4  # never labelled, never predicted: IoU and Acc NaN, left out of both means

@@ -8,7 +8,7 @@ from PIL import Image
 
 from upernet.data.multitask import (BUILTIN_SOURCES, BrodenFolder, BuiltinSource, SourceSampler, builtin_tasks,
                                     multitask_sample)
-from upernet.engine.multitask import MultiTaskMetrics
+from upernet.training.multitask import MultiTaskMetrics
 
 
 def test_source_sampler_proportions_and_determinism():
@@ -86,18 +86,18 @@ def test_broden_missing_label_names_file(tmp_path):
 
 
 def test_short_multitask_training_run(tmp_path):
-    from upernet.engine.config import load_config
-    from upernet.engine.multitask import train_multitask
+    from upernet.config import load_config
+    from upernet.training.multitask import train_multitask
     import upernet
 
-    cfg = load_config("configs/upp_builtin.yaml", [
+    cfg = load_config("upp_builtin", [
         "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
         "val.interval=0", "train.checkpoint_interval=6", "model.args.channels=16", "data.options.val_samples=6"])
     trained = train_multitask(cfg, tmp_path / "run", progress=False)
     assert trained["iteration"] == 8
     # The texture phase (iterations 7-8) trains the texture head only: everything else, BatchNorm
     # statistics included, is exactly as after the main phase.
-    from upernet.engine.checkpoint import load_checkpoint
+    from upernet.training.checkpoint import load_checkpoint
 
     before = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000006.pt")["model"]
     after = load_checkpoint(tmp_path / "run" / "checkpoints" / "iter_0000008.pt")["model"]
@@ -128,7 +128,7 @@ def test_short_multitask_training_run(tmp_path):
 
     # eval prints the per-task table, from the final model folder or a training checkpoint
 
-    assert main(["eval", "configs/upp_builtin.yaml", "data.options.image_size=48", "data.options.val_samples=6",
+    assert main(["eval", "upp_builtin", "data.options.image_size=48", "data.options.val_samples=6",
                  "--checkpoint", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "eval")]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics == trained["val"]  # the same numbers as the loop's final validation
@@ -140,9 +140,9 @@ def test_short_multitask_training_run(tmp_path):
 def test_cli_train_stop_and_resume_is_exact(tmp_path):
     """`upernet train` dispatches to the multi-task loop; a stop + --resume equals the straight run."""
     from upernet.cli import main
-    from upernet.engine.checkpoint import load_checkpoint
+    from upernet.training.checkpoint import load_checkpoint
 
-    args = ["train", "configs/upp_builtin.yaml", "schedule.iters=3", "data.options.texture_iters=1",
+    args = ["train", "upp_builtin", "schedule.iters=3", "data.options.texture_iters=1",
             "data.options.image_size=32", "data.batch_size=2", "val.interval=0", "train.checkpoint_interval=2",
             "model.args.channels=8", "data.options.val_samples=1", "model.args.base_args.model_name=resnet10t"]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
@@ -166,7 +166,7 @@ def test_two_process_gloo_training(tmp_path):
     import upernet
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "upernet.cli",
-           "train", "configs/upp_builtin.yaml", "schedule.iters=4", "data.options.texture_iters=1",
+           "train", "upp_builtin", "schedule.iters=4", "data.options.texture_iters=1",
            "data.options.image_size=40", "data.batch_size=2", "val.interval=0", "model.args.channels=8",
            "data.options.val_samples=3", "train.log_interval=1", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

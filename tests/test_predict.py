@@ -7,7 +7,7 @@ from PIL import Image
 import upernet
 from upernet.cli import main
 from upernet.data.classes import set_meta
-from upernet.engine.predict import SAMPLE_IMAGE, overlay_image, save_label_png
+from upernet.inference.predict import SAMPLE_IMAGE, overlay_image, save_label_png
 
 NAMES = ["sky", "tree", "grass", "road", "house"]
 
@@ -58,7 +58,7 @@ def test_predict_folder_writes_labels_overlay_probs(checkpoint, tmp_path):
 
 
 def test_predict_matches_inference_api(checkpoint, tmp_path):
-    from upernet.engine.inference import infer, load_image, image_to_tensor, normalize
+    from upernet.inference.modes import infer, load_image, image_to_tensor, normalize
 
     _image(tmp_path / "x.png", (48, 40), 3)
     main(["predict", "--model", str(checkpoint), str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
@@ -140,7 +140,7 @@ def test_missing_input_and_bad_size(checkpoint, tmp_path, capsys):
 
 
 def test_large_images_resized_in_stripes_agree(checkpoint, tmp_path):
-    from upernet.engine.predict import predict
+    from upernet.inference.predict import predict
 
     _image(tmp_path / "in.png", (70, 52), 6)
     model = upernet.load_model(checkpoint)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import upernet
-from upernet.engine.fast import prepare_for_inference
+from upernet.inference.prepare import prepare_for_inference
 from upernet.models.backbones.dcnv3 import DCNv3
-from upernet.models.scratch import padded_scratch, scratch
+from upernet.ops.scratch import padded_scratch, scratch
 
 
 def test_scratch_reuses_and_grows():
@@ -51,7 +51,7 @@ def test_padded_scratch_equals_zero_padding_after_a_larger_call():
 
 _FREED_MEMORY_KEPT = """
 import ctypes, sys
-from upernet.models.scratch import keep_freed_memory
+from upernet.ops.scratch import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL("libc.so.6")
 class MallInfo2(ctypes.Structure):
@@ -85,7 +85,7 @@ def test_keep_freed_memory_keeps_a_freed_activation_for_reuse():
 
 def test_cli_keeps_freed_memory(monkeypatch):
     from upernet import cli
-    from upernet.models import scratch
+    from upernet.ops import scratch
 
     calls = []
     monkeypatch.setattr(scratch, "keep_freed_memory", lambda: calls.append(True) or True)

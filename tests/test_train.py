@@ -12,10 +12,10 @@ from PIL import Image
 
 import upernet
 from upernet import cli
-from upernet.engine.checkpoint import load_checkpoint, non_finite, periodic_checkpoints
-from upernet.engine.config import OptimConfig, ScheduleConfig, load_config
-from upernet.engine.optim import PolySchedule, build_optimizer, param_groups, poly_lr
-from upernet.engine.train import InfiniteSampler, TrainingDiverged, train
+from upernet.training.checkpoint import load_checkpoint, non_finite, periodic_checkpoints
+from upernet.config import OptimConfig, ScheduleConfig, load_config
+from upernet.training.optim import PolySchedule, build_optimizer, param_groups, poly_lr
+from upernet.training.loop import InfiniteSampler, TrainingDiverged, train
 
 # The built-in recipe shrunk to seconds: a 0.2 M-parameter ConvNeXt (LayerNorm only in the backbone)
 # with a 16-channel head on 32x32 synthetic scenes.
@@ -98,7 +98,7 @@ def test_convnext_stage_wise_lr_scales_as_mmsegmentation():
 
 
 def test_convnext_layer_wise_ids_as_mmsegmentation():
-    from upernet.engine.optim import convnext_layer_id
+    from upernet.training.optim import convnext_layer_id
 
     model = upernet.build_model("upernet_timm", model_name="convnext_atto", num_classes=3, channels=8, aux_channels=8,
                                 output_norms=True)

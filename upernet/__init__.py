@@ -1,14 +1,36 @@
-"""UPerNet semantic segmentation on any backbone."""
-import os
+"""UPerNet semantic segmentation on any backbone.
 
-# PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when this is
-# set: one page fault per 2 MB instead of 512 when a fresh activation is first written. Measured
-# here: UPerNet ConvNeXt-T inference 20-30% faster. torch reads it once, at its first allocation, so
-# it only takes effect when upernet is imported before torch (always so for the `upernet` command);
-# a value set by the user is kept.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import upernet
+    model = upernet.load_model("runs/demo/model")   # or a registered name, a Hugging Face folder, ...
 
-from .models import UPerNet, build_model, list_models, load_model  # noqa: E402
+Names are imported on first use, so `import upernet` (and `upernet --help`) stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["UPerNet", "build_model", "list_models", "load_model", "__version__"]
+
+_EXPORTS = {
+    "UPerNet": "upernet.models.upernet",
+    "build_model": "upernet.models.registry",
+    "list_models": "upernet.models.registry",
+    "load_model": "upernet.loading",
+    "save_model": "upernet.loading",
+    "UserError": "upernet.errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'upernet' has no attribute {name!r}")
+    module = importlib.import_module(_EXPORTS[name])
+    if module.__name__ == "upernet.models.registry":
+        importlib.import_module("upernet.models")  # fills the registry
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

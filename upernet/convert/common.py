@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..io import load_torch_file  # noqa: F401  (the converters' one safe reader)
+
 Rule = tuple[str, Optional[str]]
 
 
@@ -43,14 +45,6 @@ def rename_keys(
         shown = ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else "")
         raise ValueError(f"{source}: {len(unmatched)} keys of an unknown layout (unexpected keys): {shown}")
     return renamed, dropped
-
-
-def load_torch_file(path: str) -> dict:
-    """Read a `.pth`/`.bin` checkpoint without unpickling code (`weights_only=True`)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint with weights_only=True ({e})") from None
 
 
 def load_converted(

@@ -18,7 +18,7 @@ import torch
 
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from ..models.weights import read_json
+from ..io import read_json
 from .common import Rule, load_converted, load_torch_file
 from .mmseg import WB, conv_bn
 

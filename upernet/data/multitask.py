@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..models.weights import read_json
+from ..io import read_json
 from .synthetic import BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, _generator, _uniform, synthetic_sample
 from .transforms import IGNORE_INDEX, normalize, to_image_tensor
 

@@ -2,6 +2,6 @@
 from . import upp, zoo  # noqa: F401  (register the variants)
 from .registry import build_model, list_models, register_model
 from .upernet import FCNHead, UPerHead, UPerNet
-from .weights import load_model, save_model
+from .weights import save_model
 
-__all__ = ["UPerNet", "UPerHead", "FCNHead", "build_model", "list_models", "register_model", "load_model", "save_model"]
+__all__ = ["UPerNet", "UPerHead", "FCNHead", "build_model", "list_models", "register_model", "save_model"]

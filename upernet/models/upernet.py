@@ -5,12 +5,13 @@ Semantics follow mmsegmentation's `UPerHead` and `FCNHead`, which the published 
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..ops.resize import banded_resize, resize, resized_conv3x3, worth_resizing_after
 
 MIN_SIDE = 32  # inputs are padded up to this many pixels per side (the coarsest feature stride)
 
@@ -27,110 +28,6 @@ class ConvBNReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
-
-
-def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize to an exact (H, W); a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
-@functools.lru_cache(maxsize=256)
-def resize_matrix(out_size: int, in_size: int, align_corners: bool) -> torch.Tensor:
-    """(out_size, in_size) float64: PyTorch's bilinear resize of one axis as a matrix (2 taps per row)."""
-    j = torch.arange(out_size, dtype=torch.float64)
-    if align_corners:
-        src = j * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
-    else:  # PyTorch's source index: (j + 0.5) * in / out - 0.5, clamped at 0
-        src = ((j + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    weight = src - i0
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
-    matrix[j.long(), i0] += 1 - weight
-    matrix[j.long(), i1] += weight
-    return matrix
-
-
-def _bands(matrix: torch.Tensor, block: int) -> tuple:
-    """(row0, row1, col0, col1) blocks of `block` rows of `matrix`, each with the columns it uses."""
-    bands = []
-    for r0 in range(0, matrix.shape[0], block):
-        r1 = min(matrix.shape[0], r0 + block)
-        used = matrix[r0:r1].ne(0).any(0).nonzero()
-        bands.append((r0, r1, int(used.min()), int(used.max()) + 1))
-    return tuple(bands)
-
-
-@functools.lru_cache(maxsize=256)
-def _banded_resize(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
-    """`resize_matrix` and its `_bands`."""
-    matrix = resize_matrix(out_size, in_size, align_corners)
-    return matrix, _bands(matrix, block)
-
-
-@functools.lru_cache(maxsize=256)
-def _shifted_interpolation(out_size: int, in_size: int, align_corners: bool, block: int = 64) -> tuple:
-    """The bilinear resize of one axis, shifted by -1, 0, +1 output pixels, as one banded matrix.
-
-    Returns (matrix, bands): `matrix` is (out_size, 3 * in_size) float64 with column 3k + d holding
-    the weight of source pixel k in output pixel j + d - 1 (zero outside the axis, as a conv's zero
-    padding); `bands` lists (row0, row1, col0, col1) blocks of `block` output rows with the columns
-    they touch, so that the product skips the zeros of a large matrix.
-    """
-    resized = resize_matrix(out_size, in_size, align_corners)
-    matrix = torch.zeros(out_size, in_size, 3, dtype=torch.float64)
-    matrix[1:, :, 0] = resized[:-1]  # output j reads resized pixel j - 1
-    matrix[:, :, 1] = resized
-    matrix[:-1, :, 2] = resized[1:]  # ... and j + 1
-    matrix = matrix.reshape(out_size, 3 * in_size)
-    return matrix, _bands(matrix, block)
-
-
-def _banded_matmul(matrix: torch.Tensor, bands: tuple, x: torch.Tensor) -> torch.Tensor:
-    """matrix @ x for x (B, K, N), computed one band of rows at a time over the columns it uses."""
-    parts = [torch.matmul(matrix[r0:r1, c0:c1], x[:, c0:c1]) for r0, r1, c0, c1 in bands]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def resized_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
-    """`conv2d(resize(x, size), weight, padding=1)`, computed at x's own (smaller) resolution.
-
-    Bilinear resizing and the channel mixing of each of the 9 taps are both linear and act on different
-    axes, so they commute: the taps' 1x1 convs run on the small map (9 outputs per channel), and the
-    resize, the tap shifts and their sum become two banded matmuls, one per axis. Exact up to float
-    rounding; for a level at 1/2, 1/4, 1/8 of the size it costs about 1/4, 1/16, 1/64 of the
-    multiply-adds of the conv after resizing. UPerNet's fusion conv spends 2/3 of the model's
-    multiply-adds on the resized levels.
-
-    Args:
-        x: (N, C, h, w) map; channels_last memory avoids a copy.
-        weight: (C_out, C, 3, 3) weight of a stride-1, padding-1, undilated, ungrouped conv (no bias).
-        size: output (H, W).
-        align_corners: `align_corners` of the resize.
-
-    Returns:
-        (N, C_out, H, W), channels_last in memory.
-    """
-    n, c, h, w = x.shape
-    height, width = (int(v) for v in size)
-    out_channels = weight.shape[0]
-    # One 1x1 conv per tap; outputs ordered (dx, dy, C_out) so the first pass contracts (column, dx).
-    # (A reused output buffer for this product measured no faster in the interleaved benchmark.)
-    taps = weight.permute(3, 2, 0, 1).reshape(9 * out_channels, c)
-    z = F.linear(x.permute(0, 2, 3, 1), taps.to(x.dtype)).reshape(n * h, 3 * w, 3 * out_channels)
-    cols, col_bands = _shifted_interpolation(width, w, align_corners)
-    t = _banded_matmul(cols.to(z), col_bands, z)  # (N*h, W, [dy, C_out])
-    t = t.view(n, h, width, 3, out_channels).permute(0, 1, 3, 2, 4).reshape(n, 3 * h, width * out_channels)
-    rows, row_bands = _shifted_interpolation(height, h, align_corners)
-    y = _banded_matmul(rows.to(t), row_bands, t)  # (N, H, W * C_out)
-    return y.view(n, height, width, out_channels).permute(0, 3, 1, 2)
-
-
-def worth_resizing_after(x: torch.Tensor, size: Sequence[int]) -> bool:
-    """True when `resized_conv3x3` is cheaper than resizing first: at most half the output pixels."""
-    return 2 * x.shape[-2] * x.shape[-1] <= int(size[0]) * int(size[1]) and not torch.onnx.is_in_onnx_export()
 
 
 class UPerHead(nn.Module):
@@ -201,7 +98,7 @@ class UPerHead(nn.Module):
             else:
                 y = F.conv2d(resize(x, size, self.align_corners), weight, None, 1, 1)
             out = y if out is None else out + y
-        if conv.bias is not None:  # a folded BatchNorm (engine.fast)
+        if conv.bias is not None:  # a folded BatchNorm (inference.prepare)
             out = out + conv.bias.view(1, -1, 1, 1)
         return block.act(block.bn(out))
 
@@ -398,7 +295,7 @@ def upsampled_cross_entropy(
     height, width = labels.shape[-2:]
     size = (height, width) if size is None else (int(size[0]), int(size[1]))
     logits = logits.float()
-    matrix, bands = _banded_resize(size[0], logits.shape[-2], align_corners, band_rows)
+    matrix, bands = banded_resize(size[0], logits.shape[-2], align_corners, band_rows)
     rows = matrix.to(logits)
     total = logits.new_zeros(())
     with torch.autocast(logits.device.type, enabled=False):  # the resize and the loss in float32

@@ -8,20 +8,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+from ..io import atomic_write, read_json
 from .registry import build_model
 from .upernet import UPerNet
 
 FORMAT = "upernet"
 FORMAT_VERSION = 1
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, rename: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def model_config(model: UPerNet) -> dict:
@@ -37,9 +30,9 @@ def save_model(model: UPerNet, path: str | os.PathLike) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(model_config(model), indent=2)
-    _atomic_write(folder / "config.json", lambda p: p.write_text(text))
+    atomic_write(folder / "config.json", lambda p: p.write_text(text))
     return folder
 
 
@@ -69,44 +62,20 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     model.load_state_dict(state_dict, strict=True)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON file's content; invalid JSON is a ValueError naming the file."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def load_model(path: str | os.PathLike) -> UPerNet:
-    """Rebuild and load a model from our folder format or a Hugging Face UperNet folder.
-
-    Foreign single-file checkpoints (mmsegmentation, sssegmentation, ...) go through `upernet convert`.
-    """
-    folder = Path(path)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder}: no such checkpoint folder or file")
-    if folder.is_file():
-        from ..convert import convert_checkpoint
-
-        return convert_checkpoint(folder)
+def load_folder(folder: str | os.PathLike) -> UPerNet:
+    """Rebuild and load a model from our folder format (`config.json` + `model.safetensors`)."""
+    folder = Path(folder)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json in it)")
     config = read_json(config_file)
-    if config.get("model_type") == "upernet":
-        from ..convert.huggingface import convert_huggingface
-
-        return convert_huggingface(folder)
     if config.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: neither an upernet checkpoint (format 'upernet') nor a Hugging Face UperNet "
-                         f"one (model_type 'upernet')")
+        raise UserError(f"{config_file}: not an upernet model folder (no \"format\": \"upernet\")")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: checkpoint folder without weights (expected {weights.name})")
+        raise UserError(f"{folder}: model folder without weights (expected {weights.name})")
     model = build_from_config(config)
     try:
         state_dict = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{weights}: cannot read the weights ({e})") from None
+        raise UserError(f"{weights}: cannot read the weights ({e})") from None
     load_state_dict_strict(model, state_dict, str(weights))
     return model.eval()

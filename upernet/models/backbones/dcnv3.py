@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
-from ..scratch import padded_scratch
+from ...ops.scratch import padded_scratch
 
 
 def _sampling_grid(

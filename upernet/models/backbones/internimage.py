@@ -291,7 +291,7 @@ def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> l
     value. Returns the names of those left at their initial value; anything else that does not fit
     is an error naming the file.
     """
-    from ...convert.common import load_torch_file
+    from ...io import load_torch_file
     from ..weights import load_state_dict_strict
 
     source = str(path)

@@ -1,7 +1,7 @@
 """Training and evaluation of the multi-task UPerNet (Unified Perceptual Parsing) on several
 sources, each annotating only some tasks.
 
-    upernet train configs/upp_builtin.yaml      # data.kind "upp_builtin" or "broden" selects this loop
+    upernet train upp_builtin      # data.kind "upp_builtin" or "broden" selects this loop
 
 Each iteration draws one source with probability proportional to its size (the same draw on every
 process: it depends only on the seed and the iteration), takes a batch from it and puts a loss
@@ -26,10 +26,10 @@ from ..models import build_model
 from ..models.upp import upp_loss
 from ..models.weights import load_state_dict_strict
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
-from .config import Config, to_dict
-from .metrics import confusion_matrix, reduce, summarize
+from ..config import Config, to_dict
+from ..evaluation.metrics import confusion_matrix, reduce, summarize
 from .optim import PolySchedule, build_optimizer
-from .train import (InfiniteSampler, MetricsLog, SeededSamples, _amp, _finite_state, checked_step, set_train_mode,
+from .loop import (InfiniteSampler, MetricsLog, SeededSamples, _amp, _finite_state, checked_step, set_train_mode,
                     start_run)
 
 MULTITASK_KINDS = ("upp_builtin", "broden")
@@ -149,11 +149,11 @@ def evaluate_multitask_from_cli(model: nn.Module, config: Config, checkpoint: st
     """`upernet eval` of a multi-task model: the per-task table, saved as metrics.json."""
     import json
 
-    from .distributed import cleanup, init_distributed
+    from ..distributed import cleanup, init_distributed
 
     if config.data.kind not in MULTITASK_KINDS:
         raise ValueError(f"{checkpoint} is a multi-task model; evaluate it with a multi-task config "
-                         f"(data.kind {' or '.join(MULTITASK_KINDS)}), e.g. configs/upp_builtin.yaml")
+                         f"(data.kind {' or '.join(MULTITASK_KINDS)}), e.g. upp_builtin")
     sources, meta = build_sources(config, config.data.val_split)
     info = init_distributed(device)
     try:
@@ -176,7 +176,7 @@ def train_multitask(config: Config, run_dir: str | Path, resume: str | Path | No
     `stop_at` stops after that iteration with a checkpoint, which `resume` continues from."""
     from tqdm import tqdm
 
-    from .distributed import all_gather_objects, cleanup, init_distributed, prepare_model
+    from ..distributed import all_gather_objects, cleanup, init_distributed, prepare_model
 
     own_dist = info is None
     info = info or init_distributed(config.train.device)
@@ -317,8 +317,8 @@ def predict_multitask(model: nn.Module, inputs: Sequence[str | Path], out_dir: s
     from tqdm import tqdm
 
     from ..data.classes import default_palette
-    from .inference import find_images, parse_size
-    from .predict import PredictResult, _ImageFiles, _output_stems, overlay_image, save_label_png
+    from ..inference.modes import find_images, parse_size
+    from ..inference.predict import PredictResult, _ImageFiles, _output_stems, overlay_image, save_label_png
 
     meta = model.meta.get("tasks_meta", {})
     mean, std = model.meta.get("mean", (123.675, 116.28, 103.53)), model.meta.get("std", (58.395, 57.12, 57.375))

@@ -4,7 +4,7 @@ A recipe file holds the sections below (`model`, `data`, `optim`, `schedule`, `v
 nothing else: no inheritance, no registry of string types. Every key is checked against the
 dataclass fields and their types, so a typo fails with the key and the valid names:
 
-    config = load_config("configs/upernet_r50_ade20k_160k.yaml", ["optim.lr=0.02", "data.batch_size=4"])
+    config = load_config("upernet_r50_ade20k_512x512_160k", ["optim.lr=0.02", "data.batch_size=4"])
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
+
+from .errors import UserError
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -335,15 +337,35 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
     return config
 
 
+def list_recipes() -> list[str]:
+    """The names of the recipes that ship with the package (`upernet train NAME`)."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def find_recipe(path: str | Path | None) -> Path:
+    """A recipe file: an existing path, else a built-in recipe by name (`builtin`, `upp_builtin`,
+    `upernet_r50_ade20k_512x512_160k`, with or without `.yaml` or a `configs/` folder in front)."""
+    if path is None:
+        return BUILTIN_CONFIG
+    given = Path(path)
+    if given.is_file():
+        return given
+    name = given.name.removesuffix(".yaml").removesuffix(".yml")
+    if (RECIPES / f"{name}.yaml").is_file():
+        return RECIPES / f"{name}.yaml"
+    close = difflib.get_close_matches(name, list_recipes(), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; built-in recipes: {', '.join(list_recipes())}"
+    raise UserError(f"{path}: no such recipe file or built-in recipe name{hint}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a recipe YAML (default: the built-in synthetic recipe) and apply dotted overrides."""
-    path = Path(path) if path is not None else BUILTIN_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file (recipes are in configs/)")
+    """Read a recipe YAML (a file, or a built-in recipe's name; default the built-in synthetic one)
+    and apply dotted overrides."""
+    path = find_recipe(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
+        raise UserError(f"{path}: not valid YAML ({e})") from None
     return config_from_dict(data, overrides, source=str(path))
 
 
@@ -393,4 +415,5 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(dump_config(config))
 
 
-BUILTIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "builtin.yaml"
+RECIPES = Path(__file__).resolve().parent / "configs"
+BUILTIN_CONFIG = RECIPES / "builtin.yaml"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..models.upernet import UPerNet
-from .fast import prepare_for_inference
+from .prepare import prepare_for_inference
 
 INPUT, OUTPUT = "images", "logits"
 

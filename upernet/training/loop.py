@@ -1,9 +1,9 @@
 """The training loop: iteration-based, resumable, the same on one CPU or many GPUs.
 
-    upernet train                                   # the built-in synthetic recipe (configs/builtin.yaml)
-    upernet train configs/upernet_r50_ade20k_160k.yaml data.root=data/ade optim.lr=0.02 --out runs/r50
+    upernet train                                   # the built-in synthetic recipe (builtin)
+    upernet train upernet_r50_ade20k_512x512_160k data.root=data/ade optim.lr=0.02 --out runs/r50
     upernet train --resume --out runs/r50           # continue from the newest checkpoint of the run
-    torchrun --nproc_per_node 2 -m upernet.cli train configs/builtin.yaml
+    torchrun --nproc_per_node 2 -m upernet.cli train builtin
 
 A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (train loss/lr, validation
 metrics), `checkpoints/iter_<N>.pt` + `checkpoints/best.pt`, and at the end `model/` in our weight
@@ -34,8 +34,8 @@ from ..models import build_model
 from ..models.weights import load_state_dict_strict
 from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import Config, config_from_dict, save_config, to_dict
-from .distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
+from ..config import Config, config_from_dict, save_config, to_dict
+from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
                           prepare_model)
 from .optim import PolySchedule, build_optimizer
 
@@ -144,7 +144,7 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
     """Backbone weights from `path`: InternImage's ImageNet layout for InternImage, else a state dict
     of the backbone (optionally under "state_dict"/"model" and with a "backbone." prefix). Read with
     weights_only=True; a layout that does not fit is an error naming the file and the keys."""
-    from ..convert.common import load_torch_file
+    from ..io import load_torch_file
     from ..models.backbones.internimage import InternImage, load_classification_checkpoint
 
     if isinstance(backbone, InternImage):
@@ -273,7 +273,7 @@ def start_run(cfg: Config, run_dir: Path, resume, info: DistInfo) -> tuple[Path 
 def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress: bool, info: DistInfo) -> dict:
     from tqdm import tqdm
 
-    from .evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     cfg, device = config, info.device
     resume_file, checkpoint = start_run(cfg, run_dir, resume, info)
@@ -399,7 +399,7 @@ def _finite_state(ckpt: dict, iteration: int, last_saved: Path | None) -> dict:
 def train_from_cli(config_path: str | None, overrides: list[str], out: str | None, resume: str | None,
                    resume_flag: bool, stop_at: int | None) -> dict:
     """`upernet train`: resolve the config (a resumed run starts from its checkpoint's config)."""
-    from .config import load_config
+    from ..config import load_config
 
     run_dir = Path(out) if out else None
     if resume_flag:

@@ -1,6 +1,6 @@
 """Process-group helpers: the same training command runs alone or under `torchrun`.
 
-    torchrun --nproc_per_node 2 -m upernet.cli train configs/builtin.yaml
+    torchrun --nproc_per_node 2 -m upernet.cli train builtin
 
 `torchrun` sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything runs in one process.
 CPU processes talk through gloo, CUDA ones through NCCL.

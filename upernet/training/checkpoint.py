@@ -16,19 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.weights import _atomic_write
+from ..io import atomic_write, temp_path
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save` through a temp file in the same folder, fsync, rename: never half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-    except BaseException:
-        path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)  # the temp name `_atomic_write` uses
-        raise
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..models.scratch import release_freed_memory
+from ..ops.scratch import release_freed_memory
 from ..models.stats import count_macs
 from ..models.upernet import UPerNet
-from .fast import cpu_flags, native_bf16, prepare_for_inference
+from .prepare import cpu_flags, native_bf16, prepare_for_inference
 
 PEERS = ("transformers",)
 
@@ -117,7 +117,7 @@ def transformers_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
     """
     from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
 
-    from ..models.weights import load_model
+    from ..loading import load_model
 
     if Path(model).is_dir():
         return load_model(model), UperNetForSemanticSegmentation.from_pretrained(model).eval()

@@ -18,11 +18,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..data.classes import resolve_meta
-from .fast import fast_path
-from .inference import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
-                        normalize, parse_size, resize_image, resize_in_stripes)
+from .prepare import fast_path
+from .modes import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
+                        normalize, parse_size, resize_image)
+from ..ops.resize import resize_in_stripes
 
-SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "data" / "assets" / "sample.png"
+SAMPLE_IMAGE = Path(__file__).resolve().parents[1] / "data" / "assets" / "sample.png"
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio)
 MAX_FULL_SIZE = 2 ** 27  # classes x pixels (512 MB of float32) held at once at the original size
 
@@ -196,7 +197,7 @@ def predict(
     from tqdm import tqdm
 
     if hasattr(model, "tasks"):  # a multi-task (UPP) model: one picture per task + the scene label
-        from .multitask import predict_multitask
+        from ..training.multitask import predict_multitask
 
         return predict_multitask(model, inputs, out_dir, size="none" if size == "meta" else size, progress=progress)
     files = find_images(inputs)

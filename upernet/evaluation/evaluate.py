@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .fast import PRECISIONS, autocast_dtype_for, fast_path
-from .inference import infer
+from ..inference.prepare import PRECISIONS, autocast_dtype_for, fast_path
+from ..inference.modes import infer
 from .metrics import confusion_matrix, reduce, summarize
 
 
@@ -199,9 +199,10 @@ def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]
 def load_eval_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict | None]:
     """A model in eval mode from our folder format, a training checkpoint (.pt of `upernet train`) or a
     foreign checkpoint `upernet.load_model` converts; plus the training config stored with it, if any."""
-    from ..models import build_model, load_model
+    from ..loading import load_model
+    from ..models import build_model
     from ..models.weights import load_state_dict_strict
-    from .checkpoint import load_checkpoint
+    from ..training.checkpoint import load_checkpoint
 
     path = Path(checkpoint)
     if not path.exists():
@@ -267,9 +268,9 @@ def evaluate_from_cli(
     """
     from ..data.datasets import build_dataset
     from ..data.transforms import build_eval_transform
-    from .config import config_from_dict, load_config
-    from .distributed import cleanup, init_distributed
-    from .inference import MS_RATIOS
+    from ..config import config_from_dict, load_config
+    from ..distributed import cleanup, init_distributed
+    from ..inference.modes import MS_RATIOS
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -279,7 +280,7 @@ def evaluate_from_cli(
     else:
         config = load_config(config_path, list(overrides))
     if hasattr(model, "tasks"):  # a multi-task (UPP) model: every task of every validation source
-        from .multitask import evaluate_multitask_from_cli
+        from ..training.multitask import evaluate_multitask_from_cli
 
         return evaluate_multitask_from_cli(model, config, checkpoint, out, device)
     d, v = config.data, config.val

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from ..models.upernet import resize
+from ..ops.resize import resize
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 DEFAULT_CROP = (512, 512)
@@ -179,30 +179,6 @@ def resize_probs(probs: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     mmsegmentation's order (see `infer`).
     """
     return resize(probs.float(), tuple(size))
-
-
-def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of a bilinear resize (align_corners=False), as `F.interpolate` computes them."""
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)
-    src = ((torch.arange(n_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    low = src.floor().long().clamp(max=n_in - 1)
-    return low, (low + 1).clamp(max=n_in - 1), (src - low).float()
-
-
-def resize_in_stripes(x: torch.Tensor, size: Sequence[int], rows: int = 256) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Bilinear resize of (N, C, h, w) to `size`, yielded as (row slice, (N, C, rows, W)) stripes.
-
-    The values of `F.interpolate(x, size, mode="bilinear")` (up to float rounding) without ever
-    holding the full (N, C, H, W) result: many-class maps of large images in bounded memory.
-    """
-    height, width = size
-    y0, y1, wy = _bilinear_taps(x.shape[-2], height)
-    x0, x1, wx = _bilinear_taps(x.shape[-1], width)
-    for start in range(0, height, rows):
-        part = slice(start, min(start + rows, height))
-        a = wy[part].view(-1, 1)
-        stripe = x[..., y0[part], :] * (1 - a) + x[..., y1[part], :] * a
-        yield part, stripe[..., x0] * (1 - wx) + stripe[..., x1] * wx
 
 
 # ---- images ----------------------------------------------------------------------------------

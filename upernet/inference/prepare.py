@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.scratch import padded_scratch, scratch as _scratch
+from ..ops.scratch import padded_scratch, scratch as _scratch
 from ..models.upernet import ConvBNReLU, UPerHead, UPerNet, resize, resized_conv3x3, worth_resizing_after
 
 log = logging.getLogger(__name__)

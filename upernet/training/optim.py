@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import OptimConfig, ScheduleConfig
+from ..config import OptimConfig, ScheduleConfig
 
 LayerIdFn = Callable[[str, int, nn.Module], int]
 _LAYER_ID_FNS: dict[tuple[str, str], LayerIdFn] = {}
@@ -121,7 +121,7 @@ def layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn:
     known = sorted(f"{name} ({kind})" for name, kind in _LAYER_ID_FNS)
     raise ValueError(f"no {decay_type} layer decay is registered for model {family.split()[0]!r}; known families: "
                      f"{', '.join(known)} (set optim.layer_decay_type=none, or register one with "
-                     f"upernet.engine.optim.register_layer_id)")
+                     f"upernet.training.optim.register_layer_id)")
 
 
 def _no_decay(name: str, param: nn.Parameter, in_norm: bool, kinds: list[str]) -> bool:
