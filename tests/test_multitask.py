@@ -8,7 +8,7 @@ from PIL import Image
 
 from upernet.data.multitask import (BUILTIN_SOURCES, BrodenFolder, BuiltinSource, SourceSampler, builtin_tasks,
                                     multitask_sample)
-from upernet.training.multitask import MultiTaskMetrics
+from upernet.evaluation.multitask import MultiTaskMetrics
 
 
 def test_source_sampler_proportions_and_determinism():

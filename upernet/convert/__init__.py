@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from . import csail, huggingface, mmseg, mmseg_internimage, smp, sssegmentation
-from .common import load_torch_file
+from ..io import load_torch_file
 
 
 class Format(NamedTuple):

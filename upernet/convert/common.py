@@ -15,8 +15,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..io import load_torch_file  # noqa: F401  (the converters' one safe reader)
-
 Rule = tuple[str, Optional[str]]
 
 

@@ -19,7 +19,8 @@ import torch
 from ..data.classes import ADE20K_CLASSES, ADE20K_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from .common import Rule, load_converted, load_torch_file, peek_checkpoint
+from ..io import load_torch_file
+from .common import Rule, load_converted, peek_checkpoint
 from .mmseg import BN, WB, conv_bn, resnet_depth
 
 ENCODER_RULES: list[Rule] = [

@@ -18,8 +18,8 @@ import torch
 
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from ..io import read_json
-from .common import Rule, load_converted, load_torch_file
+from ..io import load_torch_file, read_json
+from .common import Rule, load_converted
 from .mmseg import WB, conv_bn
 
 

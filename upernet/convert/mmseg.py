@@ -16,7 +16,8 @@ import torch
 
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from .common import Rule, load_converted, load_torch_file, peek_checkpoint
+from ..io import load_torch_file
+from .common import Rule, load_converted, peek_checkpoint
 
 BN = r"(?P<p>weight|bias|running_mean|running_var|num_batches_tracked)"
 WB = r"(?P<p>weight|bias)"

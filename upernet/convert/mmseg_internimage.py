@@ -15,7 +15,8 @@ import torch
 
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from .common import Rule, load_converted, load_torch_file, peek_checkpoint
+from ..io import load_torch_file
+from .common import Rule, load_converted, peek_checkpoint
 from .mmseg import HEAD_RULES, _head_args, _unwrap
 
 BACKBONE_RULES: list[Rule] = [(r"(backbone\.(?:patch_embed|levels)\..+)", r"\1")]

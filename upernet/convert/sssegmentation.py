@@ -15,7 +15,8 @@ from pathlib import Path
 from ..data.classes import DATASET_META, IMAGENET_MEAN, IMAGENET_STD, set_meta
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
-from .common import Rule, load_converted, load_torch_file, peek_checkpoint
+from ..io import load_torch_file
+from .common import Rule, load_converted, peek_checkpoint
 from .mmseg import WB, conv_bn, resnet_depth, resnet_v1c_rules, resnet_variant
 
 # Their ConvModules are plain Sequentials: (conv, bn, relu); the PPM branches start with the pooling.

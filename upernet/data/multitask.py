@@ -238,3 +238,42 @@ class SourceSampler:
     def __call__(self, iteration: int) -> int:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
         return int(torch.multinomial(self.weights, 1, generator=g))
+
+
+# ---- the sources of a recipe -----------------------------------------------------------------
+MULTITASK_KINDS = ("upp_builtin", "broden")
+PIXEL_TASKS = ("object", "material")
+
+
+
+
+def build_sources(config, split: str) -> tuple[list[Dataset], dict]:
+    """The sources of a split and the class lists (meta) of the data."""
+    d = config.data
+    if d.kind == "upp_builtin":
+        size = int(d.options.get("image_size", 96))
+        count = d.options.get("val_samples") if split == d.val_split else None
+        return builtin_sources(split, image_size=size, seed=config.train.seed, num_samples=count), builtin_meta()
+    if d.kind == "broden":
+        meta = read_broden_meta(d.root)
+        names = d.options.get("sources") or list(meta["sources"])
+        return [BrodenFolder(d.root, name, split) for name in names], meta
+    raise ValueError(f"data.kind {d.kind!r} is not a multi-task kind ({', '.join(MULTITASK_KINDS)})")
+
+
+def tasks_of(meta: dict) -> dict:
+    tasks = {"object": len(meta["objects"]), "material": len(meta["materials"]), "scene": len(meta["scenes"]),
+             "texture": len(meta["textures"])}
+    if meta.get("parts"):
+        tasks["part"] = part_layout(meta["objects"], meta["parts"])
+    return {k: v for k, v in tasks.items() if v}
+
+
+def collate(items: list[dict]) -> dict:
+    tasks = items[0]["targets"].keys()
+    return {"image": torch.stack([it["image"] for it in items]),
+            "targets": {t: torch.stack([it["targets"][t] for it in items]) for t in tasks},
+            "source": items[0]["source"]}
+
+
+# ---- metrics ------------------------------------------------------------------------------------

@@ -280,7 +280,7 @@ def evaluate_from_cli(
     else:
         config = load_config(config_path, list(overrides))
     if hasattr(model, "tasks"):  # a multi-task (UPP) model: every task of every validation source
-        from ..training.multitask import evaluate_multitask_from_cli
+        from .multitask import evaluate_multitask_from_cli
 
         return evaluate_multitask_from_cli(model, config, checkpoint, out, device)
     d, v = config.data, config.val

@@ -197,7 +197,7 @@ def predict(
     from tqdm import tqdm
 
     if hasattr(model, "tasks"):  # a multi-task (UPP) model: one picture per task + the scene label
-        from ..training.multitask import predict_multitask
+        from .multitask import predict_multitask
 
         return predict_multitask(model, inputs, out_dir, size="none" if size == "meta" else size, progress=progress)
     files = find_images(inputs)

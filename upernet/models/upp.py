@@ -208,3 +208,15 @@ def upp_loss(model: "UPerNetUPP", outputs: dict[str, torch.Tensor], targets: dic
     weighted = {task: weights[task] * loss for task, loss in losses.items()}
     weighted["total"] = sum(weighted.values()) if weighted else next(iter(outputs.values())).sum() * 0
     return weighted
+
+
+def part_map(part_logits: torch.Tensor, objects: torch.Tensor, layout: dict) -> torch.Tensor:
+    """Global part ids (1 + offset in the part list; 0 = no part) from each pixel's predicted object."""
+    out = torch.zeros_like(objects)
+    start = 0
+    for obj, n in zip(layout["objects"], layout["num_parts"]):
+        inside = objects == obj
+        best = part_logits[:, start:start + n].argmax(1)
+        out[inside & (best > 0)] = (start + best)[inside & (best > 0)] + 1  # part 0 = that object's background
+        start += n
+    return out

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write, temp_path
+from ..io import atomic_write
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
