@@ -7,25 +7,7 @@ import torch
 import upernet
 from upernet.models import zoo
 
-# Reduced widths/depths so that every variant runs in well under a second on 2 cores.
-SMALL_BACKBONE = {
-    "upernet_convnext_*": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
-    "upernet_internimage_*": {"channels": 8, "depths": (1, 1, 1, 1), "groups": (1, 2, 2, 4)},
-    "upernet_r*": {"layers": (1, 1, 1, 1), "channels": (4, 8, 16, 32), "stem_width": 8},
-    "upernet_swin_*": {"embed_dim": 8, "depths": (2, 2, 1, 1), "num_heads": (1, 1, 2, 2), "window_size": 3},
-    "upernet_timm": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)},
-}
-HEAD = {"channels": 16, "aux_channels": 8}
-
-
-def small_args(name: str) -> dict:
-    import fnmatch
-
-    for pattern, args in SMALL_BACKBONE.items():
-        if fnmatch.fnmatch(name, pattern):
-            return {"backbone_args": args, **HEAD}
-    raise KeyError(f"no reduced-size arguments for {name}: add them to SMALL_BACKBONE")
-
+from conftest import SMALL_BACKBONE, small_args
 
 # Single-task variants; the multi-task ones (upernet_upp*) have their own sweep in test_upp_model.py.
 SINGLE_TASK = [n for n in upernet.list_models() if not n.startswith("upernet_upp")]
