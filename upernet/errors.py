@@ -9,3 +9,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input the user can fix; the message names the file or option and the fix."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist (still a FileNotFoundError for library callers)."""

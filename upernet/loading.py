@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError
+from .errors import MissingFile, UserError
 from .io import load_torch_file, read_json
 from .models.registry import build_model, list_models
 from .models.weights import build_from_config, load_folder, load_state_dict_strict, save_model
@@ -63,6 +63,24 @@ def model_from_training_checkpoint(content: dict, source: str) -> nn.Module:
     return model.eval()
 
 
+def is_our_model(path: str | os.PathLike) -> bool:
+    """True for what `upernet train` or `save_model` wrote: our model folder, a training checkpoint,
+    a run folder (what `convert` need not convert)."""
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        if config.is_file():
+            content = read_json(config)
+            return isinstance(content, dict) and content.get("format") == "upernet"
+        return (path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
+    if path.suffix in (".pt", ".pth", ".ckpt") and path.is_file():
+        try:
+            return is_training_checkpoint(load_torch_file(path))
+        except UserError:
+            return False
+    return False
+
+
 def load_model(source: str | os.PathLike) -> nn.Module:
     """The model `source` names, in eval mode; see the module docstring for what `source` may be."""
     text = str(source)
@@ -70,7 +88,7 @@ def load_model(source: str | os.PathLike) -> nn.Module:
     if not path.exists():
         if text in list_models():
             return build_model(text).eval()
-        raise UserError(f"{text}: no such file or folder, nor a registered model name; give {MODEL_SOURCES}")
+        raise MissingFile(f"{text}: no such file or folder, nor a registered model name; give {MODEL_SOURCES}")
     if path.is_dir():
         if (path / "config.json").is_file():
             config = read_json(path / "config.json")
@@ -95,4 +113,20 @@ def load_model(source: str | os.PathLike) -> nn.Module:
     return convert_checkpoint(path)
 
 
-__all__ = ["load_model", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
+def stored_recipe(source: str | os.PathLike) -> dict | None:
+    """The training recipe (as a plain dict) stored with a model, if there is one: the `config` of a
+    training checkpoint, the `config.yaml` of a run folder or of the run a `model/` folder belongs to."""
+    import yaml
+
+    path = Path(source)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
+        content = load_torch_file(path)
+        return content["config"] if is_training_checkpoint(content) else None
+    for folder in (path, path.parent):
+        recipe = folder / "config.yaml"
+        if path.is_dir() and recipe.is_file() and ((folder / "model").is_dir() or (folder / "checkpoints").is_dir()):
+            return yaml.safe_load(recipe.read_text())
+    return None
+
+
+__all__ = ["stored_recipe", "load_model", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]

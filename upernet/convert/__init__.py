@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+from ..errors import MissingFile, UserError
 from . import csail, huggingface, mmseg, mmseg_internimage, smp, sssegmentation
 from ..io import load_torch_file
 
@@ -48,7 +49,7 @@ def detect_format(path: str | Path) -> str:
             return name
     if path.is_file():
         load_torch_file(str(path))  # a file torch.load refuses: its error says why (e.g. pickled Python objects)
-    raise ValueError(f"{path}: unknown checkpoint layout; known formats: {', '.join(FORMATS)} (or pass --from)")
+    raise UserError(f"{path}: unknown checkpoint layout; known formats: {', '.join(FORMATS)} (or pass --from)")
 
 
 def convert_checkpoint(path: str | Path, fmt: str | None = None, **options: Any):
@@ -62,14 +63,14 @@ def convert_checkpoint(path: str | Path, fmt: str | None = None, **options: Any)
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise MissingFile(f"{path}: no such file or folder")
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     entry = FORMATS[fmt]
     given = {k: v for k, v in options.items() if v is not None and not (k == "strict" and v is True)}
     unsupported = sorted(set(given) - set(entry.options))
     if unsupported:
-        raise ValueError(f"{path}: the {fmt} converter does not take {', '.join(unsupported)} "
+        raise UserError(f"{path}: the {fmt} converter does not take {', '.join(unsupported)} "
                          f"(it takes: {', '.join(entry.options) or 'no options'})")
     return entry.convert(path, **given)

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..errors import UserError
+
 Rule = tuple[str, Optional[str]]
 
 
@@ -34,14 +36,14 @@ def rename_keys(
                 else:
                     new_key = pattern.sub(replacement, key)
                     if new_key in renamed:
-                        raise ValueError(f"{source}: two source keys map to {new_key!r} (one is {key!r})")
+                        raise UserError(f"{source}: two source keys map to {new_key!r} (one is {key!r})")
                     renamed[new_key] = tensor
                 break
         else:
             unmatched.append(key)
     if unmatched:
         shown = ", ".join(unmatched[:20]) + (" ..." if len(unmatched) > 20 else "")
-        raise ValueError(f"{source}: {len(unmatched)} keys of an unknown layout (unexpected keys): {shown}")
+        raise UserError(f"{source}: {len(unmatched)} keys of an unknown layout (unexpected keys): {shown}")
     return renamed, dropped
 
 

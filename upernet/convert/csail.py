@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..data.classes import ADE20K_CLASSES, ADE20K_PALETTE, IMAGENET_MEAN, IMAGENET_STD
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
@@ -89,13 +90,13 @@ def convert_csail(path: Path, strict: bool = True) -> UPerNet:
     """
     pair = _pair(path)
     if pair is None:
-        raise ValueError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
+        raise UserError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
     encoder, decoder = (load_torch_file(str(p)) for p in pair)
     source = f"{pair[0]} + {pair[1].name}"
     if "conv3.weight" not in encoder or encoder["conv3.weight"].shape[0] != 128:
-        raise ValueError(f"{pair[0]}: not a CSAIL ResNet encoder with the 64-64-128 stem (conv3.weight 128 channels)")
+        raise UserError(f"{pair[0]}: not a CSAIL ResNet encoder with the 64-64-128 stem (conv3.weight 128 channels)")
     if decoder["ppm_last_conv.0.weight"].shape[0] != decoder["ppm_conv.0.0.weight"].shape[0]:
-        raise ValueError(f"{pair[1]}: FPN width {decoder['ppm_last_conv.0.weight'].shape[0]} differs from the PPM width "
+        raise UserError(f"{pair[1]}: FPN width {decoder['ppm_last_conv.0.weight'].shape[0]} differs from the PPM width "
                          f"{decoder['ppm_conv.0.0.weight'].shape[0]} (upernet_lite); only 'upernet' converts")
     depth = resnet_depth(list(encoder), "", str(pair[0]))
     model = build_model(

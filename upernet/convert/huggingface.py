@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFile, UserError
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from ..io import load_torch_file, read_json
@@ -95,7 +96,7 @@ def detect(path: Path) -> bool:
 
 def _require(condition: bool, config_file: Path, message: str) -> None:
     if not condition:
-        raise ValueError(f"{config_file}: {message}")
+        raise UserError(f"{config_file}: {message}")
 
 
 def _convnext_args(bb: dict, config_file: Path) -> tuple[str, dict]:
@@ -133,7 +134,7 @@ def _head_args(config: dict, aux_in_channels: int, config_file: Path) -> dict:
              "auxiliary_concat_input=True (FCN head concatenating its input) is not supported")
     aux = config.get("use_auxiliary_head", True)
     if aux and config.get("auxiliary_in_channels") not in (None, aux_in_channels):
-        raise ValueError(f"{config_file}: auxiliary_in_channels {config['auxiliary_in_channels']} differs from the "
+        raise UserError(f"{config_file}: auxiliary_in_channels {config['auxiliary_in_channels']} differs from the "
                          f"{aux_in_channels} channels of the backbone level the auxiliary head reads (stage3)")
     return {"channels": config.get("hidden_size", 512), "pool_scales": list(config.get("pool_scales", [1, 2, 3, 6])),
             "aux_head": aux, "aux_level": 2, "aux_channels": config.get("auxiliary_channels", 256),
@@ -163,9 +164,9 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
             if name.endswith(".safetensors"):
                 return load_file(str(file)), file
         except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-            raise ValueError(f"{file}: cannot read the weights ({e})") from None
+            raise UserError(f"{file}: cannot read the weights ({e})") from None
         return load_torch_file(str(file)), file
-    raise FileNotFoundError(f"{folder}: Hugging Face checkpoint folder without weights (expected one of {', '.join(WEIGHT_FILES)})")
+    raise MissingFile(f"{folder}: Hugging Face checkpoint folder without weights (expected one of {', '.join(WEIGHT_FILES)})")
 
 
 def fuse_qkv(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -180,7 +181,7 @@ def fuse_qkv(state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torc
     for (prefix, param), parts in groups.items():
         missing = [f"{prefix}.{p}.{param}" for p in "qkv" if p not in parts]
         if missing:
-            raise ValueError(f"{source}: incomplete query/key/value projections; missing {', '.join(missing)}")
+            raise UserError(f"{source}: incomplete query/key/value projections; missing {', '.join(missing)}")
         fused[f"{prefix}.qkv.{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return fused
 
@@ -195,7 +196,7 @@ def convert_huggingface(path: Path, strict: bool = True) -> UPerNet:
     folder = Path(path)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{folder}: not a Hugging Face checkpoint folder (no config.json in it)")
+        raise MissingFile(f"{folder}: not a Hugging Face checkpoint folder (no config.json in it)")
     config = read_json(config_file)
     _require(config.get("model_type") == "upernet", config_file, f"model_type is {config.get('model_type')!r}, expected 'upernet'")
     bb = config.get("backbone_config") or {}

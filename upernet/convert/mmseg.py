@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from ..io import load_torch_file
@@ -46,7 +47,7 @@ def resnet_depth(keys: list[str], prefix: str, source: str) -> int:
     blocks = {int(m[1]) for k in keys if (m := re.match(rf"{re.escape(prefix)}layer3\.(\d+)\.conv3\.weight$", k))}
     depth = {6: 50, 23: 101}.get(len(blocks))
     if depth is None:
-        raise ValueError(f"{source}: a ResNet with {len(blocks)} bottleneck blocks in stage 3; supported: ResNet-50 (6) "
+        raise UserError(f"{source}: a ResNet with {len(blocks)} bottleneck blocks in stage 3; supported: ResNet-50 (6) "
                          f"and ResNet-101 (23)")
     return depth
 
@@ -54,7 +55,7 @@ def resnet_depth(keys: list[str], prefix: str, source: str) -> int:
 def resnet_variant(depth: int, output_stride: int) -> str:
     """Our registered name of a ResNet V1c UPerNet: upernet_r50, upernet_r101_d8, ..."""
     if output_stride not in (8, 16, 32):
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        raise UserError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     return f"upernet_r{depth}" + ("" if output_stride == 32 else f"_d{output_stride}")
 
 
@@ -143,14 +144,14 @@ def _head_args(state_dict: dict[str, torch.Tensor], level_channels: list[int], s
     """channels, aux head width/depth/level and dropout, read from the tensor shapes."""
     num_scales = len({k.split(".")[2] for k in state_dict if k.startswith("decode_head.psp_modules.")})
     if num_scales != 4:
-        raise ValueError(f"{source}: {num_scales} PPM branches; only the standard pool scales (1, 2, 3, 6) are supported")
+        raise UserError(f"{source}: {num_scales} PPM branches; only the standard pool scales (1, 2, 3, 6) are supported")
     args = {"channels": state_dict["decode_head.fpn_bottleneck.conv.weight"].shape[0], "dropout": 0.1,
             "aux_head": "auxiliary_head.conv_seg.weight" in state_dict}
     if args["aux_head"]:
         convs = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("auxiliary_head.convs.")})
         reads = (state_dict["auxiliary_head.convs.0.conv.weight"] if convs else state_dict["auxiliary_head.conv_seg.weight"]).shape[1]
         if reads not in level_channels:
-            raise ValueError(f"{source}: the auxiliary head reads {reads} channels, no backbone level has that many "
+            raise UserError(f"{source}: the auxiliary head reads {reads} channels, no backbone level has that many "
                              f"({level_channels})")
         args.update(aux_level=level_channels.index(reads), aux_num_convs=len(convs),
                     aux_channels=state_dict["auxiliary_head.conv_seg.weight"].shape[1] if convs else 256)
@@ -191,7 +192,7 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
     source = str(path)
     unwrapped = _unwrap(load_torch_file(source))
     if unwrapped is None:
-        raise ValueError(f"{source}: not an mmsegmentation UPerNet checkpoint (no state_dict with decode_head.fpn_bottleneck)")
+        raise UserError(f"{source}: not an mmsegmentation UPerNet checkpoint (no state_dict with decode_head.fpn_bottleneck)")
     state_dict, meta = unwrapped
     keys = list(state_dict)
     transform = None
@@ -208,10 +209,10 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
         name, backbone_args, channels = _swin_args(state_dict)
         rules, transform = SWIN_RULES, _from_unfold_order
     else:
-        raise ValueError(f"{source}: unknown backbone layout (supported: ResNetV1c, ConvNeXt, Swin); first keys: "
+        raise UserError(f"{source}: unknown backbone layout (supported: ResNetV1c, ConvNeXt, Swin); first keys: "
                          f"{', '.join(keys[:5])}")
     if output_stride and not name.startswith("upernet_r"):
-        raise ValueError(f"{source}: output_stride applies to ResNet backbones only, this one is {name}")
+        raise UserError(f"{source}: output_stride applies to ResNet backbones only, this one is {name}")
     num_classes = state_dict["decode_head.conv_seg.weight"].shape[0]
     extra = {"backbone_args": backbone_args} if backbone_args else {}
     model = build_model(name, num_classes=num_classes, **extra, **_head_args(state_dict, channels, source))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from ..io import load_torch_file
@@ -63,7 +64,7 @@ def internimage_args(state_dict: dict[str, torch.Tensor], config_text: str, sour
     if text_scale is not None:
         offset_scale = float(text_scale)
     if offset_scale is None:
-        raise ValueError(f"{source}: cannot tell the offset_scale of this InternImage (channels {channels}, depths "
+        raise UserError(f"{source}: cannot tell the offset_scale of this InternImage (channels {channels}, depths "
                          f"{list(depths)}): it is not a published variant and the meta has no config text")
     args = {
         "channels": channels, "depths": list(depths), "groups": groups, "offset_scale": offset_scale,
@@ -78,7 +79,7 @@ def internimage_args(state_dict: dict[str, torch.Tensor], config_text: str, sour
     if post_norms:
         ids = _config_value(config_text, "level2_post_norm_block_ids")
         if ids is None:
-            raise ValueError(f"{source}: level 2 has {len(post_norms)} extra post-norms but the meta has no config "
+            raise UserError(f"{source}: level 2 has {len(post_norms)} extra post-norms but the meta has no config "
                              f"text saying after which layers (level2_post_norm_block_ids)")
         args.update(level2_post_norm=True, level2_post_norm_block_ids=[int(v) for v in re.findall(r"\d+", ids)])
     return name, args
@@ -94,7 +95,7 @@ def convert_internimage(path: Path, strict: bool = True) -> UPerNet:
     source = str(path)
     unwrapped = _unwrap(load_torch_file(source))
     if unwrapped is None or _PROBE not in unwrapped[0]:
-        raise ValueError(f"{source}: not an InternImage UPerNet checkpoint (no state_dict with {_PROBE})")
+        raise UserError(f"{source}: not an InternImage UPerNet checkpoint (no state_dict with {_PROBE})")
     state_dict, meta = unwrapped
     config_text = str(meta.get("config") or meta.get("cfg") or "")
     name, backbone_args = internimage_args(state_dict, config_text, source)

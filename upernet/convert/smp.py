@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import MissingFile, UserError
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from .common import Rule, load_converted
@@ -65,7 +66,7 @@ def _timm_name(config: dict, config_file: Path) -> str:
         return name[3:]
     if name in TORCHVISION_ENCODERS:
         return TORCHVISION_ENCODERS[name]
-    raise ValueError(f"{config_file}: encoder {name!r} is not supported; supported: tu-<any timm model>, "
+    raise UserError(f"{config_file}: encoder {name!r} is not supported; supported: tu-<any timm model>, "
                      f"{', '.join(TORCHVISION_ENCODERS)}")
 
 
@@ -82,20 +83,20 @@ def convert_smp(path: Path, strict: bool = True) -> UPerNet:
     config_file = folder / "config.json"
     config = _read_config(folder)
     if config is None:
-        raise ValueError(f"{config_file}: not an smp UPerNet config (no \"_model_class\": \"UPerNet\")")
+        raise UserError(f"{config_file}: not an smp UPerNet config (no \"_model_class\": \"UPerNet\")")
     if "decoder_pyramid_channels" in config:
-        raise ValueError(f"{config_file}: an smp < 0.5 UPerNet (decoder_pyramid_channels); only the 0.5+ layout converts")
+        raise UserError(f"{config_file}: an smp < 0.5 UPerNet (decoder_pyramid_channels); only the 0.5+ layout converts")
     supported = {"encoder_depth": (5,), "in_channels": (3,), "upsampling": (4,), "decoder_use_norm": ("batchnorm", True)}
     for key, values in supported.items():
         if config.get(key, values[0]) not in values:
-            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported (only {values[0]!r})")
+            raise UserError(f"{config_file}: {key}={config[key]!r} is not supported (only {values[0]!r})")
     weights = folder / "model.safetensors"
     if not weights.is_file():
-        raise FileNotFoundError(f"{folder}: smp folder without weights (expected {weights.name})")
+        raise MissingFile(f"{folder}: smp folder without weights (expected {weights.name})")
     try:
         state_dict = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise ValueError(f"{weights}: cannot read the weights ({e})") from None
+        raise UserError(f"{weights}: cannot read the weights ({e})") from None
     model = build_model(
         "upernet_timm",
         model_name=_timm_name(config, config_file),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import UserError
 from ..data.classes import DATASET_META, IMAGENET_MEAN, IMAGENET_STD, set_meta
 from ..models.registry import build_model
 from ..models.upernet import UPerNet
@@ -55,19 +56,19 @@ def convert_sssegmentation(path: Path, strict: bool = True, output_stride: int |
     source = str(path)
     state_dict = _state_dict(load_torch_file(source))
     if state_dict is None:
-        raise ValueError(f"{source}: not an sssegmentation UPerNet checkpoint (no 'model' with ppm_net keys)")
+        raise UserError(f"{source}: not an sssegmentation UPerNet checkpoint (no 'model' with ppm_net keys)")
     if "backbone_net.stem.0.weight" not in state_dict:
-        raise ValueError(f"{source}: only sssegmentation's ResNet (conv3x3 stem) backbones are supported")
+        raise UserError(f"{source}: only sssegmentation's ResNet (conv3x3 stem) backbones are supported")
     if output_stride is None:
         found = re.search(r"os(8|16|32)(?!\d)", Path(path).name)
         if not found:
-            raise ValueError(f"{source}: cannot tell the ResNet's output stride from the weights or the file name; "
+            raise UserError(f"{source}: cannot tell the ResNet's output stride from the weights or the file name; "
                              f"pass it (`--output-stride 8` or 16)")
         output_stride = int(found[1])
     depth = resnet_depth(list(state_dict), "backbone_net.", source)
     has_aux = "auxiliary_decoder.4.weight" in state_dict
     if has_aux and state_dict["auxiliary_decoder.0.weight"].shape[1] != 1024:
-        raise ValueError(f"{source}: the auxiliary decoder reads {state_dict['auxiliary_decoder.0.weight'].shape[1]} "
+        raise UserError(f"{source}: the auxiliary decoder reads {state_dict['auxiliary_decoder.0.weight'].shape[1]} "
                          f"channels; only the stride-16 level (1024) is supported")
     model = build_model(
         resnet_variant(depth, output_stride),

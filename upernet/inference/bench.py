@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..ops.scratch import release_freed_memory
 from ..models.stats import count_macs
 from ..models.upernet import UPerNet
@@ -122,7 +123,7 @@ def transformers_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
     if Path(model).is_dir():
         return load_model(model), UperNetForSemanticSegmentation.from_pretrained(model).eval()
     if model not in _HF_CONVNEXT:
-        raise ValueError(f"--against transformers needs a Hugging Face UperNet folder or one of "
+        raise UserError(f"--against transformers needs a Hugging Face UperNet folder or one of "
                          f"{', '.join(_HF_CONVNEXT)}; got {model!r}")
     dims, depths = _HF_CONVNEXT[model]
     backbone = ConvNextConfig(hidden_sizes=dims, depths=depths, out_features=["stage1", "stage2", "stage3", "stage4"])
@@ -158,7 +159,7 @@ def smp_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
             peer = smp.from_pretrained(model).eval()
         return convert_checkpoint(model, "smp"), peer
     if model not in _SMP_ENCODERS:
-        raise ValueError(f"--against smp needs a segmentation-models-pytorch UPerNet folder or one of "
+        raise UserError(f"--against smp needs a segmentation-models-pytorch UPerNet folder or one of "
                          f"{', '.join(_SMP_ENCODERS)}; got {model!r}")
     torch.manual_seed(seed)
     peer = smp.UPerNet(_SMP_ENCODERS[model], encoder_weights=None, classes=150, decoder_channels=512).eval()
@@ -387,7 +388,7 @@ def set_backbone_checkpointing(model: UPerNet, enable: bool = True) -> None:
     target = getattr(model.backbone, "body", model.backbone)
     if not hasattr(target, "set_grad_checkpointing"):
         if enable:
-            raise ValueError(f"backbone {type(target).__name__} does not support activation checkpointing")
+            raise UserError(f"backbone {type(target).__name__} does not support activation checkpointing")
         return
     target.set_grad_checkpointing(enable)
 

@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..errors import MissingFile, UserError
 from ..models.upernet import UPerNet
 from .prepare import prepare_for_inference
 
@@ -42,7 +43,7 @@ def export_onnx(
     """
     path = Path(path)
     if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
+        raise MissingFile(f"{path}: the folder {path.parent} does not exist")
     fast = prepare_for_inference(model.cpu(), "fp32", channels_last=False)
     images = torch.randn(1, 3, *shape)
     axes = {0: "batch", 2: "height", 3: "width"}
@@ -72,13 +73,13 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
+        raise MissingFile(f"{path}: no such ONNX file")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own error types for invalid files
-        raise ValueError(f"{path}: onnxruntime cannot load it ({e})") from None
+        raise UserError(f"{path}: onnxruntime cannot load it ({e})") from None
 
 
 class OnnxModel:
@@ -95,7 +96,7 @@ class OnnxModel:
         self.meta = json.loads(props.get("upernet_meta", "{}"))
         self.config = json.loads(props.get("upernet_config", "{}"))
         if "upernet_num_classes" not in props:
-            raise ValueError(f"{self.path}: not exported by `upernet export` (no upernet_num_classes metadata)")
+            raise UserError(f"{self.path}: not exported by `upernet export` (no upernet_num_classes metadata)")
         self.num_classes = int(props["upernet_num_classes"])
         self.training = False
 
@@ -108,12 +109,12 @@ class OnnxModel:
 
     def to(self, device: str | torch.device) -> "OnnxModel":
         if torch.device(device).type != "cpu":
-            raise ValueError(f"{self.path}: ONNX models run on the CPU through onnxruntime, not on {device}")
+            raise UserError(f"{self.path}: ONNX models run on the CPU through onnxruntime, not on {device}")
         return self
 
     def train(self, mode: bool = True) -> "OnnxModel":
         if mode:
-            raise ValueError(f"{self.path}: an ONNX model cannot be trained")
+            raise UserError(f"{self.path}: an ONNX model cannot be trained")
         return self
 
 

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import UserError
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -31,7 +33,7 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See `upernet.list_models()`."
-        raise ValueError(f"Unknown model name {name!r}.{hint}")
+        raise UserError(f"Unknown model name {name!r}.{hint}")
     model = _MODELS[name](**kwargs)
     model.config = {"name": name, "args": kwargs}
     return model

@@ -54,7 +54,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     if missing or unexpected or mismatched:
         def listing(title, keys):
             return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else "") if keys else ""
-        raise ValueError(
+        raise UserError(
             f"{source}: the weights do not fit the model's layout."
             + listing("missing keys", missing) + listing("unexpected keys", unexpected)
             + listing("shape mismatches", mismatched)

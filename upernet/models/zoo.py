@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import UserError
 from .backbones import TimmBackbone
 from .registry import register_model
 from .upernet import UPerNet
@@ -114,7 +115,7 @@ def upernet_r101_d16(num_classes: int = 150, backbone_args=None, pretrained_back
 def _swin(embed_dim: int, depths, num_heads, window_size: int, num_classes: int, backbone_args, pretrained_backbone,
           **head_args):
     if pretrained_backbone:
-        raise ValueError("pretrained_backbone is not available for Swin; convert a Hugging Face checkpoint "
+        raise UserError("pretrained_backbone is not available for Swin; convert a Hugging Face checkpoint "
                          "(`upernet convert`) and load it with `upernet.load_model` instead")
     from .backbones import SwinTransformer
 
@@ -152,7 +153,7 @@ def upernet_swin_large(num_classes: int = 150, backbone_args=None, pretrained_ba
 def _internimage(width: int, depths, groups, drop_path_rate: float, post_norm: bool, offset_scale: float,
                  num_classes: int, backbone_args, pretrained_backbone, **head_args):
     if pretrained_backbone:
-        raise ValueError("pretrained_backbone is not available for InternImage; convert an official checkpoint "
+        raise UserError("pretrained_backbone is not available for InternImage; convert an official checkpoint "
                          "(`upernet convert`) and load it with `upernet.load_model` instead")
     from .backbones import InternImage
 

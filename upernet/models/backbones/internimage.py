@@ -15,6 +15,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from ...errors import MissingFile, UserError
 from .dcnv3 import DCNv3, ToChannelsLast
 
 
@@ -235,9 +236,9 @@ class InternImage(nn.Module):
     ):
         super().__init__()
         if len(depths) != 4 or len(groups) != 4:
-            raise ValueError(f"InternImage needs 4 levels: got depths {list(depths)} and groups {list(groups)}")
+            raise UserError(f"InternImage needs 4 levels: got depths {list(depths)} and groups {list(groups)}")
         if drop_path_type not in ("linear", "uniform"):
-            raise ValueError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
+            raise UserError(f"drop_path_type must be 'linear' or 'uniform', got {drop_path_type!r}")
         self.depths = list(depths)
         self.channels = [channels * 2**i for i in range(4)]
         self.strides = [4, 8, 16, 32]
@@ -296,11 +297,11 @@ def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> l
 
     source = str(path)
     if not Path(source).is_file():
-        raise FileNotFoundError(f"{source}: no such checkpoint file")
+        raise MissingFile(f"{source}: no such checkpoint file")
     checkpoint = load_torch_file(source)
     state = checkpoint.get("model", checkpoint.get("state_dict", checkpoint)) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{source}: not an InternImage checkpoint (expected a dict of tensors under 'model')")
+        raise UserError(f"{source}: not an InternImage checkpoint (expected a dict of tensors under 'model')")
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     weights = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "levels."))}
     own = backbone.state_dict()

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from ...errors import UserError
+
 
 def relative_position_index(window_size: int) -> torch.Tensor:
     """(N, N) index into the ((2w-1)^2, heads) bias table for every query/key pair of a window."""
@@ -74,7 +76,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: int, qkv_bias: bool = True):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"Swin: {dim} channels cannot be split into {num_heads} heads")
+            raise UserError(f"Swin: {dim} channels cannot be split into {num_heads} heads")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # [query; key; value] stacked on the output axis
         self.proj = nn.Linear(dim, dim)
@@ -218,7 +220,7 @@ class SwinTransformer(nn.Module):
     ):
         super().__init__()
         if len(depths) != len(num_heads):
-            raise ValueError(f"Swin: depths {list(depths)} and num_heads {list(num_heads)} must have the same length")
+            raise UserError(f"Swin: depths {list(depths)} and num_heads {list(num_heads)} must have the same length")
         self.patch_size = patch_size
         self.channels = [embed_dim * 2**i for i in range(len(depths))]
         self.strides = [patch_size * 2**i for i in range(len(depths))]

@@ -8,6 +8,8 @@ import torch
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from ...errors import UserError
+
 
 class TimmBackbone(nn.Module):
     """The last 4 feature levels of a timm model, optionally each followed by a LayerNorm.
@@ -34,7 +36,7 @@ class TimmBackbone(nn.Module):
         self.body = timm.create_model(model_name, features_only=True, pretrained=pretrained, **extra, **model_args)
         channels, strides = self.body.feature_info.channels(), self.body.feature_info.reduction()
         if len(channels) < 4:
-            raise ValueError(f"timm model {model_name!r} gives {len(channels)} feature levels; UPerNet needs 4")
+            raise UserError(f"timm model {model_name!r} gives {len(channels)} feature levels; UPerNet needs 4")
         # The finer levels timm may add (e.g. a ResNet's stride-2 map) cost nothing extra to skip.
         self.levels = list(range(len(channels) - 4, len(channels)))
         self.channels = [channels[i] for i in self.levels]
