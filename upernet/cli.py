@@ -169,11 +169,11 @@ def run_predict(args) -> None:
     from .inference.prepare import autocast_dtype_for
 
     source = model_source(args)
+    device = resolve_device(args.device)
     if not Path(source).exists() and not source.endswith(".onnx"):
         say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
             f"meaningless (pass a trained or converted model for real ones)")
     model = open_model(source, onnx=True)
-    device = resolve_device(args.device)
     inputs = list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample or not args.inputs else [])
     result = predict(
         model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
@@ -338,6 +338,8 @@ def add_export(sub) -> None:
 def run_export(args) -> None:
     from .inference.export import check_onnx, export_onnx
 
+    if args.model and args.model_arg and not args.output:  # `export --model M OUT.onnx`
+        args.model_arg, args.output = None, args.model_arg
     source = model_source(args)
     if not args.output:
         raise UserError("give the .onnx file to write: upernet export --model MODEL OUTPUT.onnx")
