@@ -22,7 +22,7 @@ from torch.utils.data import Subset
 from ..config import Config
 from ..data.multitask import SourceSampler, build_sources, collate, tasks_of
 from ..data.datasets import build_dataset
-from ..data.transforms import build_eval_transform, build_train_transform
+from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_transform
 from ..errors import UserError
 from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
@@ -227,6 +227,11 @@ class MultitaskTask:
         wanted = list(targets) + (["object"] if "part" in targets else [])
         outputs = model(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
         losses = upp_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
+        if self.config.train.loss_average == "all":  # pixel losses over every pixel, as in segmentation
+            for task in ("object", "material", "part"):
+                if task in losses:
+                    losses[task] = losses[task] * (targets[task] != IGNORE_INDEX).float().mean()
+            losses["total"] = sum(v for k, v in losses.items() if k != "total")
         extra = {"source": batch["source"], **{f"loss/{k}": float(v.detach()) for k, v in losses.items() if k != "total"}}
         return losses["total"], extra
 
