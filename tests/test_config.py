@@ -85,3 +85,50 @@ def test_recipes_match_the_published_settings():
     assert (tiny.optim.layer_decay_type, tiny.optim.layer_decay_rate, tiny.optim.layer_decay_num_layers) == ("stage_wise", 0.9, 6)
     xl = by_name["upernet_convnext_xlarge_ade20k_640x640_160k"]
     assert (xl.optim.lr, xl.optim.layer_decay_num_layers, xl.data.crop_size) == (8e-5, 12, (640, 640))
+
+
+# ---- floats as people write them (YAML 1.1 reads 6e-5 as a string) --------------------------------
+@pytest.mark.parametrize("text, value", [("6e-5", 6e-5), ("1e6", 1e6), ("1E+6", 1e6), (".5", 0.5), ("1_000.5", 1000.5),
+                                         ("-2.5e-3", -2.5e-3), ("3", 3.0)])
+def test_floats_in_scientific_notation_in_overrides_and_files(tmp_path, text, value):
+    assert config_from_dict({}, [f"optim.lr={abs(value) if value < 0 else value}"]).optim.lr == abs(value)
+    assert config_from_dict({}, [f"schedule.min_lr={text}"]).schedule.min_lr == value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"schedule:\n  min_lr: {text}\n  warmup_ratio: {text}\n")
+    config = load_config(path)
+    assert config.schedule.min_lr == value and isinstance(config.schedule.min_lr, float)
+    # free-form arguments read the exponent forms as numbers too
+    assert config_from_dict({}, [f"model.args.backbone_args.drop_path_rate={text}"]).model.args[
+        "backbone_args"]["drop_path_rate"] == pytest.approx(value)
+
+
+def test_string_fields_keep_strings_and_nonsense_is_not_a_float():
+    assert config_from_dict({}, ["model.backbone_checkpoint=1e5"]).model.backbone_checkpoint == "1e5"
+    assert config_from_dict({}, ["model.args.model_name=resnet18"]).model.args["model_name"] == "resnet18"
+    for text in ("1e", "e5", "1e5x", "inf", "nan", "1.2.3"):
+        with pytest.raises(ValueError, match="optim.lr: expected float"):
+            config_from_dict({}, [f"optim.lr={text}"])
+
+
+# ---- old recipes and checkpoint configs --------------------------------------------------------------
+def test_old_multitask_keys_are_read_as_the_typed_section_with_a_note():
+    from upernet.config import ConfigNote
+
+    old = {"data": {"kind": "upp_builtin", "options": {"image_size": 48, "loss_weights": {"object": 2},
+                                                       "texture_iters": 7, "sources": ["parts"]}}}
+    with pytest.warns(ConfigNote, match="data.options.texture_iters is now multitask.texture_iters"):
+        config = config_from_dict(old)
+    assert config.train.task == "multitask" and config.data.kind == "multitask_synthetic"
+    assert config.data.options == {"image_size": 48}
+    assert (config.multitask.loss_weights, config.multitask.texture_iters, config.multitask.sources) == (
+        {"object": 2.0}, 7, ["parts"])
+    with pytest.warns(ConfigNote):
+        assert load_config("upp_builtin", ["data.options.texture_iters=3"]).multitask.texture_iters == 3
+    assert load_config("multitask_builtin") == load_config("upp_builtin")
+
+
+def test_task_and_data_kind_must_agree():
+    with pytest.raises(ValueError, match="data.kind=synthetic is not a dataset of train.task=multitask"):
+        config_from_dict({}, ["train.task=multitask"])
+    with pytest.raises(ValueError, match="data.kind=broden is not a dataset of train.task=segmentation"):
+        config_from_dict({}, ["data.kind=broden", "train.task=segmentation"])

@@ -87,13 +87,13 @@ def test_broden_missing_label_names_file(tmp_path):
 
 def test_short_multitask_training_run(tmp_path):
     from upernet.config import load_config
-    from upernet.training.multitask import train_multitask
+    from upernet.training.loop import train
     import upernet
 
     cfg = load_config("upp_builtin", [
         "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
         "val.interval=0", "train.checkpoint_interval=6", "model.args.channels=16", "data.options.val_samples=6"])
-    trained = train_multitask(cfg, tmp_path / "run", progress=False)
+    trained = train(cfg, tmp_path / "run", progress=False)
     assert trained["iteration"] == 8
     # The texture phase (iterations 7-8) trains the texture head only: everything else, BatchNorm
     # statistics included, is exactly as after the main phase.
@@ -142,7 +142,7 @@ def test_cli_train_stop_and_resume_is_exact(tmp_path):
     from upernet.cli import main
     from upernet.training.checkpoint import load_checkpoint
 
-    args = ["train", "upp_builtin", "schedule.iters=3", "data.options.texture_iters=1",
+    args = ["train", "multitask_builtin", "schedule.iters=3", "multitask.texture_iters=1",
             "data.options.image_size=32", "data.batch_size=2", "val.interval=0", "train.checkpoint_interval=2",
             "model.args.channels=8", "data.options.val_samples=1", "model.args.base_args.model_name=resnet10t"]
     assert main(args + ["--out", str(tmp_path / "straight")]) == 0
@@ -166,7 +166,7 @@ def test_two_process_gloo_training(tmp_path):
     import upernet
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "upernet.cli",
-           "train", "upp_builtin", "schedule.iters=4", "data.options.texture_iters=1",
+           "train", "multitask_builtin", "schedule.iters=4", "multitask.texture_iters=1",
            "data.options.image_size=40", "data.batch_size=2", "val.interval=0", "model.args.channels=8",
            "data.options.val_samples=3", "train.log_interval=1", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)

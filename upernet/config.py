@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -53,8 +55,9 @@ class DataConfig:
     """The dataset and its mmsegmentation-style augmentation.
 
     Attributes:
-        kind: ade20k, cityscapes, voc, folder or synthetic (see `upernet.data.build_dataset`).
-        root: dataset folder (unused by `synthetic`).
+        kind: ade20k, cityscapes, voc, folder or synthetic (see `upernet.data.build_dataset`); for
+            `train.task=multitask`: multitask_synthetic (built-in, old name upp_builtin) or broden.
+        root: dataset folder (unused by `synthetic` and `multitask_synthetic`).
         train_split: split name used for training.
         val_split: split name used for validation.
         options: extra arguments of the dataset (class names, palette, reduce_zero_label, sizes, ...).
@@ -162,10 +165,28 @@ class ValConfig:
 
 
 @dataclass
+class MultitaskConfig:
+    """Settings of multi-task parsing (`train.task=multitask`; ignored by segmentation).
+
+    Attributes:
+        loss_weights: weight per task (object, part, material, scene, texture); tasks not named keep
+            the model's defaults (the paper's).
+        texture_iters: texture-head iterations after `schedule.iters` (backbone and other heads fixed).
+        sources: the sources to train and validate on (empty: every source of the data).
+    """
+
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    texture_iters: int = 0
+    sources: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainConfig:
     """Everything else about the run.
 
     Attributes:
+        task: segmentation (one label map per image) or multitask (Unified Perceptual Parsing: several
+            sources, each annotating some of object, part, material, scene, texture; see `multitask`).
         seed: seeds the model initialisation, the data order and every augmentation.
         device: auto, cpu or cuda.
         precision: fp32, bf16 (autocast; CPU or CUDA) or fp16 (autocast + GradScaler, CUDA only).
@@ -175,6 +196,7 @@ class TrainConfig:
         keep_last: periodic checkpoints kept on disk (the best one is kept apart).
     """
 
+    task: str = "segmentation"
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -194,10 +216,15 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     val: ValConfig = field(default_factory=ValConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
+SEGMENTATION_KINDS = ("ade20k", "cityscapes", "voc", "folder", "synthetic")
+MULTITASK_DATA_KINDS = ("multitask_synthetic", "broden")
+ROOTLESS_KINDS = ("synthetic", "multitask_synthetic")
 CHOICES = {
-    "data.kind": ("ade20k", "cityscapes", "voc", "folder", "synthetic", "upp_builtin", "broden"),
+    "data.kind": SEGMENTATION_KINDS + MULTITASK_DATA_KINDS,
+    "train.task": ("segmentation", "multitask"),
     "optim.name": ("sgd", "adamw"),
     "optim.layer_decay_type": ("none", "stage_wise", "layer_wise"),
     "val.mode": ("whole", "slide"),
@@ -206,6 +233,50 @@ CHOICES = {
     "train.loss_average": ("valid", "all"),
 }
 NO_WEIGHT_DECAY_KINDS = ("norm", "bias", "1d", "pos", "offset")
+
+
+# Keys and values of older recipes and checkpoints, read as their current spelling (with a note).
+RENAMED_KEYS = {"data.options.loss_weights": "multitask.loss_weights",
+                "data.options.texture_iters": "multitask.texture_iters",
+                "data.options.sources": "multitask.sources"}
+RENAMED_VALUES = {"data.kind": {"upp_builtin": "multitask_synthetic"}}
+
+# Every float a person writes: 6e-5, 1E+6, .5, 1_000.5 (YAML 1.1 reads the exponent forms as strings).
+FLOAT_TEXT = re.compile(r"[+-]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)(?:[eE][+-]?\d+)?")
+SCIENTIFIC_TEXT = re.compile(r"[+-]?(?:\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][+-]?\d+")
+
+
+class ConfigNote(UserWarning):
+    """A config value was read differently from how it was written (an old key's new name, an option
+    of another dataset kind dropped). One line for the user; the run goes on."""
+
+
+def note(message: str) -> None:
+    """Tell the user about `message` as a `ConfigNote` warning (the CLI prints it as one line)."""
+    warnings.warn(message, ConfigNote, stacklevel=2)
+
+
+def read_float(value: Any) -> float | None:
+    """`value` as a float when it is a number or a float's text ("6e-5", "1E+6", ".5"); else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
+        try:
+            return float(value.strip())
+        except ValueError:  # misplaced underscores ("1__0")
+            return None
+    return None
+
+
+def numbers_in(value: Any) -> Any:
+    """Free-form values (model.args, data.options) with scientific-notation strings read as floats."""
+    if isinstance(value, dict):
+        return {k: numbers_in(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [numbers_in(v) for v in value]
+    if isinstance(value, str) and SCIENTIFIC_TEXT.fullmatch(value.strip()):
+        return read_float(value)
+    return value
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -232,14 +303,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = read_float(value)
+        if number is not None:
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            if origin is dict:
+                _, value_type = typing.get_args(tp)
+                return {str(k): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+            return numbers_in(dict(value))
     elif origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -271,6 +346,16 @@ def _unknown(key: str, valid: list[str]) -> ValueError:
 
 def _apply(config: Config, path: str, value: Any) -> None:
     """Set the dotted `path` (e.g. `optim.lr` or `model.args.backbone_args.depths`) to `value`."""
+    if path in RENAMED_KEYS:
+        note(f"{path} is now {RENAMED_KEYS[path]}; read as such")
+        path = RENAMED_KEYS[path]
+    if isinstance(value, str) and value in RENAMED_VALUES.get(path, {}):
+        note(f"{path}={value} is now {path}={RENAMED_VALUES[path][value]}; read as such")
+        value = RENAMED_VALUES[path][value]
+    if path == "data.options" and isinstance(value, dict):
+        value = dict(value)
+        for old in [k for k in value if f"data.options.{k}" in RENAMED_KEYS]:
+            _apply(config, f"data.options.{old}", value.pop(old))
     parts = path.split(".")
     section_names = [f.name for f in dataclasses.fields(config)]
     if parts[0] not in section_names:
@@ -305,7 +390,7 @@ def _apply(config: Config, path: str, value: Any) -> None:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
             raise ValueError(f"{path}: {part!r} is not a mapping")
-    target[parts[-1]] = value
+    target[parts[-1]] = numbers_in(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -330,9 +415,13 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), so
             _apply(config, str(key), value)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    task_given = isinstance(data.get("train"), dict) and "task" in data["train"]
     for text in overrides:
         key, value = parse_override(text)
         _apply(config, key, value)
+        task_given = task_given or key == "train.task" or (key == "train" and isinstance(value, dict) and "task" in value)
+    if not task_given and config.data.kind in MULTITASK_DATA_KINDS:  # recipes from before train.task
+        config.train.task = "multitask"
     validate(config)
     return config
 
@@ -343,7 +432,7 @@ def list_recipes() -> list[str]:
 
 
 def find_recipe(path: str | Path | None) -> Path:
-    """A recipe file: an existing path, else a built-in recipe by name (`builtin`, `upp_builtin`,
+    """A recipe file: an existing path, else a built-in recipe by name (`builtin`, `multitask_builtin`,
     `upernet_r50_ade20k_512x512_160k`, with or without `.yaml` or a `configs/` folder in front)."""
     if path is None:
         return BUILTIN_CONFIG
@@ -351,6 +440,7 @@ def find_recipe(path: str | Path | None) -> Path:
     if given.is_file():
         return given
     name = given.name.removesuffix(".yaml").removesuffix(".yml")
+    name = RECIPE_ALIASES.get(name, name)
     if (RECIPES / f"{name}.yaml").is_file():
         return RECIPES / f"{name}.yaml"
     close = difflib.get_close_matches(name, list_recipes(), n=1)
@@ -383,6 +473,13 @@ def validate(config: Config) -> None:
         raise ValueError("val.mode=slide needs val.crop_size and val.stride")
     if config.optim.lr <= 0:
         raise ValueError(f"optim.lr must be positive, got {config.optim.lr}")
+    if config.multitask.texture_iters < 0:
+        raise ValueError(f"multitask.texture_iters must be at least 0, got {config.multitask.texture_iters}")
+    kinds = MULTITASK_DATA_KINDS if config.train.task == "multitask" else SEGMENTATION_KINDS
+    if config.data.kind not in kinds:
+        raise UserError(f"data.kind={config.data.kind} is not a dataset of train.task={config.train.task}; "
+                        f"use one of {', '.join(kinds)}")
+
 
 
 def to_dict(config: Config) -> dict:
@@ -417,3 +514,4 @@ def save_config(config: Config, path: str | Path) -> None:
 
 RECIPES = Path(__file__).resolve().parent / "configs"
 BUILTIN_CONFIG = RECIPES / "builtin.yaml"
+RECIPE_ALIASES = {"upp_builtin": "multitask_builtin"}  # old recipe names

@@ -17,12 +17,27 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def default_file_mode() -> int:
+    """The mode `open(path, "w")` gives a new file: 0o666 without the process's umask."""
+    try:  # Linux reports the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """`write(tmp)`, fsync, rename to `path`: a crash never leaves half a file, a failure no temp file."""
+    """`write(tmp)`, fsync, rename to `path`: a crash never leaves half a file, a failure no temp file.
+    The file gets the mode of a newly opened file (some writers, like safetensors', create 0o600)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES,
                       VOC_PALETTE, default_palette)
 from .transforms import IGNORE_INDEX, build_eval_transform, to_image_tensor
@@ -444,7 +445,9 @@ def folder(root: str | Path, split: str, transform: Callable | None = None, clas
         verify: checks on open, see `FileDataset`.
     """
     if classes is None:
-        raise ValueError("folder dataset: give the class names (classes=[...]) or their number (classes=N)")
+        raise UserError(f"folder dataset {root}: no classes; give the class names in index order, e.g. "
+                        f"data.options.classes=[background,road,car] (in a recipe: data: {{options: {{classes: "
+                        f"[...]}}}}), or their number, data.options.classes=3")
     if isinstance(classes, int):
         classes = [f"class_{i}" for i in range(classes)]
     root = Path(root)

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from ..io import read_json
 from .synthetic import BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, _generator, _uniform, synthetic_sample
-from .transforms import IGNORE_INDEX, normalize, to_image_tensor
+from .transforms import (IGNORE_INDEX, normalize, pad_pair, photometric_distortion, random_crop, random_flip,
+                         random_resize, rescale_size, resize_pair, to_image_tensor)
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -110,13 +112,17 @@ class BuiltinSource(Dataset):
         num_samples: number of samples; default from `BUILTIN_SOURCES` (train) or 60 (other splits).
         image_size: scene side (texture crops are half of it).
         seed: dataset seed.
-        flip: random horizontal flips (training).
+        flip: random horizontal flips (training; used when no `transform` is given).
+        transform: `(uint8 image, targets) -> (normalised image, targets)`, e.g. `MultiTaskTransform`;
+            None normalises with the ImageNet mean/std (after the optional flip).
     """
 
     def __init__(self, name: str, split: str = "train", tasks: Sequence[str] | None = None,
-                 num_samples: int | None = None, image_size: int = 96, seed: int = 0, flip: bool = False):
+                 num_samples: int | None = None, image_size: int = 96, seed: int = 0, flip: bool = False,
+                 transform=None):
         default_tasks, default_size = BUILTIN_SOURCES.get(name, ((), 0))
         self.name, self.split, self.seed, self.image_size, self.flip = name, split, seed, image_size, flip
+        self.transform = transform
         self.tasks = tuple(tasks or default_tasks)
         if not self.tasks:
             raise ValueError(f"built-in source {name!r}: unknown name and no tasks given ({', '.join(BUILTIN_SOURCES)})")
@@ -136,6 +142,9 @@ class BuiltinSource(Dataset):
                 targets = {t: labels[t] for t in self.tasks}
             self._cache[index] = (image, targets)
         image, targets = self._cache[index]
+        if self.transform is not None:
+            image, targets = self.transform(image, targets)
+            return {"image": image, "targets": targets, "source": self.name}
         image = image.float()
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
@@ -149,10 +158,10 @@ def builtin_meta() -> dict:
 
 
 def builtin_sources(split: str = "train", image_size: int = 96, seed: int = 0,
-                    num_samples: int | None = None) -> list[BuiltinSource]:
+                    num_samples: int | None = None, transform=None) -> list[BuiltinSource]:
     """Every built-in source of `split`; `num_samples` per source overrides the defaults."""
     return [BuiltinSource(name, split, num_samples=num_samples, image_size=image_size, seed=seed,
-                          flip=split == "train") for name in BUILTIN_SOURCES]
+                          flip=split == "train", transform=transform) for name in BUILTIN_SOURCES]
 
 
 def read_broden_meta(root: str | Path) -> dict:
@@ -176,12 +185,14 @@ class BrodenFolder(Dataset):
         root: the folder holding meta.json.
         source: a source name listed in meta.json.
         split: split folder name.
+        transform: `(uint8 image, targets) -> (normalised image, targets)`, e.g. `MultiTaskTransform`;
+            None normalises with the ImageNet mean/std.
     """
 
     PIXEL_TASKS = ("object", "part", "material")
 
-    def __init__(self, root: str | Path, source: str, split: str = "train"):
-        self.root, self.name = Path(root), source
+    def __init__(self, root: str | Path, source: str, split: str = "train", transform=None):
+        self.root, self.name, self.transform = Path(root), source, transform
         meta_file = self.root / "meta.json"
         self.meta = read_broden_meta(root)
         if source not in self.meta.get("sources", {}):
@@ -211,7 +222,7 @@ class BrodenFolder(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         with Image.open(self.images[image_id]) as img:
-            image = to_image_tensor(img.convert("RGB")).float()
+            image = to_image_tensor(img.convert("RGB"))
         targets = {}
         for task in self.tasks:
             if task in self.PIXEL_TASKS:
@@ -222,7 +233,10 @@ class BrodenFolder(Dataset):
                     raise ValueError(f"{path}: mask {tuple(targets[task].shape)} vs image {tuple(image.shape[-2:])}")
             else:
                 targets[task] = torch.tensor(int(self.image_labels[image_id][task]))
-        return {"image": normalize(image, IMAGENET_MEAN, IMAGENET_STD), "targets": targets, "source": self.name}
+        if self.transform is not None:
+            image, targets = self.transform(image, targets)
+            return {"image": image, "targets": targets, "source": self.name}
+        return {"image": normalize(image.float(), IMAGENET_MEAN, IMAGENET_STD), "targets": targets, "source": self.name}
 
 
 class SourceSampler:
@@ -240,28 +254,95 @@ class SourceSampler:
         return int(torch.multinomial(self.weights, 1, generator=g))
 
 
+# ---- augmentation -------------------------------------------------------------------------------
+class MultiTaskTransform:
+    """The pipeline of `data.*` (as `transforms.TrainTransform` / `EvalTransform`) on an image and every
+    label of a multi-task sample: pixel labels (object, part, material) are resized, cropped, flipped
+    and padded with the image; image-level labels (scene, texture) pass through.
+
+    Args:
+        crop_size: (H, W) of the random crop and padded output; None keeps the whole image.
+        scale: (long, short) of RandomResize (training) or of the keep-ratio resize (evaluation); None: no resize.
+        ratio_range: range of the RandomResize ratio (training).
+        cat_max_ratio: largest share one label may take in a crop, over the pixel labels together.
+        flip_prob: probability of a horizontal flip.
+        photometric: apply PhotoMetricDistortion.
+        mean: per-channel mean, 0-255 scale.
+        std: per-channel std, 0-255 scale.
+        train: random training pipeline; else the evaluation resize (the labels are resized with the
+            image, nearest, since the multi-task metrics compare at the model's input size).
+    """
+
+    def __init__(self, crop_size: Sequence[int] | None, scale: Sequence[int] | None,
+                 ratio_range: Sequence[float] | None, cat_max_ratio: float, flip_prob: float, photometric: bool,
+                 mean: Sequence[float], std: Sequence[float], train: bool = True):
+        self.crop_size = tuple(crop_size) if crop_size else None
+        self.scale = tuple(scale) if scale else None
+        self.ratio_range = tuple(ratio_range) if ratio_range else (1.0, 1.0)
+        self.cat_max_ratio, self.flip_prob, self.photometric = cat_max_ratio, flip_prob, photometric
+        self.mean, self.std, self.train = tuple(mean), tuple(std), train
+
+    def __call__(self, image: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+        pixel = [t for t, v in targets.items() if v.dim() == 2]
+        stack = [targets[t].long() for t in pixel] or [torch.full(image.shape[-2:], IGNORE_INDEX, dtype=torch.long)]
+        mask = tv_tensors.Mask(torch.stack(stack))
+        if not self.train:
+            if self.scale:
+                image, mask = resize_pair(image, mask, rescale_size(*image.shape[-2:], self.scale))
+        else:
+            if self.scale:
+                image, mask = random_resize(image, mask, self.scale, self.ratio_range)
+            if self.crop_size:
+                image, mask = random_crop(image, mask, self.crop_size, self.cat_max_ratio)
+            if self.flip_prob > 0:
+                image, mask = random_flip(image, mask, self.flip_prob)
+            if self.photometric:
+                image = photometric_distortion(image)
+        image = normalize(image, self.mean, self.std)
+        if self.train and self.crop_size:
+            image, mask = pad_pair(image, mask, self.crop_size)
+        mask = mask.as_subclass(torch.Tensor)
+        out = {t: (mask[pixel.index(t)] if t in pixel else v) for t, v in targets.items()}
+        return image, out
+
+
+def multitask_transform(config, train: bool) -> MultiTaskTransform:
+    """The training or evaluation pipeline of a recipe's `data` section."""
+    d = config.data
+    return MultiTaskTransform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob, d.photometric,
+                              d.mean, d.std, train=train)
+
+
 # ---- the sources of a recipe -----------------------------------------------------------------
-MULTITASK_KINDS = ("upp_builtin", "broden")
+MULTITASK_KINDS = ("multitask_synthetic", "upp_builtin", "broden")  # upp_builtin: old name of multitask_synthetic
 PIXEL_TASKS = ("object", "material")
 
 
-
-
-def build_sources(config, split: str) -> tuple[list[Dataset], dict]:
-    """The sources of a split and the class lists (meta) of the data."""
+def build_sources(config, split: str, train: bool = False) -> tuple[list[Dataset], dict]:
+    """The sources of a split (those of `multitask.sources`, else all) and the class lists (meta) of
+    the data, with the training (`train`) or evaluation pipeline of the recipe's `data` section."""
     d = config.data
-    if d.kind == "upp_builtin":
+    transform = multitask_transform(config, train)
+    wanted = list(config.multitask.sources)
+    if d.kind in ("multitask_synthetic", "upp_builtin"):
         size = int(d.options.get("image_size", 96))
         count = d.options.get("val_samples") if split == d.val_split else None
-        return builtin_sources(split, image_size=size, seed=config.train.seed, num_samples=count), builtin_meta()
+        sources = builtin_sources(split, image_size=size, seed=config.train.seed, num_samples=count,
+                                  transform=transform)
+        unknown = sorted(set(wanted) - {s.name for s in sources})
+        if unknown:
+            raise ValueError(f"multitask.sources: no source {unknown} in the built-in data; it has "
+                             f"{', '.join(BUILTIN_SOURCES)}")
+        return [s for s in sources if not wanted or s.name in wanted], builtin_meta()
     if d.kind == "broden":
         meta = read_broden_meta(d.root)
-        names = d.options.get("sources") or list(meta["sources"])
-        return [BrodenFolder(d.root, name, split) for name in names], meta
+        names = wanted or d.options.get("sources") or list(meta["sources"])
+        return [BrodenFolder(d.root, name, split, transform) for name in names], meta
     raise ValueError(f"data.kind {d.kind!r} is not a multi-task kind ({', '.join(MULTITASK_KINDS)})")
 
 
 def tasks_of(meta: dict) -> dict:
+    """The `tasks` argument of the multi-task model from the class lists of the data."""
     tasks = {"object": len(meta["objects"]), "material": len(meta["materials"]), "scene": len(meta["scenes"]),
              "texture": len(meta["textures"])}
     if meta.get("parts"):
@@ -270,10 +351,8 @@ def tasks_of(meta: dict) -> dict:
 
 
 def collate(items: list[dict]) -> dict:
+    """One batch of one source: stacked images and targets, and the source's name."""
     tasks = items[0]["targets"].keys()
     return {"image": torch.stack([it["image"] for it in items]),
             "targets": {t: torch.stack([it["targets"][t] for it in items]) for t in tasks},
             "source": items[0]["source"]}
-
-
-# ---- metrics ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ best validation mIoU is `best.pt`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -16,14 +17,41 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..io import atomic_write
+from ..errors import UserError
+from ..io import atomic_write, temp_path
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether a write failed for lack of space: ENOSPC, or torch's zip writer's RuntimeError
+    ("No space left on device", "enforce fail at inline_container.cc": a short write)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("No space left on device" in text or "enforce fail" in text)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save` through a temp file in the same folder, fsync, rename: never half a file."""
+    """`torch.save` through a temp file in the same folder, fsync, rename: never half a file. A full
+    disk is a `UserError` naming the file; the previous file of that name stays, no temp file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    try:
+        return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        raise UserError(f"{path}: cannot write the checkpoint, the disk is full (no space left on the device); "
+                        f"free some space, then continue with --resume") from None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files (`.<name>.pt.tmp`) a process killed while writing a checkpoint left in
+    `folder`; returns them. They are never read as checkpoints (`periodic_checkpoints`)."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(".*.pt.tmp") if temp_path(p.parent / p.name[1:-4]) == p] if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

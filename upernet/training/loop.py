@@ -1,18 +1,20 @@
-"""The training loop: iteration-based, resumable, the same on one CPU or many GPUs.
+"""The training loop: iteration-based, resumable, the same on one CPU or many GPUs, for every task.
 
     upernet train                                   # the built-in synthetic recipe (builtin)
-    upernet train upernet_r50_ade20k_512x512_160k data.root=data/ade optim.lr=0.02 --out runs/r50
+    upernet train upernet_r50_ade20k_512x512_160k data.kind=ade20k data.root=data/ade optim.lr=0.02 --out runs/r50
+    upernet train multitask_builtin                 # Unified Perceptual Parsing on the built-in sources
     upernet train --resume --out runs/r50           # continue from the newest checkpoint of the run
     torchrun --nproc_per_node 2 -m upernet.cli train builtin
 
 A run folder holds `config.yaml` (the resolved config), `metrics.jsonl` (train loss/lr, validation
-metrics), `checkpoints/iter_<N>.pt` + `checkpoints/best.pt`, and at the end `model/` in our weight
-format (`upernet.load_model`).
+metrics, config changes on resume), `checkpoints/iter_<N>.pt` + `checkpoints/best.pt`, and at the
+end `model/` in our weight format (`upernet.load_model`). Every checkpoint rebuilds its model
+(`model_config`, `meta`) and the model's meta carries the test-time protocol (`test_size`, `inference`).
 
-Data order and augmentations are a pure function of (seed, sample position): the sampler hands out
-(index, seed) pairs and each sample is transformed under its own seed. A resumed run therefore
-continues with exactly the batches the uninterrupted run would have seen, whatever the number of
-DataLoader workers.
+What differs between segmentation and multi-task parsing (model, batches, loss, metrics, the metric
+of `best.pt`) is a task object (`tasks.py`); the flow below is the same for both. Data order and
+augmentation are a pure function of (seed, sample position) (`sampling.py`), so a resumed run
+continues with exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
@@ -21,145 +23,35 @@ import json
 import math
 import os
 import random
+import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..models import build_model
-from ..models.weights import load_state_dict_strict
-from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, rng_state, save_checkpoint,
-                         set_rng_state)
-from ..config import Config, config_from_dict, save_config, to_dict
+from ..config import (Config, ROOTLESS_KINDS, config_from_dict, dump_config, load_config, note, parse_override,
+                      to_dict)
 from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
-                          prepare_model)
+                           prepare_model)
+from ..errors import UserError
+from ..io import write_text
+from ..models.weights import load_state_dict_strict
+from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, remove_stale_temp_files, rng_state,
+                         save_checkpoint, set_rng_state)
 from .optim import PolySchedule, build_optimizer
+from .sampling import InfiniteSampler, SeededSamples  # noqa: F401  (the data-order API, re-exported)
+from .tasks import SegmentationTask, build_task, dataset_options
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message names the iteration and the last good checkpoint."""
 
 
-# ---- data order ---------------------------------------------------------------------------------
-class InfiniteSampler(Sampler):
-    """An endless stream of (index, sample seed), sharded over processes, starting at any position.
-
-    Epoch `e` is a permutation drawn from `seed + e`; process `r` of `W` takes the permutation's
-    positions r, r + W, ... (wrapping like DistributedSampler when the size is not a multiple of W).
-    `start` counts the samples this process has already consumed.
-
-    Args:
-        size: number of samples in the dataset.
-        seed: seed of the permutations and of the per-sample augmentation seeds.
-        rank: this process's rank.
-        world_size: number of processes.
-        start: samples already consumed by this process (the recorded data position).
-    """
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
-        if size < 1:
-            raise ValueError("the training dataset is empty")
-        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
-        self.per_epoch = math.ceil(size / world_size)
-
-    def position(self, consumed: int) -> dict:
-        """The data position after `consumed` samples of this process: epoch and index within it."""
-        epoch, index = divmod(consumed, self.per_epoch)
-        return {"samples_per_rank": consumed, "epoch": epoch, "index": index, "world_size": self.world_size}
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        consumed, epoch, order = self.start, -1, None
-        while True:
-            e, i = divmod(consumed, self.per_epoch)
-            if e != epoch:
-                epoch, order = e, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + e))
-            slot = i * self.world_size + self.rank  # position in the epoch's global order
-            sample_seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + slot
-            yield int(order[slot % self.size]), sample_seed % (2**63)
-            consumed += 1
-
-
-class SeededSamples(Dataset):
-    """`dataset[index]` computed under the RNG seed handed out with the index; the caller's RNG states
-    (torch, Python, NumPy) are left as they were."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, seed = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
-
-
-def build_datasets(config: Config):
-    """The training and validation datasets of the config, with their transforms."""
-    from ..data.datasets import build_dataset
-    from ..data.transforms import build_eval_transform, build_train_transform
-
-    d = config.data
-    train_tf = build_train_transform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
-                                     d.photometric, d.mean, d.std)
-    train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, **d.options)
-    val_set = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
-                            **d.options)
-    return train_set, val_set
-
-
-# ---- model --------------------------------------------------------------------------------------
-def build_training_model(config: Config, train_set, pretrained: bool = True) -> nn.Module:
-    """The configured variant with `num_classes` and the meta (classes, palette, mean/std) of the data.
-
-    With `pretrained`, the backbone starts from `model.backbone_checkpoint` if one is set.
-    """
-    args = dict(config.model.args)
-    num_classes = len(train_set.classes)
-    if args.setdefault("num_classes", num_classes) != num_classes:
-        raise ValueError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes")
-    model = build_model(config.model.name, **args)
-    if pretrained and config.model.backbone_checkpoint:
-        load_backbone_checkpoint(model.backbone, config.model.backbone_checkpoint)
-    model.meta = {"class_names": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
-                  "mean": list(config.data.mean), "std": list(config.data.std),
-                  "ignore_index": int(train_set.ignore_index)}
-    return model
-
-
-def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
-    """Backbone weights from `path`: InternImage's ImageNet layout for InternImage, else a state dict
-    of the backbone (optionally under "state_dict"/"model" and with a "backbone." prefix). Read with
-    weights_only=True; a layout that does not fit is an error naming the file and the keys."""
-    from ..io import load_torch_file
-    from ..models.backbones.internimage import InternImage, load_classification_checkpoint
-
-    if isinstance(backbone, InternImage):
-        load_classification_checkpoint(backbone, path)
-        return
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file (model.backbone_checkpoint)")
-    state = load_torch_file(path)
-    if isinstance(state, dict):
-        state = state.get("state_dict", state.get("model", state))
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
-    load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
-
-
+# ---- helpers beside the loop --------------------------------------------------------------------
 def set_train_mode(model: nn.Module, norm_eval: bool) -> None:
     """`model.train()`, with BatchNorm layers left in eval mode when `norm_eval` is set."""
     model.train()
@@ -169,7 +61,7 @@ def set_train_mode(model: nn.Module, norm_eval: bool) -> None:
                 m.eval()
 
 
-def _amp(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype, use a GradScaler) for the configured precision on this device."""
     if precision == "fp32":
         return None, False
@@ -180,7 +72,14 @@ def _amp(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool
     return torch.bfloat16, False
 
 
-# ---- logging ------------------------------------------------------------------------------------
+def sync_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Every process takes rank 0's buffers (BatchNorm running statistics): the ones that are saved.
+    Without it each process would validate with its own statistics of its last batches."""
+    if info.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) on the main process, plus TensorBoard when installed."""
 
@@ -216,27 +115,10 @@ class MetricsLog:
             self.writer.close()
 
 
-# ---- the loop -----------------------------------------------------------------------------------
-def train(config: Config, run_dir: str | os.PathLike, resume: str | os.PathLike | None = None,
-          stop_at: int | None = None, progress: bool = True) -> dict:
-    """Train `config` into `run_dir`; returns {"iteration", "loss", "best_mIoU", "val": last metrics}.
-
-    Args:
-        config: the resolved recipe.
-        run_dir: the run folder (created).
-        resume: a checkpoint file or a run folder whose newest checkpoint to continue from.
-        stop_at: stop after this iteration with a checkpoint (for job time limits); `--resume` continues.
-        progress: show the progress bar (main process only).
-    """
-    info = init_distributed(config.train.device)
-    try:
-        if config.data.kind in ("upp_builtin", "broden"):  # heterogeneous multi-task data: its own loop
-            from .multitask import train_multitask
-
-            return train_multitask(config, Path(run_dir), resume, stop_at, progress, info)
-        return _train(config, Path(run_dir), resume, stop_at, progress, info)
-    finally:
-        cleanup()
+def diverged_message(what: str, iteration: int, last_saved: Path | None, precision: str) -> str:
+    where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
+    fixes = "Lower optim.lr, enable optim.grad_clip" + (", or use train.precision=fp32" if precision != "fp32" else "")
+    return f"{what} at iteration {iteration}; stopped ({where}). {fixes}."
 
 
 def checked_step(loss: torch.Tensor, iteration: int, last_saved: Path | None, model: nn.Module,
@@ -245,9 +127,8 @@ def checked_step(loss: torch.Tensor, iteration: int, last_saved: Path | None, mo
     the weights are touched; else clip (when configured) and step. Returns the mean loss."""
     loss_value = float(all_reduce_mean(loss, info))
     if not math.isfinite(loss_value):
-        where = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written yet"
-        raise TrainingDiverged(f"the training loss is {loss_value} at iteration {iteration}{context}; stopped "
-                               f"({where}). Lower optim.lr, enable optim.grad_clip, or use train.precision=fp32.")
+        raise TrainingDiverged(diverged_message(f"the training loss is {loss_value}{context}", iteration, last_saved,
+                                                cfg.train.precision))
     if cfg.optim.grad_clip > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -256,136 +137,7 @@ def checked_step(loss: torch.Tensor, iteration: int, last_saved: Path | None, mo
     return loss_value
 
 
-def start_run(cfg: Config, run_dir: Path, resume, info: DistInfo) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume from (file, content), the run folder with its config.yaml, and every
-    RNG seeded with `train.seed`, so that all processes build the same initial weights."""
-    resume_file = find_resume(resume) if resume is not None else None
-    checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    return resume_file, checkpoint
-
-
-def _train(config: Config, run_dir: Path, resume, stop_at: int | None, progress: bool, info: DistInfo) -> dict:
-    from tqdm import tqdm
-
-    from ..evaluation.evaluate import evaluate
-
-    cfg, device = config, info.device
-    resume_file, checkpoint = start_run(cfg, run_dir, resume, info)
-    # Data, model, optimiser, schedule (seeded by start_run: the same initial weights on every process).
-    train_set, val_set = build_datasets(cfg)
-    model = build_training_model(cfg, train_set, pretrained=checkpoint is None).to(device)
-    optimizer = build_optimizer(model, cfg.optim)
-    schedule = PolySchedule(optimizer, cfg.schedule)
-    amp_dtype, use_scaler = _amp(cfg.train.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    torch.manual_seed(cfg.train.seed + info.rank)  # dropout / drop path differ between processes
-
-    start, consumed, best_miou = 0, 0, float("-inf")
-    if checkpoint is not None:
-        load_state_dict_strict(model, checkpoint["model"], str(resume_file))
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        schedule.load_state_dict(checkpoint["schedule"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        start, best_miou = checkpoint["iteration"], checkpoint["best_mIoU"]
-        data = checkpoint["data"]  # the same global sample count, whatever the new number of processes
-        consumed = data["samples_per_rank"] * data["world_size"] // info.world_size
-        states = checkpoint["rng"]
-        if len(states) == info.world_size:
-            set_rng_state(states[info.rank])
-    per_step = cfg.data.batch_size * cfg.optim.accumulate
-
-    sampler = InfiniteSampler(len(train_set), cfg.train.seed, info.rank, info.world_size, start=consumed)
-    loader = DataLoader(SeededSamples(train_set), batch_size=cfg.data.batch_size, sampler=sampler,
-                        num_workers=cfg.data.workers, pin_memory=device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg.data.workers > 0,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))  # not the global RNG: resume
-    batches = iter(loader)
-    ddp = prepare_model(model, info, cfg.model.sync_bn)
-    model = ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
-    if cfg.val.max_images:
-        val_set = torch.utils.data.Subset(val_set, range(min(cfg.val.max_images, len(val_set))))
-
-    log = MetricsLog(run_dir, info.is_main, start)
-    end = min(cfg.schedule.iters, stop_at) if stop_at else cfg.schedule.iters
-    bar = tqdm(total=cfg.schedule.iters, initial=start, disable=not (progress and info.is_main),
-               desc="train", unit="it", dynamic_ncols=True)
-    last_saved = resume_file
-    result = {"iteration": start, "loss": None, "best_mIoU": best_miou, "val": None, "run_dir": str(run_dir)}
-
-    def state(iteration: int) -> dict:
-        """Everything `--resume` needs, as plain tensors and containers (torch.load(weights_only=True))."""
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "iteration": iteration, "best_mIoU": best_miou,
-                "rng": all_gather_objects(rng_state(), info), "data": sampler.position(consumed),
-                "config": to_dict(cfg)}
-
-    set_train_mode(ddp, cfg.model.norm_eval)
-    for iteration in range(start + 1, end + 1):
-        lr = max(g["lr"] for g in optimizer.param_groups)  # the head's lr (scale 1 under layer decay)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.optim.accumulate):
-            batch = next(batches)
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            last = micro == cfg.optim.accumulate - 1
-            sync = contextlib.nullcontext() if last or not info.distributed else ddp.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    # the loss inside forward: no logits at image size are kept (UPerNet.forward)
-                    loss = ddp(images, labels=labels, ignore_index=train_set.ignore_index,
-                               average=cfg.train.loss_average)["loss"]
-                scaler.scale(loss / cfg.optim.accumulate).backward()
-            loss_sum += loss.detach()
-        consumed += per_step
-
-        loss_value = checked_step(loss_sum / cfg.optim.accumulate, iteration, last_saved, model, optimizer, scaler,
-                                  cfg, info)
-        schedule.step()
-        result.update(iteration=iteration, loss=loss_value)
-
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-        bar.update(1)
-        if iteration % cfg.train.log_interval == 0 or iteration == end:
-            log.write({"kind": "train", "iter": iteration, "loss": loss_value, "lr": lr,
-                       "epoch": sampler.position(consumed)["epoch"], "time": time.time()})
-
-        if (cfg.val.interval and iteration % cfg.val.interval == 0) or iteration == cfg.schedule.iters:
-            metrics = evaluate(model, val_set, mode=cfg.val.mode, crop_size=cfg.val.crop_size, stride=cfg.val.stride,
-                               distributed=info.distributed, autocast_dtype=amp_dtype, progress=False)
-            set_train_mode(ddp, cfg.model.norm_eval)
-            summary = {k: float(metrics[k]) for k in ("aAcc", "mIoU", "mAcc")}
-            result["val"] = summary
-            log.write({"kind": "val", "iter": iteration, **summary})
-            if info.is_main:
-                bar.write(f"iter {iteration}: " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
-            if summary["mIoU"] > best_miou:
-                best_miou = result["best_mIoU"] = summary["mIoU"]
-                ckpt = _finite_state(state(iteration), iteration, last_saved)
-                if info.is_main:
-                    atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
-
-        if iteration % cfg.train.checkpoint_interval == 0 or iteration == end:
-            ckpt = _finite_state(state(iteration), iteration, last_saved)
-            if info.is_main:
-                save_checkpoint(ckpt, run_dir, iteration, cfg.train.keep_last)
-            last_saved = run_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
-            barrier(info)
-    bar.close()
-    log.close()
-
-    if result["iteration"] == cfg.schedule.iters and info.is_main:
-        model.save(run_dir / "model")
-    return result
-
-
-def _finite_state(ckpt: dict, iteration: int, last_saved: Path | None) -> dict:
+def finite_state(ckpt: dict, iteration: int, last_saved: Path | None) -> dict:
     """`ckpt` unchanged, or TrainingDiverged when a weight is NaN/Inf (checked on every process, so
     all of them stop together and no NaN checkpoint is ever written)."""
     bad = non_finite(ckpt["model"])
@@ -396,28 +148,281 @@ def _finite_state(ckpt: dict, iteration: int, last_saved: Path | None) -> dict:
     return ckpt
 
 
+def build_datasets(config: Config) -> tuple:
+    """The training and validation datasets of a segmentation recipe, with their transforms."""
+    task = SegmentationTask(config)
+    task.build_data()
+    return task.train_set, task.val_set
+
+
+def build_training_model(config: Config, train_set, pretrained: bool = True) -> nn.Module:
+    """The segmentation model of `config` for `train_set` (classes, meta); with `pretrained`, the
+    backbone starts from `model.backbone_checkpoint` if one is set."""
+    task = SegmentationTask(config)
+    task.train_set, task.ignore_index = train_set, int(train_set.ignore_index)
+    return task.build_model(pretrained)
+
+
+# ---- the config of a run ------------------------------------------------------------------------
+def flat(data: dict, prefix: str = "") -> dict:
+    """Nested dicts as {dotted key: leaf value} (lists are leaves)."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: Config, new: Config) -> dict[str, list]:
+    """{dotted key: [old value, new value]} for every key whose value differs."""
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def stored_config(content: dict, source: str) -> Config:
+    """The config a checkpoint was trained with (old keys read as their new names, silently)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return config_from_dict(content["config"], source=source)
+
+
+def drop_foreign_options(config: Config) -> list[str]:
+    """Remove `data.options` entries that belong to another dataset kind than `data.kind` (e.g. the
+    built-in recipe's synthetic `image_size` after `data.kind=folder`), each with a `ConfigNote`;
+    returns the dropped keys. Options no kind knows stay, so that the dataset names them as errors."""
+    from ..data.datasets import DATASETS
+
+    kinds = list(DATASETS) + ["multitask_synthetic", "broden"]
+    own = dataset_options(config.data.kind)
+    elsewhere = set().union(*(dataset_options(k) for k in kinds if k != config.data.kind))
+    dropped = sorted(k for k in config.data.options if k not in own and k in elsewhere)
+    for key in dropped:
+        del config.data.options[key]
+    if dropped:
+        note(f"data.options {', '.join(dropped)}: not options of data.kind={config.data.kind}; dropped")
+    return dropped
+
+
+def check_training_config(config: Config) -> None:
+    """Mistakes the types do not catch and that would otherwise be silently ignored."""
+    if config.data.root and config.data.kind in ROOTLESS_KINDS:
+        other = "broden" if config.train.task == "multitask" else "folder"
+        raise UserError(f"data.root={config.data.root} is not read by data.kind={config.data.kind} (generated data); "
+                        f"set the kind of your data too, e.g. data.kind={other}")
+
+
+def resolve_run(config_path: str | None, overrides: list[str] | tuple[str, ...] = (), out: str | None = None,
+                resume: str | None = None, resume_flag: bool = False,
+                allow_changes: bool = False) -> tuple[Config, Path, Path | None]:
+    """The config, run folder and checkpoint to resume from of `upernet train`; prints nothing.
+
+    A new run: the recipe (default `builtin`) with the overrides, into `out` (default
+    `runs/<recipe name>`), refused when that folder already holds checkpoints. A resumed run
+    (`resume_flag`; from `resume`, a file or run folder, else from `out`) keeps the config stored in
+    its checkpoint; the `key=value` overrides change it (`train` logs the changes). A recipe given
+    with `--resume` must agree with the stored config on every key the overrides do not set, unless
+    `allow_changes`.
+
+    Args:
+        config_path: recipe file or built-in recipe name (None: builtin, or the stored config on resume).
+        overrides: dotted `key=value` overrides.
+        out: run folder.
+        resume: checkpoint file or run folder to continue from (None: `out`).
+        resume_flag: continue a run instead of starting one.
+        allow_changes: with `resume_flag`, let a recipe that differs from the stored config replace it.
+
+    Returns:
+        (config, run folder, checkpoint file to resume from or None).
+    """
+    run_dir = Path(out) if out else None
+    if not resume_flag:
+        config = load_config(config_path, overrides)
+        check_training_config(config)
+        if run_dir is None:
+            run_dir = Path("runs") / (Path(config_path).stem if config_path else "builtin")
+        if any((run_dir / "checkpoints").glob("iter_*.pt")):
+            raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume, or pick another "
+                            f"folder with --out")
+        return config, run_dir, None
+
+    source = Path(resume) if resume else run_dir
+    if source is None:
+        raise UserError("--resume needs a checkpoint path or --out RUN_DIR")
+    resume_file = find_resume(source)
+    stored = stored_config(load_checkpoint(resume_file), str(resume_file))
+    base = stored
+    if config_path is not None:
+        recipe = load_config(config_path, overrides)
+        keys = [parse_override(text)[0] for text in overrides]
+        differing = [k for k in config_changes(stored, recipe)
+                     if not any(k == key or k.startswith(key + ".") for key in keys)]
+        if differing and not allow_changes:
+            raise UserError(f"{config_path} differs from the config of the run being resumed ({resume_file}) in "
+                            f"{', '.join(differing)}; resume without the recipe (the run keeps its config), set "
+                            f"these keys as key=value overrides, or allow the recipe to replace the config")
+        if allow_changes:
+            base = load_config(config_path)
+    config = config_from_dict(to_dict(base), overrides, source=str(resume_file))
+    check_training_config(config)
+    if run_dir is None:
+        run_dir = resume_file.parent.parent if resume_file.parent.name == "checkpoints" else resume_file.parent
+    return config, run_dir, resume_file
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def train(config: Config, run_dir: str | os.PathLike, resume: str | os.PathLike | None = None,
+          stop_at: int | None = None, progress: bool = True) -> dict:
+    """Train `config` into `run_dir`.
+
+    Args:
+        config: the resolved recipe (`train.task` says which task).
+        run_dir: the run folder (created once the model and data are built).
+        resume: a checkpoint file or a run folder whose newest checkpoint to continue from.
+        stop_at: stop after this iteration with a checkpoint (for job time limits); `resume` continues.
+        progress: show the progress bar (main process only).
+
+    Returns:
+        {"iteration", "loss", "best_mIoU" (best value of the task's best-checkpoint metric), "val"
+        (last validation metrics), "run_dir", "is_main" (this process is rank 0: the one that prints),
+        "config_changes" ({key: [old, new]} against the resumed checkpoint's config)}.
+    """
+    info = init_distributed(config.train.device)
+    try:
+        return train_run(config, Path(run_dir), resume, stop_at, progress, info)
+    finally:
+        cleanup()
+
+
+def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress: bool, info: DistInfo) -> dict:
+    """The loop of `train` in an initialised process group."""
+    from tqdm import tqdm
+
+    device = info.device
+    check_training_config(cfg)
+    drop_foreign_options(cfg)
+    task = build_task(cfg)
+    resume_file = find_resume(resume) if resume is not None else None
+    checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
+    # Every RNG seeded with train.seed: all processes build the same initial weights.
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    task.build_data()
+    model = task.build_model(pretrained=checkpoint is None).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    schedule = PolySchedule(optimizer, cfg.schedule)
+    amp_dtype, use_scaler = amp_settings(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    torch.manual_seed(cfg.train.seed + info.rank)  # dropout / drop path differ between processes
+
+    start, best, position, changes = 0, float("-inf"), None, {}
+    if checkpoint is not None:
+        load_state_dict_strict(model, checkpoint["model"], str(resume_file))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        schedule.load_state_dict(checkpoint["schedule"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        start, best, position = checkpoint["iteration"], checkpoint.get("best_mIoU", best), checkpoint["data"]
+        if len(checkpoint["rng"]) == info.world_size:
+            set_rng_state(checkpoint["rng"][info.rank])
+        changes = config_changes(stored_config(checkpoint, str(resume_file)), cfg)
+
+    # The model and data are built: now the run folder.
+    created = not run_dir.exists()
+    if info.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir / "checkpoints")
+        write_text(run_dir / "config.yaml", dump_config(cfg))
+    log = MetricsLog(run_dir, info.is_main, start)
+    if changes:
+        log.write({"kind": "config", "iter": start, "changes": changes})
+
+    batches = task.batches(position, info.rank, info.world_size, pin_memory=device.type == "cuda")
+    ddp = prepare_model(model, info, cfg.model.sync_bn, find_unused=task.find_unused)
+    end = min(task.total_iters, stop_at) if stop_at else task.total_iters
+    bar = tqdm(total=task.total_iters, initial=start, disable=not (progress and info.is_main),
+               desc="train", unit="it", dynamic_ncols=True)
+    last_saved = resume_file
+    result = {"iteration": start, "loss": None, "best_mIoU": best, "val": None, "run_dir": str(run_dir),
+              "is_main": info.is_main, "config_changes": changes}
+
+    def state(iteration: int) -> dict:
+        """Everything `resume` and `load_model` need, as plain tensors and containers (weights_only)."""
+        return finite_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+                             "iteration": iteration, "best_mIoU": best, "best_metric": task.best_metric,
+                             "rng": all_gather_objects(rng_state(), info), "data": batches.position(),
+                             "config": to_dict(cfg), "model_config": model.config, "meta": model.meta},
+                            iteration, last_saved)
+
+    try:
+        set_train_mode(ddp, cfg.model.norm_eval)
+        for iteration in range(start + 1, end + 1):
+            steps_schedule = task.begin_iteration(iteration, model, optimizer)
+            lr = max(g["lr"] for g in optimizer.param_groups)  # the head's lr (scale 1 under layer decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(cfg.optim.accumulate):
+                batch = batches.next(iteration)
+                last = micro == cfg.optim.accumulate - 1
+                sync = contextlib.nullcontext() if last or not info.distributed else ddp.no_sync()
+                with sync:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss, extra = task.loss(ddp, batch, device)
+                    scaler.scale(loss / cfg.optim.accumulate).backward()
+                loss_sum += loss.detach()
+            context = f" (source {extra['source']})" if "source" in extra else ""
+            loss_value = checked_step(loss_sum / cfg.optim.accumulate, iteration, last_saved, model, optimizer,
+                                      scaler, cfg, info, context)
+            if steps_schedule:
+                schedule.step()
+            created = False  # a run that trained an iteration keeps its folder, whatever comes next
+            result.update(iteration=iteration, loss=loss_value)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+            bar.update(1)
+            if iteration % cfg.train.log_interval == 0 or iteration == end:
+                log.write({"kind": "train", "iter": iteration, "loss": loss_value, "lr": lr, **batches.log(),
+                           **extra, "time": time.time()})
+
+            if (cfg.val.interval and iteration % cfg.val.interval == 0) or iteration == task.total_iters:
+                sync_buffers(model, info)  # validate the weights that are saved
+                summary = task.validate(model, info.distributed, amp_dtype)
+                set_train_mode(ddp, cfg.model.norm_eval)
+                result["val"] = summary
+                log.write({"kind": "val", "iter": iteration, **summary})
+                if info.is_main:
+                    bar.write(f"iter {iteration}: " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+                value = summary.get(task.best_metric, float("nan"))
+                if value > best:
+                    best = result["best_mIoU"] = value
+                    ckpt = state(iteration)
+                    if info.is_main:
+                        atomic_save(ckpt, run_dir / "checkpoints" / "best.pt")
+                    barrier(info)
+
+            if iteration % cfg.train.checkpoint_interval == 0 or iteration == end:
+                ckpt = state(iteration)
+                if info.is_main:
+                    save_checkpoint(ckpt, run_dir, iteration, cfg.train.keep_last)
+                last_saved = run_dir / "checkpoints" / f"iter_{iteration:07d}.pt"
+                barrier(info)
+    except BaseException:
+        if created and info.is_main:  # failed before its first iteration: leave nothing behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        log.close()
+
+    if result["iteration"] == task.total_iters and info.is_main:
+        model.save(run_dir / "model")
+    barrier(info)
+    return result
+
+
 def train_from_cli(config_path: str | None, overrides: list[str], out: str | None, resume: str | None,
                    resume_flag: bool, stop_at: int | None) -> dict:
-    """`upernet train`: resolve the config (a resumed run starts from its checkpoint's config)."""
-    from ..config import load_config
-
-    run_dir = Path(out) if out else None
-    if resume_flag:
-        source = Path(resume) if resume else run_dir
-        if source is None:
-            raise ValueError("--resume needs a checkpoint path or --out RUN_DIR")
-        resume_file = find_resume(source)
-        if config_path is None:
-            config = config_from_dict(load_checkpoint(resume_file)["config"], overrides, source=str(resume_file))
-        else:
-            config = load_config(config_path, overrides)
-        if run_dir is None:
-            run_dir = resume_file.parent.parent if resume_file.parent.name == "checkpoints" else resume_file.parent
-        return train(config, run_dir, resume=resume_file, stop_at=stop_at)
-    config = load_config(config_path, overrides)
-    if run_dir is None:
-        run_dir = Path("runs") / (Path(config_path).stem if config_path else "builtin")
-    if any((run_dir / "checkpoints").glob("iter_*.pt")):
-        raise ValueError(f"{run_dir} already holds checkpoints; continue it with --resume, or pick another "
-                         f"folder with --out")
-    return train(config, run_dir, stop_at=stop_at)
+    """`upernet train` until the CLI calls `resolve_run` + `train` itself."""
+    config, run_dir, resume_file = resolve_run(config_path, overrides, out, resume, resume_flag)
+    return train(config, run_dir, resume=resume_file, stop_at=stop_at)

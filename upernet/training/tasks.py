@@ -1,0 +1,280 @@
+"""What differs between the tasks the training loop runs: the model, the batches, the loss, the
+validation metrics and the metric that chooses `best.pt`. The loop (`loop.train`) is the same.
+
+- `SegmentationTask` (`train.task=segmentation`): one label map per image, one dataset.
+- `MultitaskTask` (`train.task=multitask`, Unified Perceptual Parsing): several sources, each
+  annotating only some tasks (object, part, material, scene, texture). Each iteration draws one
+  source with probability proportional to its size (the same draw on every process: it depends only
+  on the seed and the iteration) and puts a loss only on the tasks it annotates. The texture head is
+  trained after the main schedule, for `multitask.texture_iters` iterations on texture crops, with
+  everything else fixed.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from ..config import Config
+from ..data.multitask import SourceSampler, build_sources, collate, tasks_of
+from ..data.datasets import build_dataset
+from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_transform
+from ..errors import UserError
+from ..evaluation.evaluate import evaluate
+from ..evaluation.multitask import evaluate_multitask
+from ..models import build_model
+from ..models.upp import upp_loss
+from ..models.weights import load_state_dict_strict
+from .sampling import InfiniteSampler, seeded_loader
+
+
+def test_time_meta(config: Config) -> dict:
+    """The test-time protocol of the recipe, in the keys `predict` reads: `test_size` and `inference`."""
+    scale = config.data.scale
+    inference = {"mode": config.val.mode}
+    if config.val.crop_size is not None:
+        inference["crop_size"] = list(config.val.crop_size)
+    if config.val.stride is not None:
+        inference["stride"] = list(config.val.stride)
+    return {"test_size": f"{max(scale)}x{min(scale)}" if scale else "none", "inference": inference}
+
+
+def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
+    """Backbone weights from `path`: InternImage's ImageNet layout for InternImage, else a state dict
+    of the backbone (optionally under "state_dict"/"model" and with a "backbone." prefix). Read with
+    weights_only=True; a layout that does not fit is an error naming the file and the keys."""
+    from ..io import load_torch_file
+    from ..models.backbones.internimage import InternImage, load_classification_checkpoint
+
+    if isinstance(backbone, InternImage):
+        load_classification_checkpoint(backbone, path)
+        return
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file (model.backbone_checkpoint)")
+    state = load_torch_file(path)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
+    load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
+
+
+def first_images(dataset, count: int):
+    """The first `count` samples of `dataset` (all when `count` is 0)."""
+    return Subset(dataset, range(min(count, len(dataset)))) if count else dataset
+
+
+class SegmentationTask:
+    """Semantic segmentation: `data.kind` ade20k, cityscapes, voc, folder or synthetic."""
+
+    name = "segmentation"
+    best_metric = "mIoU"
+    find_unused = False
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.total_iters = config.schedule.iters
+
+    def build_data(self) -> None:
+        """The training and validation datasets, with the recipe's transforms."""
+        d = self.config.data
+        train_tf = build_train_transform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
+                                         d.photometric, d.mean, d.std)
+        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, **d.options)
+        val_set = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
+                                **d.options)
+        self.val_set = first_images(val_set, self.config.val.max_images)
+        self.ignore_index = int(self.train_set.ignore_index)
+
+    def build_model(self, pretrained: bool) -> nn.Module:
+        """The configured variant with `num_classes` and the meta (classes, palette, mean/std, test-time
+        protocol) of the data; with `pretrained`, the backbone starts from `model.backbone_checkpoint`."""
+        cfg = self.config
+        args = dict(cfg.model.args)
+        num_classes = len(self.train_set.classes)
+        if args.setdefault("num_classes", num_classes) != num_classes:
+            raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes")
+        model = build_model(cfg.model.name, **args)
+        if pretrained and cfg.model.backbone_checkpoint:
+            load_backbone_checkpoint(model.backbone, cfg.model.backbone_checkpoint)
+        model.meta = {"class_names": list(self.train_set.classes),
+                      "palette": [list(c) for c in self.train_set.palette],
+                      "mean": list(cfg.data.mean), "std": list(cfg.data.std), "ignore_index": self.ignore_index,
+                      **test_time_meta(cfg)}
+        return model
+
+    def batches(self, position: dict | None, rank: int, world_size: int, pin_memory: bool) -> "SegmentationBatches":
+        """The endless training batches of this process from the recorded data position (None: the start)."""
+        consumed = 0
+        if position:  # the same global sample count, whatever the new number of processes
+            consumed = position["samples_per_rank"] * position["world_size"] // world_size
+        cfg = self.config
+        sampler = InfiniteSampler(len(self.train_set), cfg.train.seed, rank, world_size, start=consumed)
+        stream = seeded_loader(self.train_set, sampler, cfg.data.batch_size, cfg.data.workers, cfg.train.seed,
+                               pin_memory)
+        return SegmentationBatches(stream, sampler, consumed, cfg.data.batch_size)
+
+    def begin_iteration(self, iteration: int, model: nn.Module, optimizer) -> bool:
+        """Per-iteration set-up; returns whether the lr schedule steps after this iteration."""
+        return True
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """The loss of one batch (computed inside forward: no image-size logits are kept) and extra log entries."""
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        loss = model(images, labels=labels, ignore_index=self.ignore_index,
+                     average=self.config.train.loss_average)["loss"]
+        return loss, {}
+
+    def validate(self, model: nn.Module, distributed: bool, autocast_dtype) -> dict:
+        """aAcc, mIoU, mAcc on the validation set (with `val.mode`, `val.max_images`)."""
+        v = self.config.val
+        metrics = evaluate(model, self.val_set, mode=v.mode, crop_size=v.crop_size, stride=v.stride,
+                           distributed=distributed, autocast_dtype=autocast_dtype, progress=False)
+        return {k: float(metrics[k]) for k in ("aAcc", "mIoU", "mAcc")}
+
+
+class SegmentationBatches:
+    """Training batches of one dataset and the data position they reached."""
+
+    def __init__(self, stream: Iterator[dict], sampler: InfiniteSampler, consumed: int, batch_size: int):
+        self.stream, self.sampler, self.consumed, self.batch_size = stream, sampler, consumed, batch_size
+
+    def next(self, iteration: int) -> dict:
+        self.consumed += self.batch_size
+        return next(self.stream)
+
+    def position(self) -> dict:
+        return self.sampler.position(self.consumed)
+
+    def log(self) -> dict:
+        return {"epoch": self.position()["epoch"]}
+
+
+class MultitaskTask:
+    """Unified Perceptual Parsing: `data.kind` multitask_synthetic or broden, settings in `multitask`."""
+
+    name = "multitask"
+    find_unused = True  # a step trains only the heads its source annotates
+
+    def __init__(self, config: Config):
+        if config.val.mode != "whole":
+            raise UserError(f"val.mode={config.val.mode} is not available for train.task=multitask (its scene and "
+                            f"texture heads classify whole images); use val.mode=whole")
+        self.config = config
+
+    def build_data(self) -> None:
+        cfg = self.config
+        self.train_sources, self.meta = build_sources(cfg, cfg.data.train_split, train=True)
+        val_sources, _ = build_sources(cfg, cfg.data.val_split)
+        self.val_sources = [first_images(s, cfg.val.max_images) for s in val_sources]
+        self.tasks = tasks_of(self.meta)
+        # The main schedule draws among the non-texture sources; then texture_iters on textures.
+        self.main = [i for i, s in enumerate(self.train_sources) if tuple(s.tasks) != ("texture",)]
+        self.texture = [i for i, s in enumerate(self.train_sources) if tuple(s.tasks) == ("texture",)]
+        if not self.main:
+            raise UserError("multitask.sources: no source besides textures to train the main schedule on")
+        self.pick_main = SourceSampler([len(self.train_sources[i]) for i in self.main], cfg.train.seed)
+        self.total_iters = cfg.schedule.iters + (cfg.multitask.texture_iters if self.texture else 0)
+        self.best_metric = "object/mIoU" if "object" in self.tasks else None
+
+    def build_model(self, pretrained: bool) -> nn.Module:
+        cfg = self.config
+        model = build_model(cfg.model.name, tasks=self.tasks, **cfg.model.args)
+        if pretrained and cfg.model.backbone_checkpoint:
+            load_backbone_checkpoint(model.backbone, cfg.model.backbone_checkpoint)
+        model.meta = {"tasks_meta": self.meta, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                      **test_time_meta(cfg)}
+        self.model = model
+        return model
+
+    def source_of(self, iteration: int) -> int:
+        """The source iteration `iteration` trains on (the same on every process)."""
+        if iteration > self.config.schedule.iters:
+            return self.texture[0]
+        return self.main[self.pick_main(iteration)]
+
+    def batches(self, position: dict | None, rank: int, world_size: int, pin_memory: bool) -> "MultitaskBatches":
+        cfg = self.config
+        consumed = [0] * len(self.train_sources)
+        if position:
+            consumed = [c * position.get("world_size", world_size) // world_size for c in position["consumed"]]
+        streams = [seeded_loader(source, InfiniteSampler(len(source), cfg.train.seed + i, rank, world_size,
+                                                         start=consumed[i]),
+                                 cfg.data.batch_size, cfg.data.workers, cfg.train.seed + i, pin_memory, collate)
+                   for i, source in enumerate(self.train_sources)]
+        return MultitaskBatches(self, streams, consumed, cfg.data.batch_size, world_size)
+
+    def begin_iteration(self, iteration: int, model: nn.Module, optimizer) -> bool:
+        """In the texture phase the rest is trained: it stays fixed (BatchNorm statistics too), only the
+        texture head learns, its lr decaying linearly from the base lr over the texture iterations."""
+        cfg = self.config
+        if iteration <= cfg.schedule.iters:
+            return True
+        self.model.eval()
+        self.model.heads["texture"].train()
+        left = 1 - (iteration - cfg.schedule.iters - 1) / cfg.multitask.texture_iters
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * left
+        return False
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        targets = {t: v.to(device) for t, v in batch["targets"].items()}
+        wanted = list(targets) + (["object"] if "part" in targets else [])
+        outputs = model(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
+        losses = upp_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
+        if self.config.train.loss_average == "all":  # pixel losses over every pixel, as in segmentation
+            for task in ("object", "material", "part"):
+                if task in losses:
+                    losses[task] = losses[task] * (targets[task] != IGNORE_INDEX).float().mean()
+            losses["total"] = sum(v for k, v in losses.items() if k != "total")
+        extra = {"source": batch["source"], **{f"loss/{k}": float(v.detach()) for k, v in losses.items() if k != "total"}}
+        return losses["total"], extra
+
+    def validate(self, model: nn.Module, distributed: bool, autocast_dtype) -> dict:
+        return evaluate_multitask(model, self.val_sources, self.tasks, self.meta, distributed=distributed)
+
+
+class MultitaskBatches:
+    """Training batches: one stream per source, the iteration's source chosen by the task."""
+
+    def __init__(self, task: MultitaskTask, streams: list, consumed: list[int], batch_size: int, world_size: int):
+        self.task, self.streams, self.consumed = task, streams, consumed
+        self.batch_size, self.world_size = batch_size, world_size
+
+    def next(self, iteration: int) -> dict:
+        source = self.task.source_of(iteration)
+        self.consumed[source] += self.batch_size
+        return next(self.streams[source])
+
+    def position(self) -> dict:
+        return {"consumed": list(self.consumed), "world_size": self.world_size}
+
+    def log(self) -> dict:
+        return {}
+
+
+TASKS = {"segmentation": SegmentationTask, "multitask": MultitaskTask}
+
+
+def build_task(config: Config) -> SegmentationTask | MultitaskTask:
+    """The task object of `train.task`."""
+    return TASKS[config.train.task](config)
+
+
+def dataset_options(kind: str) -> set[str]:
+    """The `data.options` keys dataset kind `kind` takes."""
+    from ..data.datasets import DATASETS
+    from ..data.synthetic import SyntheticDataset
+
+    if kind in ("multitask_synthetic", "upp_builtin"):
+        return {"image_size", "val_samples"}
+    if kind == "broden":
+        return set()
+    if kind == "synthetic":
+        return set(inspect.signature(SyntheticDataset).parameters) - {"split", "transform"}
+    return set(inspect.signature(DATASETS[kind]).parameters) - {"root", "split", "transform"}
