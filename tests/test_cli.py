@@ -146,3 +146,11 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(cli, "run_info", broken)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["info", "--list"])
+
+
+def test_config_notes_are_one_line(monkeypatch, capsys):
+    from upernet.config import note
+
+    monkeypatch.setattr(cli, "run_info", lambda args: note("data.options.image_size belongs to data.kind=synthetic; dropped"))
+    assert main(["info", "--list"]) == 0
+    assert capsys.readouterr().err.strip() == "upernet info: note: data.options.image_size belongs to data.kind=synthetic; dropped"

@@ -2,6 +2,7 @@ import re
 
 import upernet
 from upernet.cli import main
+from upernet.errors import UserError
 
 
 def test_info_published_counts(capsys):
@@ -36,10 +37,10 @@ def test_overrides_may_follow_options(monkeypatch):
 
     seen = {}
 
-    def fake_train_from_cli(config, overrides, out, resume, resume_flag, stop_at):
+    def fake_resolve_run(config, overrides, out, resume, resume_flag, allow_changes):
         seen.update(config=config, overrides=overrides, out=out)
-        return {"run_dir": out, "iteration": 0, "best_mIoU": 0.0, "val": None}
+        raise UserError("stop here")
 
-    monkeypatch.setattr(train_module, "train_from_cli", fake_train_from_cli)
-    assert main(["train", "configs/builtin.yaml", "optim.lr=0.1", "--out", "runs/x", "schedule.iters=5"]) == 0
+    monkeypatch.setattr(train_module, "resolve_run", fake_resolve_run)
+    assert main(["train", "configs/builtin.yaml", "optim.lr=0.1", "--out", "runs/x", "schedule.iters=5"]) == 2
     assert seen == {"config": "configs/builtin.yaml", "overrides": ["optim.lr=0.1", "schedule.iters=5"], "out": "runs/x"}

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Any
 
 from . import __version__
+from .config import ConfigNote
 from .errors import UserError
 
 MODEL_HELP = ("a registered name (upernet info --list), a model folder, a Hugging Face UperNet folder, a training "
@@ -203,6 +205,9 @@ def add_train(sub) -> None:
                    help="continue from a checkpoint file or run folder (default: the newest checkpoint of --out)")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<recipe name>)")
     p.add_argument("--stop-at", type=positive_int, metavar="ITER", help="stop after this iteration with a checkpoint")
+    p.add_argument("--allow-config-changes", action="store_true",
+                   help="with --resume and a RECIPE: let the recipe replace the run's stored config where they differ "
+                        "(without it that is an error listing the keys; key=value overrides always apply)")
     add_runtime(p, device=False)
     p.set_defaults(handler=run_train)
 
@@ -210,17 +215,19 @@ def add_train(sub) -> None:
 def run_train(args) -> None:
     from pathlib import Path
 
-    from .training.loop import TrainingDiverged, train_from_cli
+    from .training.loop import TrainingDiverged, resolve_run, train
 
-    config, overrides = split_overrides(args.config, list(args.overrides))
+    recipe, overrides = split_overrides(args.config, list(args.overrides))
+    config, run_dir, resume_file = resolve_run(recipe, overrides, args.out, args.resume or None,
+                                               args.resume is not None, args.allow_config_changes)
     try:
-        result = train_from_cli(config, overrides, args.out, args.resume or None, args.resume is not None,
-                                args.stop_at)
+        result = train(config, run_dir, resume=resume_file, stop_at=args.stop_at)
     except TrainingDiverged as e:
         raise UserError(str(e)) from None
-    if not result.get("is_main", True):
+    if not result["is_main"]:
         return
-    run_dir = result["run_dir"]
+    for key, (old, new) in result.get("config_changes", {}).items():
+        say(f"upernet train: note: {key} changed from {old!r} to {new!r} for the rest of the run")
     done = "finished" if (Path(run_dir) / "model").is_dir() else f"stopped at iteration {result['iteration']}"
     best = f"best val mIoU {result['best_mIoU']:.2f}" if result["val"] or result["best_mIoU"] >= 0 else "not validated yet"
     print(f"run folder: {run_dir} ({done}; {best})")
@@ -489,12 +496,20 @@ def main(argv: list[str] | None = None) -> int:
     from .ops.scratch import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: reuse freed activations instead of faulting them in again
-    try:
-        apply_runtime(args)
-        args.handler(args)
-    except UserError as e:
-        print(f"upernet {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigNote)
+        previous = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest: (
+            say(f"upernet {args.command}: note: {message}") if issubclass(category, ConfigNote)
+            else previous(message, category, *rest))
+        try:
+            apply_runtime(args)
+            args.handler(args)
+        except UserError as e:
+            print(f"upernet {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            warnings.showwarning = previous
     return 0
 
 

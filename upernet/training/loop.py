@@ -419,10 +419,3 @@ def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress:
         model.save(run_dir / "model")
     barrier(info)
     return result
-
-
-def train_from_cli(config_path: str | None, overrides: list[str], out: str | None, resume: str | None,
-                   resume_flag: bool, stop_at: int | None) -> dict:
-    """`upernet train` until the CLI calls `resolve_run` + `train` itself."""
-    config, run_dir, resume_file = resolve_run(config_path, overrides, out, resume, resume_flag)
-    return train(config, run_dir, resume=resume_file, stop_at=stop_at)
