@@ -118,19 +118,17 @@ def run_predict(args) -> None:
 
     import upernet
     from upernet.inference.modes import MS_RATIOS
-    from upernet.inference.prepare import autocast_dtype_for
-    from upernet.inference.predict import SAMPLE_IMAGE, predict
+    from upernet.inference.predict import SAMPLE_IMAGE, default_inputs, predict
 
     if not Path(args.model).exists() and args.model in upernet.list_models():
         print(f"warning: {args.model} is a model name, not a checkpoint: its weights are random, so the "
               f"predictions are meaningless (pass a checkpoint folder for real ones)", file=sys.stderr)
     model = _load_any(args.model)
-    inputs = list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample or not args.inputs else [])
+    inputs = list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample else [])
     result = predict(
-        model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
-        scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
-        save_probs=args.save_probs, workers=args.batch_workers, device=args.device,
-        autocast_dtype=autocast_dtype_for(args.precision, args.device or ("cuda" if torch.cuda.is_available() else "cpu")),
+        model, inputs or default_inputs(model), args.out, mode=args.mode, crop_size=args.crop, stride=args.stride,
+        size=args.size, scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
+        save_probs=args.save_probs, workers=args.batch_workers, device=args.device, precision=args.precision,
         legend=not args.no_legend,
     )
     kinds = "_labels.png, _overlay.png" + (", _probs.npy" if args.save_probs else "")

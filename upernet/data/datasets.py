@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES,
                       VOC_PALETTE, default_palette)
 from .transforms import IGNORE_INDEX, build_eval_transform, to_image_tensor
@@ -84,11 +85,14 @@ def mask_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied."""
+    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
     path = Path(path)
     with _open(path, "image") as img:
         _decode(img, path, "image")
-        return to_image_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+        try:
+            return to_image_tensor(ImageOps.exif_transpose(img))
+        except UserError as err:
+            raise UserError(f"image {path}: {err}") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:
