@@ -293,7 +293,7 @@ def test_docstring_args_match_signatures():
     from upernet.evaluation import evaluate as ev
     from upernet.evaluation import metrics
 
-    for fn in [ev.evaluate, ev.evaluate_confusion, ev.evaluate_from_cli,
+    for fn in [ev.evaluate, ev.evaluate_confusion, ev.evaluate_model,
                metrics.confusion_matrix, metrics.summarize]:
         doc = inspect.getdoc(fn).split("Args:")[1].split("Returns:")[0]
         documented = re.findall(r"^    (?:\*\*)?(\w+):", doc, flags=re.M)

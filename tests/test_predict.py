@@ -46,7 +46,7 @@ def test_predict_folder_writes_labels_overlay_probs(checkpoint, tmp_path):
         assert labels.mode == "P" and labels.size == (w, h)  # original size, not the 64-pixel inference size
         assert labels.getpalette()[:15] == [10, 20, 30, 200, 0, 0, 0, 200, 0, 0, 0, 200, 90, 90, 90]
         overlay = Image.open(out / f"{stem}_overlay.png")
-        assert overlay.mode == "RGB" and overlay.size == (w, h)
+        assert overlay.mode == "RGB" and overlay.width > w and overlay.height >= h  # the legend beside the picture
         probs = np.load(out / f"{stem}_probs.npy")
         assert probs.dtype == np.float16 and probs.shape == (5, h, w)
         np.testing.assert_allclose(probs.astype(np.float32).sum(0), 1.0, atol=5e-3)
@@ -90,8 +90,18 @@ def test_overlay_blend_and_legend():
     plain = np.asarray(overlay_image(image, labels, palette, alpha=0.5))
     assert tuple(plain[0, 0]) == (50, 50, 50) and tuple(plain[119, 159]) == (150, 100, 75)
     with_legend = np.asarray(overlay_image(image, labels, palette, ["a", "b"]))
-    assert (with_legend[:5, :5] != plain[:5, :5]).any()  # the legend is drawn in the corner
-    np.testing.assert_array_equal(with_legend[60:], plain[60:])  # and nowhere else
+    assert with_legend.shape[1] > 160 and with_legend.shape[0] == 120  # a panel to the right
+    np.testing.assert_array_equal(with_legend[:, :160], plain)  # the picture stays whole
+
+
+def test_legend_beside_a_small_image_leaves_it_visible():
+    image = np.full((128, 128, 3), 100, np.uint8)
+    labels = np.arange(128 * 128).reshape(128, 128) % 7
+    palette = [[i * 30, 0, 0] for i in range(7)]
+    names = ["sky", "water", "shore", "reeds", "pier", "boat", "buoy"]
+    out = np.asarray(overlay_image(image, labels, palette, names))
+    np.testing.assert_array_equal(out[:128, :128], np.asarray(overlay_image(image, labels, palette)))
+    assert out.shape[1] - 128 < 128  # the panel is narrower than the picture
 
 
 def test_more_than_256_classes_written_as_16_bit(tmp_path):

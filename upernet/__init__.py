@@ -19,6 +19,7 @@ _EXPORTS = {
     "load_model": "upernet.loading",
     "save_model": "upernet.loading",
     "UserError": "upernet.errors",
+    "Segmenter": "upernet.inference.segmenter",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -167,8 +167,7 @@ def run_predict(args) -> None:
     from pathlib import Path
 
     from .inference.modes import MS_RATIOS
-    from .inference.predict import SAMPLE_IMAGE, predict
-    from .inference.prepare import autocast_dtype_for
+    from .inference.predict import SAMPLE_IMAGE, default_inputs, predict
 
     source = model_source(args)
     device = resolve_device(args.device)
@@ -176,12 +175,14 @@ def run_predict(args) -> None:
         say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
             f"meaningless (pass a trained or converted model for real ones)")
     model = open_model(source, onnx=True)
-    inputs = list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample or not args.inputs else [])
+    inputs = list(args.inputs) or [str(p) for p in default_inputs(model)]
+    if args.sample:
+        inputs.append(str(SAMPLE_IMAGE))
     result = predict(
         model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
         scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
-        save_probs=args.save_probs, workers=args.batch_workers, device=device,
-        autocast_dtype=autocast_dtype_for(args.precision, device), legend=not args.no_legend,
+        save_probs=args.save_probs, workers=args.batch_workers, device=device, precision=args.precision,
+        legend=not args.no_legend,
     )
     kinds = "_labels.png, _overlay.png" + (", _probs.npy" if args.save_probs else "")
     print(f"wrote {len(result.written)} image(s) to {result.out_dir} ({kinds})")
@@ -258,16 +259,28 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args) -> None:
-    from .evaluation.evaluate import evaluate_from_cli
+    from pathlib import Path
 
-    config, overrides = split_overrides(args.config, list(args.overrides))
+    from .config import config_from_dict, load_config
+    from .evaluation.evaluate import default_out, evaluate_model, format_results, save_results
+    from .loading import stored_recipe
+
+    recipe, overrides = split_overrides(args.config, list(args.overrides))
     source = model_source(args)
-    if source.lower().endswith(".onnx"):
-        open_model(source, onnx=True)  # a missing or foreign ONNX file: one line, before any data is read
     resolve_device(args.device)
-    evaluate_from_cli(config, overrides, source, mode=args.mode, multi_scale=args.multi_scale,
-                      flip=args.flip, out=args.out, device=args.device, precision=args.precision,
-                      max_images=args.max_images)
+    model = open_model(source, onnx=True)
+    stored = stored_recipe(source) if recipe is None and not source.lower().endswith(".onnx") else None
+    if stored is not None:  # the recipe the model was trained with names its validation split
+        config = config_from_dict(stored, overrides, source=f"{source} (its training recipe)")
+    else:
+        config = load_config(recipe, overrides)
+    results = evaluate_model(model, config, mode=args.mode, multi_scale=args.multi_scale, flip=args.flip,
+                             device=args.device, precision=args.precision, max_images=args.max_images)
+    results["settings"]["checkpoint"] = source
+    if results["settings"]["rank"] == 0:
+        print(format_results(results))
+        json_path, csv_path = save_results(results, Path(args.out) if args.out else default_out(source))
+        print(f"wrote {json_path}" + (f" and {csv_path}" if csv_path else ""))
 
 
 # ---- convert --------------------------------------------------------------------------------

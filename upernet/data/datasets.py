@@ -85,11 +85,14 @@ def mask_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied."""
+    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
     path = Path(path)
     with _open(path, "image") as img:
         _decode(img, path, "image")
-        return to_image_tensor(ImageOps.exif_transpose(img).convert("RGB"))
+        try:
+            return to_image_tensor(ImageOps.exif_transpose(img))
+        except UserError as err:
+            raise UserError(f"image {path}: {err}") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:

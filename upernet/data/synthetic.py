@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
-from ..models.upernet import resize
+from ..io import atomic_write
+from ..ops.resize import resize
 from .datasets import SegmentationDataset
 
 SYNTHETIC_CLASSES = ("sky", "water", "shore", "reeds", "pier", "boat", "buoy")
@@ -137,6 +138,30 @@ def synthetic_sample_image(seed: int = 0, image_size: int | Sequence[int] = 160)
     """One synthetic scene as a PIL image, e.g. to try `upernet predict` without any data."""
     image, _ = synthetic_sample(0, seed, "sample", image_size)
     return Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
+def write_synthetic_images(folder: str | Path, split: str = "val", count: int = 4,
+                           image_size: int | Sequence[int] = 128, seed: int = 0) -> list[Path]:
+    """The first `count` scenes of `split` as PNG files `<split>_<i>.png` in `folder` (kept when present).
+
+    Args:
+        folder: output folder (created).
+        split: split name of the scenes.
+        count: number of scenes.
+        image_size: H = W, or (H, W).
+        seed: dataset seed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{split}_{i:05d}.png"
+        if not path.is_file():
+            image, _ = synthetic_sample(i, seed, split, image_size)
+            picture = Image.fromarray(image.permute(1, 2, 0).numpy())
+            atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
 
 
 class SyntheticDataset(SegmentationDataset):

@@ -7,25 +7,28 @@ matrices are summed before any ratio is taken.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..inference.prepare import PRECISIONS, autocast_dtype_for, fast_path
-from ..inference.modes import infer
+from ..config import Config
+from ..data.classes import resolve_meta
+from ..data.datasets import build_dataset
+from ..data.multitask import MULTITASK_KINDS, build_sources
+from ..data.transforms import build_eval_transform
+from ..distributed import cleanup, init_distributed
+from ..errors import UserError
+from ..inference.modes import MS_RATIOS
+from ..inference.prepare import PRECISIONS, fast_path
+from ..inference.segmenter import Segmenter, is_multitask, resolve_device
+from ..io import atomic_write, write_json
+from .loop import device_of, evaluate_dataset, unwrap_model
 from .metrics import confusion_matrix, reduce, summarize
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP: its forward broadcasts buffers, a collective that would hang when
-    ranks evaluate different numbers of samples."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+from .multitask import MultiTaskMetrics, format_multitask
 
 
 def _base_dataset(dataset):
@@ -56,6 +59,32 @@ def _ignore_index(model: nn.Module, dataset) -> int:
     return int(value)
 
 
+class SegmentationMetrics:
+    """The metric accumulator of a segmentation model: one confusion matrix -> `summarize`."""
+
+    def __init__(self, num_classes: int, class_names: Sequence[str], ignore_index: int = 255,
+                 device: torch.device | str = "cpu"):
+        self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def target_size(self, sample: dict) -> tuple[int, int]:
+        """Where the prediction is scored: the label's size."""
+        return tuple(torch.as_tensor(sample["label"]).shape[-2:])
+
+    def add(self, probs: dict[str, torch.Tensor], sample: dict) -> None:
+        label = torch.as_tensor(sample["label"]).to(self.confusion.device)
+        try:
+            self.confusion += confusion_matrix(probs["out"].argmax(dim=1)[0], label, self.num_classes, self.ignore_index)
+        except ValueError as e:
+            raise ValueError(f"{sample.get('path', 'a sample')}: {e}") from None
+
+    def reduce(self) -> None:
+        self.confusion = reduce(self.confusion)
+
+    def summary(self) -> dict:
+        return summarize(self.confusion, self.class_names)
+
+
 def evaluate_confusion(
     model: nn.Module,
     dataset,
@@ -79,41 +108,14 @@ def evaluate_confusion(
     Returns:
         The int64 (C, C) matrix (rows label, columns prediction), the same on every rank, and C names.
     """
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed evaluation needs torch.distributed to be initialised (run under torchrun)")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     num_classes = int(model.num_classes)
     names = _class_names(model, dataset, num_classes)
     if ignore_index is None:
         ignore_index = _ignore_index(model, dataset)
-    if len(dataset) == 0:
-        raise ValueError("the evaluation dataset is empty")
-    device = next(model.parameters()).device
-    indices = range(rank, len(dataset), world)
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="eval", unit="img", dynamic_ncols=True)
-
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for index in indices:
-                sample = dataset[index]
-                label = torch.as_tensor(sample["label"]).to(device)
-                probs = infer(model, sample["image"].to(device), out_size=label.shape[-2:], **infer_options)
-                try:
-                    confusion += confusion_matrix(probs.argmax(dim=1)[0], label, num_classes, ignore_index)
-                except ValueError as e:
-                    raise ValueError(f"{sample.get('path', f'sample {index}')}: {e}") from None
-    finally:
-        model.train(was_training)
-    if distributed:
-        confusion = reduce(confusion)
-    return confusion, names
+    metrics = SegmentationMetrics(num_classes, names, ignore_index, device_of(model))
+    evaluate_dataset(model, dataset, metrics, distributed, progress, **infer_options)
+    return metrics.confusion, names
 
 
 def evaluate(
@@ -182,131 +184,126 @@ def _json_safe(value):
 
 
 def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `metrics.json` (everything; NaN as null) and `per_class.csv` (class, IoU, Acc; NaN as nan)."""
+    """Write `metrics.json` (everything; NaN as null) and `per_class.csv` (class, IoU, Acc; NaN as nan).
+
+    Multi-task results (no per-class list) get `metrics.json` only; the second path is then None.
+    """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = folder / "metrics.json", folder / "per_class.csv"
-    json_path.write_text(json.dumps(_json_safe(results), indent=2) + "\n")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "IoU", "Acc"])
-        for r in results["per_class"]:
-            writer.writerow([r["class"], r["IoU"], r["Acc"]])
-    return json_path, csv_path
+    json_path = write_json(folder / "metrics.json", _json_safe(results))
+    if "per_class" not in results:
+        return json_path, None
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "IoU", "Acc"])
+            for r in results["per_class"]:
+                writer.writerow([r["class"], r["IoU"], r["Acc"]])
+
+    return json_path, atomic_write(folder / "per_class.csv", write_csv)
 
 
 # ---- `upernet eval` -------------------------------------------------------------------------
-def load_eval_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, dict | None]:
-    """A model in eval mode from our folder format, a training checkpoint (.pt of `upernet train`) or a
-    foreign checkpoint `upernet.load_model` converts; plus the training config stored with it, if any."""
-    from ..loading import load_model
-    from ..models import build_model
-    from ..models.weights import load_state_dict_strict
-    from ..training.checkpoint import load_checkpoint
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such checkpoint folder or file")
-    if path.is_file():
-        try:
-            state = load_checkpoint(path)
-        except ValueError:  # not a plain-tensor pickle: a foreign checkpoint for the converters
-            state = None
-        if isinstance(state, dict) and isinstance(state.get("model"), dict) and isinstance(state.get("config"), dict):
-            model_section = state["config"].get("model", {})
-            name, args = model_section.get("name", ""), dict(model_section.get("args", {}))
-            if "model_config" in state:  # the exact build arguments, when the loop stored them
-                name, args = state["model_config"]["name"], dict(state["model_config"]["args"])
-            classifier = state["model"].get("decode_head.classifier.weight")
-            if "num_classes" not in args and "tasks" not in args and classifier is not None:
-                args["num_classes"] = int(classifier.shape[0])  # filled in from the dataset at training time
-            model = build_model(name, **args)
-            load_state_dict_strict(model, state["model"], str(path))
-            model.meta = dict(state.get("meta") or {})
-            return model.eval(), state["config"]
-    return load_model(path), None
-
-
-def _default_out(checkpoint: Path) -> Path:
+def default_out(checkpoint: str | os.PathLike) -> Path:
     """`<run>/eval` for `<run>/model` or `<run>/checkpoints/x.pt`; else `eval` beside the checkpoint."""
-    parent = checkpoint.resolve().parent
+    parent = Path(checkpoint).resolve().parent
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
 
 
-def evaluate_from_cli(
-    config_path: str | None,
-    overrides: Sequence[str],
-    checkpoint: str,
+def evaluate_model(
+    model: nn.Module,
+    config: Config,
+    *,
     mode: str | None = None,
     multi_scale: bool = False,
     flip: bool = False,
-    out: str | None = None,
     device: str = "auto",
     precision: str = "auto",
     max_images: int = 0,
     progress: bool = True,
 ) -> dict:
-    """`upernet eval`: model + validation split of the config -> printed table, metrics.json, per_class.csv.
+    """Evaluate `model` on the validation split of `config`; returns the results, prints and writes nothing.
+
+    The test-time protocol is the model's (its meta's `test_size`, `inference` and mean/std, as
+    `predict` and `Segmenter` use it); the recipe's `data.scale`, `val` and mean/std only stand in
+    for what the model's meta lacks. Under torchrun the images are split over the processes and
+    every process gets the numbers of one process.
 
     Args:
-        config_path: recipe YAML whose `data` section names the split; None: the config stored in a
-            training checkpoint, else the built-in recipe.
-        overrides: dotted `key=value` overrides of the config (e.g. `data.root=...`, `val.crop_size=[512,512]`).
-        checkpoint: model folder, training checkpoint file or foreign checkpoint.
-        mode: "whole" or "slide"; None: the config's `val.mode`.
+        model: a segmentation model or a multi-task model.
+        config: the recipe whose `data` section names the split (multi-task models: a multi-task kind).
+        mode: "whole" or "slide"; None: the model's test mode, else the config's `val.mode`.
         multi_scale: average the ratios 0.5-1.75 (`inference.MS_RATIOS`).
         flip: also average horizontally flipped predictions.
-        out: folder for metrics.json and per_class.csv; None: `eval` in the run folder of the checkpoint.
         device: auto, cpu or cuda (under torchrun each process takes its local GPU).
         precision: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16.
-        max_images: evaluate the first N images of the split only (0: all; `val.max_images` of the
-            config only limits the periodic validation during training).
+        max_images: evaluate the first N images of the split only (0: all).
         progress: show a progress bar on rank 0.
 
     Returns:
-        The results (as saved), on every process.
+        Segmentation: `metrics.summarize`'s dict; multi-task: {"<task>/<metric>": value}; both with
+        "settings" (what was run, including "rank": this process's rank).
     """
-    from ..data.datasets import build_dataset
-    from ..data.transforms import build_eval_transform
-    from ..config import config_from_dict, load_config
-    from ..distributed import cleanup, init_distributed
-    from ..inference.modes import MS_RATIOS
-
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    model, stored_config = load_eval_model(checkpoint)
-    if config_path is None and stored_config is not None:
-        config = config_from_dict(stored_config, list(overrides), source=f"{checkpoint} (stored config)")
-    else:
-        config = load_config(config_path, list(overrides))
-    if hasattr(model, "tasks"):  # a multi-task (UPP) model: every task of every validation source
-        from .multitask import evaluate_multitask_from_cli
-
-        return evaluate_multitask_from_cli(model, config, checkpoint, out, device)
-    d, v = config.data, config.val
-    dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
-                            **d.options)
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if max_images < 0:
-        raise ValueError(f"max_images must be 0 (all) or positive, got {max_images}")
-    if max_images:
-        dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
-    info = init_distributed(device)
+        raise UserError(f"max_images must be 0 (all) or positive, got {max_images}")
+    wanted = resolve_device(device)
+    d, v = config.data, config.val
+    multitask = is_multitask(model)
+    if multitask:
+        if d.kind not in MULTITASK_KINDS:
+            raise UserError(f"a multi-task model is evaluated with a multi-task config (data.kind "
+                            f"{' or '.join(MULTITASK_KINDS)}, e.g. upp_builtin), not {d.kind!r}")
+        meta = dict(getattr(model, "meta", None) or {})
+    else:
+        meta = resolve_meta(getattr(model, "meta", None), int(model.num_classes))
+    own = meta.get("inference") or {}
+    info = init_distributed(wanted.type)
     try:
-        model.to(info.device)
-        mode = mode or v.mode
-        scales = MS_RATIOS if multi_scale else (1.0,)
-        dtype = autocast_dtype_for(precision, info.device)
-        results = evaluate(model, dataset, mode=mode, crop_size=v.crop_size, stride=v.stride, scales=scales,
-                           flip=flip, distributed=info.distributed, autocast_dtype=dtype, progress=progress)
+        segmenter = Segmenter(
+            model, device=info.device, precision=precision, mode=mode or own.get("mode") or v.mode,
+            size=None if "test_size" in meta or multitask else d.scale,
+            crop_size=None if own.get("crop_size") else v.crop_size, stride=None if own.get("stride") else v.stride,
+            scales=MS_RATIOS if multi_scale else (1.0,), flip=flip)
+        if multitask:
+            sources, data_meta = build_sources(config, d.val_split)
+            dataset = torch.utils.data.ConcatDataset(sources)
+            metrics = MultiTaskMetrics(model.tasks, data_meta)
+        else:
+            mean, std = meta["mean"] if "mean" in (model.meta or {}) else d.mean, \
+                meta["std"] if "std" in (model.meta or {}) else d.std
+            dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(segmenter.size, mean, std),
+                                    **d.options)
+            names = _class_names(model, dataset, int(model.num_classes))
+            metrics = SegmentationMetrics(int(model.num_classes), names, _ignore_index(model, dataset), info.device)
+        if max_images:
+            dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+        evaluate_dataset(segmenter.runner, dataset, metrics, info.distributed, progress, **segmenter.options())
+        results = metrics.summary()
         results["settings"] = {
-            "checkpoint": str(checkpoint), "dataset": d.kind, "root": d.root, "split": d.val_split,
-            "images": len(dataset), "mode": mode, "crop_size": v.crop_size, "stride": v.stride,
-            "scales": list(scales), "flip": flip, "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), "processes": info.world_size,
+            "dataset": d.kind, "root": d.root, "split": d.val_split, "images": len(dataset),
+            "mode": segmenter.mode, "size": segmenter.size, "crop_size": list(segmenter.crop_size),
+            "stride": list(segmenter.stride), "scales": list(segmenter.scales), "flip": flip,
+            "precision": _precision_of(segmenter),
+            "processes": info.world_size, "rank": info.rank,
         }
-        if info.is_main:
-            print(format_table(results))
-            json_path, csv_path = save_results(results, Path(out) if out else _default_out(Path(checkpoint)))
-            print(f"wrote {json_path} and {csv_path}")
     finally:
         cleanup()
     return results
+
+
+def _precision_of(segmenter: Segmenter) -> str:
+    """The precision a prepared model runs at: its weights' dtype, or the autocast dtype."""
+    dtype = getattr(segmenter.runner, "inference_dtype", None)
+    if dtype == torch.bfloat16 or segmenter.autocast_dtype == torch.bfloat16:
+        return "bf16"
+    return "fp16" if segmenter.autocast_dtype == torch.float16 else "fp32"
+
+
+def format_results(results: dict) -> str:
+    """`format_table` for segmentation results, one line per metric for multi-task results."""
+    if "per_class" in results:
+        return format_table(results)
+    return format_multitask({k: v for k, v in results.items() if k != "settings"})

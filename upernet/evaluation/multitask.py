@@ -4,15 +4,14 @@ mIoU (background counted) averaged within each object, then across objects; scen
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
-from ..config import Config
-from ..data.multitask import MULTITASK_KINDS, PIXEL_TASKS, build_sources, collate
+from ..data.multitask import PIXEL_TASKS
+from .loop import evaluate_dataset
 from .metrics import confusion_matrix, reduce, summarize
 
 
@@ -44,6 +43,14 @@ class MultiTaskMetrics:
                 self.part_confusion[k] += confusion_matrix(pred, label, n)
                 start += n
 
+    def target_size(self, sample: dict) -> tuple[int, int]:
+        """Where the pixel tasks are scored: the sample's image size (its masks have it)."""
+        return tuple(sample["image"].shape[-2:])
+
+    def add(self, outputs: dict, sample: dict) -> None:
+        """`update` with one sample of a source (targets without the batch dimension)."""
+        self.update(outputs, {task: torch.as_tensor(t)[None] for task, t in sample["targets"].items()})
+
     def reduce(self) -> None:
         for task in self.confusion:
             self.confusion[task] = reduce(self.confusion[task])
@@ -67,52 +74,24 @@ class MultiTaskMetrics:
         return out
 
 
-@torch.no_grad()
 def evaluate_multitask(model: nn.Module, sources: Sequence[Dataset], tasks: dict, meta: dict,
-                       distributed: bool = False, batch_size: int = 8) -> dict:
-    """Every source of the split, each scored on the tasks it annotates; reduced across processes."""
-    rank = torch.distributed.get_rank() if distributed else 0
-    world = torch.distributed.get_world_size() if distributed else 1
+                       distributed: bool = False, progress: bool = False) -> dict:
+    """Every source of the split, each scored on the tasks it annotates; reduced across processes.
+
+    Args:
+        model: the multi-task model (a DDP wrapper is unwrapped).
+        sources: the datasets of the split (items {"image", "targets", "source"}).
+        tasks: the model's tasks (`model.tasks`).
+        meta: the class lists of the data.
+        distributed: split the samples over the torch.distributed processes and sum the counts.
+        progress: show a progress bar (on rank 0 only).
+    """
     metrics = MultiTaskMetrics(tasks, meta)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    for source in sources:
-        shard = torch.utils.data.Subset(source, range(rank, len(source), world))  # no padded duplicates
-        for batch in DataLoader(shard, batch_size=batch_size, collate_fn=collate):
-            wanted = list(batch["targets"]) + (["object"] if "part" in batch["targets"] else [])
-            outputs = model(batch["image"].to(device), tasks=[t for t in dict.fromkeys(wanted) if t in tasks])
-            metrics.update(outputs, batch["targets"])
-    metrics.reduce()
-    model.train(was_training)
+    evaluate_dataset(model, ConcatDataset(list(sources)), metrics, distributed, progress)
     return metrics.summary()
 
 
 def format_multitask(results: dict) -> str:
+    """One line per metric: name and value."""
     width = max(len(k) for k in results) if results else 0
     return "\n".join(f"{k:<{width}}  {v:6.2f}" for k, v in results.items())
-
-
-def evaluate_multitask_from_cli(model: nn.Module, config: Config, checkpoint: str, out: str | None,
-                                device: str = "auto") -> dict:
-    """`upernet eval` of a multi-task model: the per-task table, saved as metrics.json."""
-    import json
-
-    from ..distributed import cleanup, init_distributed
-
-    if config.data.kind not in MULTITASK_KINDS:
-        raise ValueError(f"{checkpoint} is a multi-task model; evaluate it with a multi-task config "
-                         f"(data.kind {' or '.join(MULTITASK_KINDS)}), e.g. upp_builtin")
-    sources, meta = build_sources(config, config.data.val_split)
-    info = init_distributed(device)
-    try:
-        results = evaluate_multitask(model.to(info.device), sources, model.tasks, meta, distributed=info.distributed)
-        if info.is_main:
-            print(format_multitask(results))
-            folder = Path(out) if out else Path(checkpoint).resolve().parent / "eval"
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "metrics.json").write_text(json.dumps(results, indent=2))
-            print(f"wrote {folder / 'metrics.json'}")
-    finally:
-        cleanup()
-    return results

@@ -36,4 +36,8 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         raise UserError(f"Unknown model name {name!r}.{hint}")
     model = _MODELS[name](**kwargs)
     model.config = {"name": name, "args": kwargs}
+    if hasattr(model, "num_classes") and not (getattr(model, "meta", None) or {}).get("class_names"):
+        # names for id2label-style lookups until a dataset or `set_meta` gives real ones; the palette is left
+        # to `resolve_meta`, which picks a dataset's colours when a converter sets that dataset's names
+        model.meta = {**(getattr(model, "meta", None) or {}), "class_names": [f"class_{i}" for i in range(model.num_classes)]}
     return model

@@ -29,8 +29,18 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values inside [low, high]: multiples of 1, 2, 2.5 or 5 times a power of ten, about `count` of them."""
+    if high <= low:
+        return [low]
+    rough = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(rough))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= rough)
+    first = math.ceil(low / step - 1e-9)
+    ticks = []
+    while (first + len(ticks)) * step <= high + step * 1e-9:
+        ticks.append(round((first + len(ticks)) * step, 12))
+    return ticks
 
 
 def line_chart(xs: list[float], ys: list[float], title: str, ylabel: str, path: Path, log_y: bool = False) -> Path:
@@ -50,16 +60,16 @@ def line_chart(xs: list[float], ys: list[float], title: str, ylabel: str, path: 
         return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
 
     draw.rectangle([left, top, right, bottom], outline="black")
-    for t in _ticks(y0, y1):
+    for t in nice_ticks(y0, y1):
         _, y = px(x0, t)
         draw.line([left - 4, y, left, y], fill="black")
         draw.line([left + 1, y, right - 1, y], fill=(230, 230, 230))
-        label = f"{10 ** t:.1e}" if log_y else f"{t:.3g}"
+        label = f"{10 ** t:.2g}" if log_y else f"{t:g}"
         draw.text((4, y - 6), label, fill="black")
-    for t in _ticks(x0, x1):
+    for t in nice_ticks(x0, x1):
         x, _ = px(t, y0)
         draw.line([x, bottom, x, bottom + 4], fill="black")
-        draw.text((x - 12, bottom + 8), f"{t:.0f}" if x1 - x0 >= 8 else f"{t:.2f}", fill="black")
+        draw.text((x - 12, bottom + 8), f"{t:g}", fill="black")
     points = [px(x, y) for x, y in zip(xs, values)]
     if len(points) > 1:
         draw.line(points, fill=(31, 119, 180), width=2)

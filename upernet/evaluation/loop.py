@@ -1,0 +1,65 @@
+"""The one evaluation loop of every model kind; what differs (the targets, the scores) is the accumulator.
+
+Distributed evaluation gives exactly the numbers of one process: rank r takes samples
+r, r + world_size, ... (no padded duplicates, unlike `DistributedSampler`), and the counts are
+summed before any ratio is taken.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..inference.modes import infer_outputs
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP: its forward broadcasts buffers, a collective that would hang when
+    ranks evaluate different numbers of samples."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def device_of(model) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any, e.g. ONNX)."""
+    parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def evaluate_dataset(model, dataset, metrics, distributed: bool = False, progress: bool = True, **infer_options):
+    """The one evaluation loop: every sample of `dataset` through `infer_outputs`, into `metrics`.
+
+    Args:
+        model: the model run (a DDP wrapper is unwrapped).
+        dataset: indexable; its items are what `metrics` scores (a normalised "image" and the targets).
+        metrics: the accumulator of the model kind (`SegmentationMetrics`, `multitask.MultiTaskMetrics`):
+            `target_size(sample)`, `add(probs, sample)`, `reduce()`.
+        distributed: rank r takes samples r, r + world_size, ... (no padded duplicates); the counts are
+            summed over the processes before any ratio is taken.
+        progress: show a progress bar (on rank 0 only).
+        **infer_options: keyword arguments of `inference.modes.infer_outputs` (mode, crop_size, stride,
+            scales, flip, autocast_dtype).
+
+    Returns:
+        `metrics`, reduced over the processes.
+    """
+    if distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("distributed evaluation needs torch.distributed to be initialised (run under torchrun)")
+    if len(dataset) == 0:
+        raise ValueError("the evaluation dataset is empty")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    model = unwrap_model(model)
+    device = device_of(model)
+    indices = range(rank, len(dataset), world)
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="img", dynamic_ncols=True)
+    with torch.no_grad():
+        for index in indices:
+            sample = dataset[index]
+            probs = infer_outputs(model, sample["image"].to(device), out_size=metrics.target_size(sample),
+                                  **infer_options)
+            metrics.add(probs, sample)
+    if distributed:
+        metrics.reduce()
+    return metrics
