@@ -36,7 +36,7 @@ def _use_dcnv3_kernel(args) -> None:
     """Apply --dcnv3-kernel (commands without it keep the default)."""
     name = getattr(args, "dcnv3_kernel", "torch")
     if name != "torch":
-        from upernet.models.backbones.dcnv3 import set_dcnv3_kernel
+        from upernet.ops.dcnv3 import set_dcnv3_kernel
 
         try:
             set_dcnv3_kernel(name)

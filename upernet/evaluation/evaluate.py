@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..inference.prepare import PRECISIONS, autocast_dtype_for, fast_path
+from ..inference.prepare import PRECISIONS, autocast_dtype_for, prepare_for_inference
 from ..inference.modes import infer
 from .metrics import confusion_matrix, reduce, summarize
 
@@ -148,7 +148,9 @@ def evaluate(
     Returns:
         The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
     """
-    model, autocast_dtype = fast_path(model, autocast_dtype)  # folded BNs, Winograd head convs, bf16 weights
+    dtype = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"  # bf16: real bf16 weights, not autocast
+    model = prepare_for_inference(_unwrap(model), dtype)  # folded BNs, Winograd head convs
+    autocast_dtype = None if dtype == "bf16" else autocast_dtype
     confusion, names = evaluate_confusion(model, dataset, distributed, progress, ignore_index, mode=mode,
                                           crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                                           autocast_dtype=autocast_dtype)

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..data.classes import resolve_meta
-from .prepare import fast_path
+from .prepare import prepare_for_inference
 from .modes import (DEFAULT_CROP, DEFAULT_STRIDE, SizeRule, find_images, image_to_tensor, infer, load_image,
                         normalize, parse_size, resize_image)
 from ..ops.resize import resize_in_stripes
@@ -210,7 +210,9 @@ def predict(
     rule = parse_size(meta.get("test_size", DEFAULT_SIZE) if size == "meta" else size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
-    model, autocast_dtype = fast_path(model, autocast_dtype)  # folded BNs, Winograd head convs, bf16 weights
+    dtype = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"  # bf16: real bf16 weights, not autocast
+    model = prepare_for_inference(model, dtype)  # folded BNs, Winograd head convs
+    autocast_dtype = None if dtype == "bf16" else autocast_dtype
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     workers = min(workers, len(files) - 1)  # one image: decoding in this process is faster than a worker
