@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import upernet
 from upernet.models.backbones import dcnv3 as dcnv3_module
+from upernet.ops import dcnv3 as dcnv3_ops
 
 
 def straightforward_core(x, offset, mask, kernel_size, groups, offset_scale=1.0, stride=1, pad=None, dilation=1):
@@ -111,11 +112,11 @@ def straightforward_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.
 
 def compiled_core(x, offset, mask, kernel_size, groups, offset_scale=1.0):
     """DCNv3 sampling by our optional compiled kernel (it takes mask logits: log of the mask here)."""
-    table = dcnv3_module._padded(x, torch.float32, reuse=True)
+    table = dcnv3_ops._padded(x, torch.float32, reuse=True)
     real = torch.promote_types(offset.dtype, torch.bfloat16)  # float32 or bfloat16
     offset = offset.to(real).unflatten(-1, (-1, 2))
     offset_x, offset_y = offset[..., 0].contiguous(), offset[..., 1].contiguous()
-    return dcnv3_module.compiled_kernel().dcnv3_sample(table, offset_x, offset_y, mask.to(real).log(), groups,
+    return dcnv3_ops.compiled_kernel().dcnv3_sample(table, offset_x, offset_y, mask.to(real).log(), groups,
                                                        kernel_size, offset_scale, 1, (kernel_size - 1) // 2, 1,
                                                        0).to(x.dtype)
 
@@ -123,12 +124,12 @@ def compiled_core(x, offset, mask, kernel_size, groups, offset_scale=1.0):
 @contextlib.contextmanager
 def use_forward(forward, kernel="torch"):
     """Run every DCNv3 module with `forward`, ours with sampling `kernel`."""
-    saved = dcnv3_module.DCNv3.forward, dcnv3_module._kernel
-    dcnv3_module.DCNv3.forward, dcnv3_module._kernel = forward, kernel
+    saved = dcnv3_module.DCNv3.forward, dcnv3_ops._kernel
+    dcnv3_module.DCNv3.forward, dcnv3_ops._kernel = forward, kernel
     try:
         yield
     finally:
-        dcnv3_module.DCNv3.forward, dcnv3_module._kernel = saved
+        dcnv3_module.DCNv3.forward, dcnv3_ops._kernel = saved
 
 
 def shared_forward(self: dcnv3_module.DCNv3, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +149,7 @@ FORWARDS = {"ours": (dcnv3_module.DCNv3.forward, "torch"), "compiled": (dcnv3_mo
 def compiled_available() -> bool:
     """Build the optional compiled kernel; False (with the reason printed) if it cannot be built."""
     try:
-        dcnv3_module.compiled_kernel()
+        dcnv3_ops.compiled_kernel()
         return True
     except RuntimeError as e:
         print(f"note: no 'compiled' column: {e}")
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                 x = torch.randn(1, side, side, channels, dtype=dtype)
                 offset = torch.randn(1, side, side, groups * 18, dtype=dtype)
                 mask = torch.randn(1, side, side, groups, 9).softmax(-1).to(dtype).view(1, side, side, -1)
-                cores = {"ours": lambda: dcnv3_module.dcnv3_core(x, offset, mask, 3, groups),
+                cores = {"ours": lambda: dcnv3_ops.dcnv3_core(x, offset, mask, 3, groups),
                          "compiled": lambda: compiled_core(x, offset, mask, 3, groups),
                          "grid_sample": lambda: straightforward_core(x, offset, mask, 3, groups),
                          "torchvision": lambda: torchvision_core(x, offset, mask, 3, groups)}

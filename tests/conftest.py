@@ -11,7 +11,7 @@ import pytest
 def compiled_dcnv3(tmp_path_factory):
     """DCNv3's optional compiled CPU kernel, built once per test session into a fresh folder (no
     cache from elsewhere). Skips only on a machine without a C++ compiler."""
-    from upernet.models.backbones import dcnv3
+    from upernet.ops import dcnv3
 
     if shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("the compiled DCNv3 kernel is built at run time and this machine has no C++ compiler")

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from upernet.models.backbones import dcnv3
-from upernet.models.backbones.dcnv3 import DCNv3, dcnv3_core
+from upernet.models.backbones.dcnv3 import DCNv3
+from upernet.ops import dcnv3
+from upernet.ops.dcnv3 import dcnv3_core
 
 
 def naive_dcnv3_core(x, offset, mask, kernel_size, groups, offset_scale, pad, dilation=1, stride=1):

@@ -5,13 +5,10 @@ import torch.nn.functional as F
 
 import upernet
 from upernet.data.synthetic import synthetic_sample
-from upernet.inference.prepare import (
-    ConcatConv,
-    FastUPerHead,
-    adaptive_avg_pool2d_exportable,
-    prepare_for_inference,
-    resolve_dtype,
-)
+from upernet.inference.prepare import prepare_for_inference, resolve_dtype
+from upernet.ops.concat_conv import concat_conv
+from upernet.ops.pooling import adaptive_avg_pool2d_exportable
+from upernet.ops.winograd import winograd_conv3x3, winograd_weight
 
 TINY_CONVNEXT = dict(backbone_args={"depths": [1, 1, 1, 1], "dims": [16, 24, 32, 48]}, channels=32)
 
@@ -38,7 +35,8 @@ def test_fast_fp32_equals_plain_model(name, kwargs):
     _randomise_batchnorms(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = prepare_for_inference(model, "fp32")
-    assert isinstance(fast.decode_head, FastUPerHead) and fast.aux_head is None
+    assert fast.decode_head.concat_strategy == "winograd" and fast.aux_head is None
+    assert type(fast.decode_head) is type(model.decode_head)  # no class swap
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # all folded
     for shape in [(64, 96), (45, 71)]:  # even and odd sizes (Winograd tiles overhang)
         images = torch.randn(2, 3, *shape)
@@ -49,21 +47,35 @@ def test_fast_fp32_equals_plain_model(name, kwargs):
         assert (got - expected).abs().max().item() <= 1e-4
     # the given model is untouched
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    assert model.decode_head.__class__ is not FastUPerHead
+    assert model.decode_head.concat_strategy == "split" and model.aux_head is not None
 
 
 @pytest.mark.parametrize("shape, band_tiles", [((32, 32), 4096), ((32, 32), 40), ((17, 30), 16), ((1, 5), 4096)])
-def test_concat_conv_winograd_equals_direct_conv(shape, band_tiles):
+def test_winograd_equals_direct_conv(shape, band_tiles):
+    """Two same-size inputs summed in the Winograd domain, in several bands of tile rows (and a last,
+    shorter band): the conv over their concatenation."""
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(24, 8, 3, padding=1)
-    fused = ConcatConv(conv, [8, 16])
-    fused.band_tiles = band_tiles  # several bands of tile rows, and a last band that is shorter
+    a, b = torch.randn(2, 8, *shape), torch.randn(2, 16, *shape)
+    u = winograd_weight(conv.weight)
+    with torch.no_grad():
+        expected = conv(torch.cat([a, b], dim=1))
+        got = winograd_conv3x3([a.contiguous(memory_format=torch.channels_last), b], torch.split(u, [8, 16], dim=1),
+                               conv.bias, band_tiles=band_tiles)
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (17, 30), (1, 5)])
+def test_concat_conv_winograd_equals_direct_conv(shape):
+    """A full-size input by Winograd, a coarse one convolved before its resize."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 8, 3, padding=1)
     small = (max(shape[0] // 2, 1), max(shape[1] // 2, 1))
     a, b = torch.randn(2, 8, *shape), torch.randn(2, 16, *small)
     with torch.no_grad():
         expected = F.relu(conv(torch.cat([a, F.interpolate(b, size=shape, mode="bilinear")], dim=1)))
-        got = fused([a.contiguous(memory_format=torch.channels_last), b])
-    assert fused.winograd
+        got = F.relu(concat_conv([a.contiguous(memory_format=torch.channels_last), b], conv.weight, conv.bias, shape,
+                                 strategy="winograd", transformed_weight=winograd_weight(conv.weight)))
     assert (got - expected).abs().max().item() <= 1e-5
 
 

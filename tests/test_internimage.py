@@ -185,7 +185,7 @@ def test_benchmark_smoke(compiled_dcnv3, capsys):
     torch.manual_seed(0)
     x, offset = torch.randn(1, 6, 7, 8), torch.randn(1, 6, 7, 2 * 9 * 2)
     mask = torch.randn(1, 6, 7, 2, 9).softmax(-1).view(1, 6, 7, 18)
-    from upernet.models.backbones.dcnv3 import dcnv3_core
+    from upernet.ops.dcnv3 import dcnv3_core
 
     assert (bench.straightforward_core(x, offset, mask, 3, 2, 2.0) - dcnv3_core(x, offset, mask, 3, 2, 2.0)).abs().max() < 1e-5
     # So does torchvision's compiled DCNv2 operator with a depthwise all-ones kernel (a peer
@@ -201,7 +201,7 @@ def test_predict_with_compiled_dcnv3_kernel(compiled_dcnv3, tmp_path, monkeypatc
     """`upernet predict --dcnv3-kernel compiled` gives the labels of the default kernel."""
     from PIL import Image
 
-    from upernet.models.backbones import dcnv3
+    from upernet.ops import dcnv3
 
     monkeypatch.setattr(dcnv3, "_kernel", "torch")  # restored after the test: the flag sets it process-wide
     model = randomise(small_model(post_norm=False, offset_scale=1.0))

@@ -112,7 +112,7 @@ def apply_runtime(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     if getattr(args, "dcnv3_kernel", "torch") != "torch":
-        from .models.backbones.dcnv3 import set_dcnv3_kernel
+        from .ops.dcnv3 import set_dcnv3_kernel
 
         try:
             set_dcnv3_kernel(args.dcnv3_kernel)

@@ -23,7 +23,7 @@ from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed
 from ..errors import UserError
 from ..inference.modes import MS_RATIOS
-from ..inference.prepare import PRECISIONS, fast_path
+from ..inference.prepare import PRECISIONS, prepare_for_inference
 from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json
 from .loop import device_of, evaluate_dataset, unwrap_model
@@ -150,7 +150,9 @@ def evaluate(
     Returns:
         The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
     """
-    model, autocast_dtype = fast_path(model, autocast_dtype)  # folded BNs, Winograd head convs, bf16 weights
+    dtype = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"  # bf16: real bf16 weights, not autocast
+    model = prepare_for_inference(unwrap_model(model), dtype)  # folded BNs, Winograd head convs
+    autocast_dtype = None if dtype == "bf16" else autocast_dtype
     confusion, names = evaluate_confusion(model, dataset, distributed, progress, ignore_index, mode=mode,
                                           crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                                           autocast_dtype=autocast_dtype)

@@ -2,9 +2,10 @@
 
 The obstacle to a dynamic-size UPerNet in ONNX is the pyramid pooling's adaptive average pooling,
 whose bins depend on the input size (mmsegmentation and optimum export it for one fixed size only).
-The export runs the fast-path head (`FastUPerHead`), which during export builds the pooling bins
-as averaging matrices from the runtime shape (`adaptive_avg_pool2d_exportable`), so one file serves
-every input size. The model's `config` and `meta` (class names, palette, normalisation) travel in
+The export runs the prepared model (`prepare_for_inference`, float32); during export the head's
+pooling builds its bins as averaging matrices from the runtime shape (`adaptive_avg_pool2d_exportable`),
+its concat convs run as "literal" and every resize is recorded, so one file serves every input size.
+The model's `config` and `meta` (class names, palette, normalisation) travel in
 the ONNX metadata, so `upernet predict --model file.onnx` needs nothing else.
 """
 from __future__ import annotations

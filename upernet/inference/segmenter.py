@@ -30,7 +30,7 @@ from ..loading import load_model
 from ..models.upp import part_map
 from ..ops.resize import resize_in_stripes
 from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, load_image
-from .prepare import autocast_dtype_for, fast_path
+from .prepare import autocast_dtype_for, prepare_for_inference
 
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio), for models whose meta has none
 MAX_FULL_SIZE = 2 ** 27  # classes x pixels (512 MB of float32) held at once at the original size
@@ -281,8 +281,9 @@ class Segmenter:
             dtype = autocast_dtype_for(precision, self.device)
         else:
             dtype = precision
-        # folded BNs, Winograd head convs, bf16 weights (other models as they are)
-        self.runner, self.autocast_dtype = fast_path(self.model, dtype)
+        # folded BNs, Winograd head convs; bf16 as real bf16 weights rather than autocast
+        self.runner = prepare_for_inference(self.model, "bf16" if dtype == torch.bfloat16 else "fp32")
+        self.autocast_dtype = None if dtype == torch.bfloat16 else dtype
         self.preprocessor = Preprocessor(self.size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
 
     @property

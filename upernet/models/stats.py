@@ -13,13 +13,13 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1, p
     A module with work the counter cannot see (DCNv3's deformable sampling) defines
     `extra_macs(output) -> int`, its published convention, which is added for each call.
     `published=True` counts UPerHead's fusion as the conv over the concatenation of the resized
-    levels (as the published tables do); False counts what our forward computes
-    (`UPerHead.fuse_before_resize`, about 1/3 fewer multiply-adds).
+    levels (as the published tables do: `concat_strategy = "literal"`); False counts what our forward
+    computes (the head's own `concat_strategy`, "split": about 1/3 fewer multiply-adds).
     """
-    heads = [m for m in model.modules() if hasattr(m, "fuse_before_resize")]
-    saved = [m.fuse_before_resize for m in heads]
+    heads = [m for m in model.modules() if hasattr(m, "concat_strategy")]
+    saved = [m.concat_strategy for m in heads]
     for m in heads:
-        m.fuse_before_resize = m.fuse_before_resize and not published
+        m.concat_strategy = "literal" if published else m.concat_strategy
     was_training = model.training
     model.eval()
     param = next(model.parameters())
@@ -33,8 +33,8 @@ def count_macs(model: torch.nn.Module, shape: tuple[int, int], batch: int = 1, p
     finally:
         for hook in hooks:
             hook.remove()
-        for m, flag in zip(heads, saved):
-            m.fuse_before_resize = flag
+        for m, strategy in zip(heads, saved):
+            m.concat_strategy = strategy
     model.train(was_training)
     return counter.get_total_flops() // 2 + extra[0]
 

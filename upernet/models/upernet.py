@@ -10,8 +10,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..ops.resize import banded_resize, resize, resized_conv3x3, worth_resizing_after
+from ..ops.concat_conv import concat_conv
+from ..ops.pooling import adaptive_avg_pool2d
+from ..ops.resize import banded_resize, resize
+from ..ops.winograd import winograd_weight
 
 MIN_SIDE = 32  # inputs are padded up to this many pixels per side (the coarsest feature stride)
 
@@ -25,13 +29,44 @@ class ConvBNReLU(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False)
         self.bn = nn.BatchNorm2d(out_channels)
         self.act = nn.ReLU(inplace=True)
+        # `winograd_weight(conv.weight)`, kept by `prepare_winograd` for inference (not saved).
+        self.register_buffer("winograd_weight", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
 
+    def forward_concat(self, inputs: Sequence[torch.Tensor], size: Sequence[int], strategy: str = "literal",
+                       align_corners: bool = False) -> torch.Tensor:
+        """`self(cat([resize(x, size) for x in inputs]))` for a 3x3 block, computed by `strategy`
+        (`upernet.ops.concat_conv`)."""
+        out = concat_conv(inputs, self.conv.weight, self.conv.bias, size, align_corners, strategy, self.winograd_weight)
+        return self.act(self.bn(out))
+
+    @torch.no_grad()
+    def fuse_batchnorm(self) -> None:
+        """Fold the (eval-mode) BatchNorm into the conv, which gains a bias: same outputs, one op less."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            bn = self.bn
+            self.conv.weight, self.conv.bias = fuse_conv_bn_weights(
+                self.conv.weight, self.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+            self.bn = nn.Identity()
+
+    def prepare_winograd(self) -> None:
+        """Precompute the Winograd transform of the (folded) 3x3 weight for `forward_concat(..., "winograd")`."""
+        self.winograd_weight = winograd_weight(self.conv.weight)
+
+    def prepare_for_inference(self) -> None:
+        """What `upernet.inference.prepare_for_inference` asks of every block: fold the BatchNorm."""
+        self.fuse_batchnorm()
+
 
 class UPerHead(nn.Module):
     """Pyramid Pooling Module on the last level, FPN top-down path, fusion of all levels.
+
+    The 3x3 convs over concatenations (PPM bottleneck, fusion) run by `concat_strategy`, one of
+    `upernet.ops.concat_conv.STRATEGIES`: "split" (the default, what training runs: coarse inputs
+    convolved before their resize, a third of the head's multiply-adds), "literal" (resize, concat,
+    conv, as published: FLOP counting) or "winograd" (inference, set by `prepare_for_inference`).
 
     Args:
         in_channels: channels of each backbone level, finest (stride 4) first.
@@ -65,42 +100,33 @@ class UPerHead(nn.Module):
         self.fusion = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
         self.classifier = nn.Conv2d(channels, num_classes, 1)
-        # The fusion and PPM convs of coarse inputs computed before their resize (same maths, a third of
-        # the head's multiply-adds); False gives the literal concat -> conv, e.g. to count published FLOPs.
-        self.fuse_before_resize = True
+        self.concat_strategy = "split"
+        self.float32_logits = False  # set by `prepare_for_inference`: logits leave in float32
+
+    @property
+    def fuse_before_resize(self) -> bool:
+        """Older switch: True = "split" (or "winograd"), False = "literal" `concat_strategy`."""
+        return self.concat_strategy != "literal"
+
+    @fuse_before_resize.setter
+    def fuse_before_resize(self, value: bool) -> None:
+        self.concat_strategy = "split" if value else "literal"
+
+    def concat_conv(self, block: ConvBNReLU, inputs: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """`block(cat([resize(x, size) for x in inputs]))` by the head's `concat_strategy`."""
+        return block.forward_concat(inputs, size, self.concat_strategy, self.align_corners)
 
     def pyramid_pooling(self, x: torch.Tensor) -> torch.Tensor:
         """PPM on the stride-32 map: pool to each scale, 1x1 conv, resize back, concat, 3x3 conv."""
         size = x.shape[-2:]
         branches = [x]
         for scale, conv in zip(self.pool_scales, self.ppm):
-            pooled = F.adaptive_avg_pool2d(x, scale)
+            pooled = adaptive_avg_pool2d(x, scale)
             if self.ppm_upsample_first:
                 branches.append(conv(resize(pooled, size, self.align_corners)))
             else:
                 branches.append(conv(pooled))  # resized by concat_conv
         return self.concat_conv(self.ppm_bottleneck, branches, size)
-
-    def concat_conv(self, block: ConvBNReLU, inputs: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        """`block(cat([resize(x, size) for x in inputs]))`, the 3x3 conv of `block` split per input.
-
-        The conv over a concatenation is the sum of one conv per input; with `fuse_before_resize`,
-        the inputs that are much smaller than `size` are convolved before their resize
-        (`resized_conv3x3`), which is the same maths with a fraction of the work.
-        """
-        if not self.fuse_before_resize or not any(worth_resizing_after(x, size) for x in inputs):
-            return block(torch.cat([resize(x, size, self.align_corners) for x in inputs], dim=1))
-        conv = block.conv
-        out = None
-        for x, weight in zip(inputs, torch.split(conv.weight, [x.shape[1] for x in inputs], dim=1)):
-            if worth_resizing_after(x, size):
-                y = resized_conv3x3(x, weight, size, self.align_corners)
-            else:
-                y = F.conv2d(resize(x, size, self.align_corners), weight, None, 1, 1)
-            out = y if out is None else out + y
-        if conv.bias is not None:  # a folded BatchNorm (inference.prepare)
-            out = out + conv.bias.view(1, -1, 1, 1)
-        return block.act(block.bn(out))
 
     def pyramid(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The FPN levels [P2 (1/4), P3 (1/8), P4 (1/16), PPM output (1/32)], each `channels` wide."""
@@ -112,21 +138,40 @@ class UPerHead(nn.Module):
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[-2:], self.align_corners)
 
-        # 3x3 FPN convs on the three finer levels; the PPM level is used as it is.
-        return [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        # 3x3 FPN convs on the three finer levels (a concatenation of one input, so that the strategy
+        # decides how they run); the PPM level is used as it is.
+        outs = [self.concat_conv(conv, [lat], lat.shape[-2:]) for conv, lat in zip(self.fpn_convs, laterals)]
+        return outs + [laterals[-1]]
+
+    def fuse_levels(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The output of `pyramid` -> the fused stride-4 map."""
+        # Every level resized to 1/4, concatenated, fused by a 3x3 conv.
+        return self.concat_conv(self.fusion, outs, outs[0].shape[-2:])
 
     def fuse(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         """All levels -> one stride-4 feature map (before dropout and classifier)."""
         return self.fuse_levels(self.pyramid(features))
 
-    def fuse_levels(self, outs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The output of `pyramid` -> the fused stride-4 map."""
-        # Every level resized to 1/4, concatenated, fused by a 3x3 conv (the coarse levels' parts of the
-        # conv computed before their resize).
-        return self.concat_conv(self.fusion, outs, outs[0].shape[-2:])
+    def classify(self, fused: torch.Tensor) -> torch.Tensor:
+        """The fused map -> logits at stride 4 (dropout, 1x1 classifier)."""
+        logits = self.classifier(self.dropout(fused))
+        return logits.float() if self.float32_logits else logits
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.classifier(self.dropout(self.fuse(features)))
+        return self.classify(self.fuse(features))
+
+    def prepare_for_inference(self) -> None:
+        """Fold every BatchNorm, run the 3x3 convs as Winograd (precomputed weights), float32 logits.
+
+        The upsampling of the logits to the image size is then done in float32 in a bf16 model.
+        """
+        for block in self.modules():
+            if isinstance(block, ConvBNReLU):
+                block.fuse_batchnorm()
+        for block in (self.ppm_bottleneck, self.fusion, *self.fpn_convs):
+            block.prepare_winograd()
+        self.concat_strategy = "winograd"
+        self.float32_logits = True
 
 
 class FCNHead(nn.Module):
@@ -237,6 +282,10 @@ class UPerNet(nn.Module):
         if pad_h or pad_w:
             outputs = {k: v[..., :height, :width] for k, v in outputs.items()}
         return outputs
+
+    def prepare_for_inference(self) -> None:
+        """The auxiliary head only serves the training loss: dropped."""
+        self.aux_head = None
 
     def loss(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int = 255, average: str = "valid"

@@ -126,7 +126,7 @@ class UPerNetUPP(nn.Module):
         if wanted & {"object", "part"}:
             fused = self.decode_head.fuse_levels(levels)
             if "object" in wanted:
-                outputs["object"] = resize(self.decode_head.classifier(self.decode_head.dropout(fused)), size)
+                outputs["object"] = resize(self.decode_head.classify(fused), size)
             if "part" in wanted:
                 outputs["part"] = resize(self.heads["part"](fused), size)
         return outputs

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 
 def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
-    """Bilinear resize to an exact (H, W); a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    """Bilinear resize to an exact (H, W); a no-op when the size already matches, except during ONNX
+    export, where the resize is always recorded (sizes that match at the traced input need not match
+    at others)."""
+    if tuple(x.shape[-2:]) == tuple(size) and not torch.onnx.is_in_onnx_export():
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
@@ -113,9 +115,10 @@ def resized_conv3x3(x: torch.Tensor, weight: torch.Tensor, size: Sequence[int], 
     return y.view(n, height, width, out_channels).permute(0, 3, 1, 2)
 
 
-def worth_resizing_after(x: torch.Tensor, size: Sequence[int]) -> bool:
-    """True when `resized_conv3x3` is cheaper than resizing first: at most half the output pixels."""
-    return 2 * x.shape[-2] * x.shape[-1] <= int(size[0]) * int(size[1]) and not torch.onnx.is_in_onnx_export()
+def convolve_before_resize(x: torch.Tensor, size: Sequence[int]) -> bool:
+    """True when a 3x3 conv of `resize(x, size)` is cheaper computed before the resize
+    (`resized_conv3x3`): when `x` has at most half the output pixels."""
+    return 2 * x.shape[-2] * x.shape[-1] <= int(size[0]) * int(size[1])
 
 
 def _bilinear_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
