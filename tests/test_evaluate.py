@@ -283,7 +283,7 @@ def test_cli_eval_errors_name_the_problem(tmp_path, capsys):
     from upernet.cli import main
 
     assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
-    assert "missing: no such checkpoint" in capsys.readouterr().err
+    assert "missing: no such file or folder, nor a registered model name" in capsys.readouterr().err
 
 
 def test_docstring_args_match_signatures():

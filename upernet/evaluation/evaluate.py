@@ -298,7 +298,8 @@ def evaluate_model(
 
 def _precision_of(segmenter: Segmenter) -> str:
     """The precision a prepared model runs at: its weights' dtype, or the autocast dtype."""
-    dtype = getattr(segmenter.runner, "inference_dtype", None)
+    parameters = getattr(segmenter.runner, "parameters", None)
+    dtype = next(parameters()).dtype if parameters is not None else None
     if dtype == torch.bfloat16 or segmenter.autocast_dtype == torch.bfloat16:
         return "bf16"
     return "fp16" if segmenter.autocast_dtype == torch.float16 else "fp32"
