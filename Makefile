@@ -1,9 +1,10 @@
-# `make demo`: set up .venv and run the main job on built-in data. `make test`: set up and run the tests.
+# `make demo`: set up .venv and run the main job on built-in data. `make test`: set up and run every test
+# (what CI runs). `make test-fast`: the quick tier while developing (no slow, no distributed tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 
 setup: $(VENV)/.installed
 
@@ -36,3 +37,6 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not distributed"

@@ -7,6 +7,14 @@ from pathlib import Path
 import pytest
 
 
+def pytest_collection_modifyitems(items):
+    """A test that needs the compiled DCNv3 kernel is `slow` in whichever file it is: the first one
+    builds the kernel (a minute or more on 2 cores)."""
+    for item in items:
+        if "compiled_dcnv3" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def compiled_dcnv3(tmp_path_factory):
     """DCNv3's optional compiled CPU kernel, built once per test session into a fresh folder (no

@@ -10,6 +10,7 @@ from upernet.cli import main
 @pytest.fixture(scope="module")
 def tiny_hf_folder(tmp_path_factory):
     """A tiny transformers UperNet saved in its own format: our bench converts it and runs both."""
+    pytest.importorskip("transformers")
     from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
 
     backbone = ConvNextConfig(hidden_sizes=[16, 24, 32, 48], depths=[1, 1, 1, 1],
@@ -27,7 +28,10 @@ def _run_json(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_bench_inference_against_transformers_json(tiny_hf_folder, capsys):
+    pytest.importorskip("onnxruntime")  # --onnx
     result = _run_json(capsys, ["bench", str(tiny_hf_folder), "--against", "transformers", "--shape", "64", "64",
                                 "--runs", "1", "--dtype", "bf16", "--onnx", "--json"])
     names = {r["name"] for r in result["rows"]}
@@ -39,6 +43,8 @@ def test_bench_inference_against_transformers_json(tiny_hf_folder, capsys):
     assert "upernet bf16 / transformers best bf16" in result["ratios"]
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_bench_train_json(tiny_hf_folder, capsys):
     result = _run_json(capsys, ["bench", str(tiny_hf_folder), "--train", "--against", "transformers",
                                 "--shape", "64", "64", "--runs", "1", "--dtype", "fp32", "--checkpointing", "--json"])
@@ -47,15 +53,18 @@ def test_bench_train_json(tiny_hf_folder, capsys):
     assert "upernet fp32 / transformers fp32" in result["ratios"]
 
 
+@pytest.mark.peers
 def test_bench_against_unknown_variant_is_a_clear_error(capsys):
+    pytest.importorskip("transformers")  # bench imports it before it looks at the model
     assert main(["bench", "upernet_r50", "--against", "transformers"]) == 2
     assert "Hugging Face UperNet folder" in capsys.readouterr().err
 
 
+@pytest.mark.peers
+@pytest.mark.slow
 def test_bench_against_smp_on_the_same_weights(tmp_path, capsys):
     """A tiny smp UPerNet folder: bench converts it, checks nothing itself, so the pair is checked here."""
-    import segmentation_models_pytorch as smp
-    import torch
+    smp = pytest.importorskip("segmentation_models_pytorch")
 
     from upernet.inference.bench import smp_pair
 

@@ -1,7 +1,7 @@
 """`upernet convert` options: --list-formats, --strict false with its printed list, --output-stride."""
 from __future__ import annotations
 
-import segmentation_models_pytorch as smp
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -16,7 +16,9 @@ def test_list_formats(capsys):
     assert [line.split()[0] for line in lines] == list(FORMATS)
 
 
+@pytest.mark.peers
 def test_strict_false_prints_what_was_skipped(tmp_path, capsys):
+    smp = pytest.importorskip("segmentation_models_pytorch")
     smp.UPerNet("resnet18", encoder_weights=None, classes=3, decoder_channels=16).save_pretrained(tmp_path / "smp")
     weights = tmp_path / "smp" / "model.safetensors"
     tensors = load_file(str(weights))

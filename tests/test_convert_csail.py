@@ -3,15 +3,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mit_semseg.models import models as csail_models
-from mit_semseg.models import resnet as csail_resnet
 from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
 
 from upernet.convert import convert_checkpoint, detect_format
 
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mit_semseg():
+    """Every test here builds their model."""
+    return pytest.importorskip("mit_semseg.models")
+
 
 def save_csail_pair(folder, num_classes: int = 150, legacy: bool = False):
     """Their resnet50 encoder and `upernet` decoder, random, saved as their train.py does (two state dicts)."""
+    from mit_semseg.models import models as csail_models
+    from mit_semseg.models import resnet as csail_resnet
+
     encoder = randomise(csail_models.Resnet(csail_resnet.resnet50(pretrained=False)), seed=1)
     decoder = randomise(csail_models.UPerNet(num_class=num_classes, fc_dim=2048, use_softmax=True, fpn_dim=512), seed=2)
     folder.mkdir(exist_ok=True)

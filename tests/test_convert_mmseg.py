@@ -34,11 +34,16 @@ def _mmcv_ops_placeholder() -> None:
         sys.modules["mmcv.ops"] = ops
 
 
-_mmcv_ops_placeholder()
-from mmseg.registry import MODELS  # noqa: E402
-from mmseg.utils import register_all_modules  # noqa: E402
+@pytest.fixture(scope="module")
+def mmseg_models():
+    """mmsegmentation's model registry, every module registered."""
+    pytest.importorskip("mmcv")
+    _mmcv_ops_placeholder()
+    registry = pytest.importorskip("mmseg.registry")
+    pytest.importorskip("mmseg.utils").register_all_modules()
+    return registry.MODELS
 
-register_all_modules()
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # mmseg deprecation notices
 NUM_CLASSES = 5
 BN = dict(type="BN", requires_grad=True)
@@ -71,9 +76,9 @@ SWIN = dict(type="SwinTransformer", pretrain_img_size=224, embed_dims=32, patch_
             act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN", requires_grad=True))
 
 
-def build_mmseg(backbone: dict, in_channels: list[int]) -> torch.nn.Module:
+def build_mmseg(models, backbone: dict, in_channels: list[int]) -> torch.nn.Module:
     cfg = dict(type="EncoderDecoder", backbone=backbone, **heads(in_channels), train_cfg=dict(), test_cfg=dict(mode="whole"))
-    return randomise(MODELS.build(cfg), seed=7)
+    return randomise(models.build(cfg), seed=7)
 
 
 def mmseg_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -94,10 +99,11 @@ CASES = {
 }
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("case", list(CASES))
-def test_mmseg_matches_their_model(tmp_path, case):
+def test_mmseg_matches_their_model(mmseg_models, tmp_path, case):
     backbone, in_channels, meta, variant = CASES[case]
-    theirs = build_mmseg(backbone, in_channels)
+    theirs = build_mmseg(mmseg_models, backbone, in_channels)
     path = tmp_path / f"upernet_{case}.pth"
     torch.save({"meta": meta, "state_dict": theirs.state_dict()}, path)
 
@@ -118,11 +124,12 @@ def test_mmseg_matches_their_model(tmp_path, case):
         assert ours.meta["class_names"] == meta["CLASSES"] and ours.meta["palette"] == meta["PALETTE"]
 
 
-def test_mmseg_swin_patch_merging_needs_the_unfold_reordering(tmp_path, monkeypatch):
+@pytest.mark.peers
+def test_mmseg_swin_patch_merging_needs_the_unfold_reordering(mmseg_models, tmp_path, monkeypatch):
     """Without reordering the merged channels the outputs differ: the transform is doing real work."""
     from upernet.convert import mmseg as mmseg_format
 
-    theirs = build_mmseg(SWIN, [32, 64, 128, 256])
+    theirs = build_mmseg(mmseg_models, SWIN, [32, 64, 128, 256])
     path = tmp_path / "swin.pth"
     torch.save({"meta": {}, "state_dict": theirs.state_dict()}, path)
     images = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))

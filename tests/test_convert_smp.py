@@ -4,15 +4,21 @@ from __future__ import annotations
 import json
 
 import pytest
-import segmentation_models_pytorch as smp
 import torch
 from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
 
 from upernet.convert import convert_checkpoint, detect_format
 
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(scope="module")
+def smp():
+    return pytest.importorskip("segmentation_models_pytorch")
+
 
 @pytest.mark.parametrize("encoder", ["resnet18", "tu-convnext_atto"])
-def test_smp_matches_their_model(tmp_path, encoder):
+def test_smp_matches_their_model(smp, tmp_path, encoder):
     theirs = randomise(smp.UPerNet(encoder, encoder_weights=None, classes=4, decoder_channels=32), seed=3)
     theirs.save_pretrained(tmp_path / "smp")
     assert detect_format(tmp_path / "smp") == "smp"
@@ -26,7 +32,7 @@ def test_smp_matches_their_model(tmp_path, encoder):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
-def test_smp_rejects_settings_our_model_cannot_express(tmp_path):
+def test_smp_rejects_settings_our_model_cannot_express(smp, tmp_path):
     smp.UPerNet("resnet18", encoder_weights=None, classes=2, decoder_channels=16).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "decoder_use_norm": "instancenorm"}))

@@ -9,12 +9,19 @@ from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread:
 from upernet import load_model
 from upernet.convert import convert_checkpoint, detect_format
 
-from ssseg.modules.models.segmentors.upernet.upernet import UPerNet as SSSegUPerNet
-from ssseg.modules.utils import SSSegInputStructure
+pytestmark = pytest.mark.peers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ssseg():
+    """Every test here builds their model."""
+    return pytest.importorskip("ssseg.modules.models.segmentors.upernet.upernet")
 
 
 def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classes: int = 150) -> torch.nn.Module:
     """sssegmentation's UPerNet R-50 as its configs build it (BatchNorm2d instead of SyncBatchNorm on CPU)."""
+    from ssseg.modules.models.segmentors.upernet.upernet import UPerNet as SSSegUPerNet
+
     cfg = {
         "type": "UPerNet", "num_classes": num_classes, "align_corners": False,
         "norm_cfg": {"type": "BatchNorm2d"}, "act_cfg": {"type": "ReLU", "inplace": True},
@@ -28,8 +35,11 @@ def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classe
     return randomise(SSSegUPerNet(cfg, mode="TEST"), seed=output_stride)
 
 
-@pytest.mark.parametrize("output_stride, channels, aux_channels", [(8, 512, 512), (16, 64, 32)])
+@pytest.mark.parametrize("output_stride, channels, aux_channels",
+                         [pytest.param(8, 512, 512, marks=pytest.mark.slow), (16, 64, 32)])
 def test_sssegmentation_matches_their_model(tmp_path, output_stride, channels, aux_channels):
+    from ssseg.modules.utils import SSSegInputStructure
+
     theirs = build_ssseg(output_stride, channels, aux_channels)
     path = tmp_path / f"upernet_resnet50os{output_stride}_ade20k.pth"
     torch.save({"model": theirs.state_dict(), "cur_epoch": 130, "cur_iter": 0}, path)

@@ -5,19 +5,32 @@ import logging
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import ConvNextConfig, SwinConfig, UperNetConfig, UperNetForSemanticSegmentation
 
 import upernet
 from upernet.cli import main as cli
 from upernet.convert import convert_checkpoint, detect_format
 from upernet.convert.huggingface import convert_huggingface
 
+pytestmark = pytest.mark.peers
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 SMALL = {
-    "swin": lambda: SwinConfig(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=7, out_features=STAGES),
-    "convnext": lambda: ConvNextConfig(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1], out_features=STAGES),
+    "swin": dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=7),
+    "convnext": dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 2, 1]),
 }
 CLASSES = ["sky", "road", "tree", "car", "person"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def transformers():
+    """Every test here compares with (or writes) a Hugging Face UperNet."""
+    return pytest.importorskip("transformers")
+
+
+def hf_backbone_config(family: str, sizes: dict):
+    """The transformers config of a Swin or ConvNeXt backbone of the given sizes (SMALL or FULL)."""
+    from transformers import ConvNextConfig, SwinConfig
+
+    return {"swin": SwinConfig, "convnext": ConvNextConfig}[family](**sizes[family], out_features=STAGES)
 
 
 def randomize_(model: torch.nn.Module, classifier_std: float | None) -> None:
@@ -42,7 +55,9 @@ def randomize_(model: torch.nn.Module, classifier_std: float | None) -> None:
 
 
 def hf_upernet(backbone_config, num_labels: int = 5, classifier_std: float | None = 1.0,
-               **head) -> UperNetForSemanticSegmentation:
+               **head) -> torch.nn.Module:
+    from transformers import UperNetConfig, UperNetForSemanticSegmentation
+
     torch.manual_seed(0)
     config = UperNetConfig(backbone_config=backbone_config, num_labels=num_labels, **head)
     if num_labels == len(CLASSES):
@@ -65,7 +80,7 @@ def max_diff(hf, ours, size) -> float:
 @pytest.fixture(scope="module", params=["swin", "convnext"])
 def saved(request, tmp_path_factory):
     """(family, HF model, its save_pretrained folder with model.safetensors)."""
-    hf = hf_upernet(SMALL[request.param](), hidden_size=32, auxiliary_channels=16)
+    hf = hf_upernet(hf_backbone_config(request.param, SMALL), hidden_size=32, auxiliary_channels=16)
     folder = tmp_path_factory.mktemp(f"hf_{request.param}")
     hf.save_pretrained(folder)
     return request.param, hf, folder
@@ -97,7 +112,7 @@ def test_cli_convert_then_reload(saved, tmp_path, capsys):
 
 def test_pytorch_model_bin(tmp_path):
     """Older folders hold pickled weights (transformers 5 writes only safetensors, so we re-save them)."""
-    hf = hf_upernet(SMALL["swin"](), hidden_size=32, auxiliary_channels=16, use_auxiliary_head=False)
+    hf = hf_upernet(hf_backbone_config("swin", SMALL), hidden_size=32, auxiliary_channels=16, use_auxiliary_head=False)
     hf.save_pretrained(tmp_path)
     torch.save(load_file(str(tmp_path / "model.safetensors")), tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
@@ -108,7 +123,8 @@ def test_pytorch_model_bin(tmp_path):
 
 def test_module_names_of_transformers_5(tmp_path):
     """A state_dict() written as is (q_proj, mlp.fc1, backbone.swin.*) converts too."""
-    hf = hf_upernet(SMALL["swin"](), hidden_size=32, auxiliary_channels=16, auxiliary_num_convs=2, pool_scales=[1, 3])
+    hf = hf_upernet(hf_backbone_config("swin", SMALL), hidden_size=32, auxiliary_channels=16, auxiliary_num_convs=2,
+                    pool_scales=[1, 3])
     hf.config.save_pretrained(tmp_path)
     state = hf.state_dict()
     assert any(".q_proj." in k for k in state)
@@ -149,7 +165,7 @@ def test_unknown_key_is_an_error(saved, tmp_path):
 
 
 def test_incomplete_qkv_is_an_error(tmp_path):
-    hf = hf_upernet(SMALL["swin"](), hidden_size=32, auxiliary_channels=16)
+    hf = hf_upernet(hf_backbone_config("swin", SMALL), hidden_size=32, auxiliary_channels=16)
     hf.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "model.safetensors"))
     state.pop("backbone.encoder.layers.1.blocks.0.attention.self.key.bias")
@@ -173,15 +189,17 @@ def test_unsupported_configs_are_clear_errors(saved, tmp_path, change, message):
 
 
 def test_folder_without_weights(tmp_path):
-    UperNetConfig(backbone_config=SMALL["convnext"]()).save_pretrained(tmp_path)
+    from transformers import UperNetConfig
+
+    UperNetConfig(backbone_config=hf_backbone_config("convnext", SMALL)).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="without weights"):
         upernet.load_model(tmp_path)
     assert cli(["convert", str(tmp_path), str(tmp_path / "out")]) == 2
 
 
 FULL = {
-    "swin": lambda: SwinConfig(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, out_features=STAGES),
-    "convnext": lambda: ConvNextConfig(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3], out_features=STAGES),
+    "swin": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
+    "convnext": dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3]),
 }
 
 
@@ -189,7 +207,7 @@ FULL = {
 @pytest.mark.parametrize("family", ["swin", "convnext"])
 def test_full_size_tiny(family, tmp_path):
     """Swin-T / ConvNeXt-T UPerNet as published (150 classes, 512 channels): same logits, ~60M parameters."""
-    hf = hf_upernet(FULL[family](), num_labels=150, classifier_std=None, auxiliary_in_channels=384)
+    hf = hf_upernet(hf_backbone_config(family, FULL), num_labels=150, classifier_std=None, auxiliary_in_channels=384)
     hf.save_pretrained(tmp_path)
     ours = upernet.load_model(tmp_path)
     assert ours.config["name"] == f"upernet_{family}_tiny"

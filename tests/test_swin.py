@@ -4,8 +4,6 @@ import re
 
 import pytest
 import torch
-from transformers import SwinConfig
-from transformers.models.swin.modeling_swin import SwinBackbone
 
 import upernet
 from upernet.convert.common import rename_keys
@@ -17,10 +15,13 @@ STAGES = ["stage1", "stage2", "stage3", "stage4"]
 SMALL = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 2, 4], "window_size": 7}
 
 
-def hf_backbone_and_ours(**arch) -> tuple[SwinBackbone, SwinTransformer]:
+def hf_backbone_and_ours(**arch) -> tuple[torch.nn.Module, SwinTransformer]:
     """A random HF SwinBackbone (non-trivial norms and position biases) and ours with its weights."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.swin.modeling_swin import SwinBackbone
+
     torch.manual_seed(0)
-    hf = SwinBackbone(SwinConfig(**arch, out_features=STAGES)).eval()
+    hf = SwinBackbone(transformers.SwinConfig(**arch, out_features=STAGES)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "relative_position_bias_table" in name:
@@ -35,10 +36,11 @@ def hf_backbone_and_ours(**arch) -> tuple[SwinBackbone, SwinTransformer]:
 
 
 @pytest.fixture(scope="module")
-def small_pair() -> tuple[SwinBackbone, SwinTransformer]:
+def small_pair() -> tuple[torch.nn.Module, SwinTransformer]:
     return hf_backbone_and_ours(**SMALL)
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("size", [(512, 512), (333, 517), (64, 64), (30, 45)])
 def test_matches_hf_swin_backbone(small_pair, size):
     """512x512 (stage maps 128..16), odd sizes (padding everywhere), and maps smaller than the window."""
@@ -52,6 +54,7 @@ def test_matches_hf_swin_backbone(small_pair, size):
         assert (a - b).abs().max().item() <= 1e-4, f"level {level} at {size}"
 
 
+@pytest.mark.peers
 def test_matches_hf_other_hyperparameters():
     """Window 5 (shift 2), patch size 2, MLP ratio 2, no qkv bias."""
     arch = {**SMALL, "window_size": 5, "patch_size": 2, "mlp_ratio": 2.0, "qkv_bias": False}
@@ -63,6 +66,7 @@ def test_matches_hf_other_hyperparameters():
     assert max(diffs) <= 1e-4
 
 
+@pytest.mark.peers
 def test_shift_then_pad_would_differ(small_pair):
     """Why the order matters (timm rolls first): rolling one block's map before padding it changes the output."""
     ours = small_pair[1]
@@ -121,9 +125,10 @@ def test_docstring_args_match_signatures():
         assert documented == [p for p in inspect.signature(obj.__init__).parameters if p != "self"], obj.__name__
 
 
+@pytest.mark.peers
 def test_onnx_export_matches(tmp_path):
     """The padding arithmetic stays non-negative, so the exported graph pads like eager mode at odd sizes."""
-    import onnxruntime
+    onnxruntime = pytest.importorskip("onnxruntime")
 
     model = SwinTransformer(embed_dim=8, depths=(2, 2, 1, 1), num_heads=(1, 1, 2, 2)).eval()
     images = torch.randn(1, 3, 61, 90)
