@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from upernet.data.classes import VOC_PALETTE
-from upernet.data.datasets import build_dataset, colour_mask_to_index, image_size
+from upernet.data.build import build_dataset
+from upernet.data.datasets import colour_mask_to_index, image_size
 from upernet.data.transforms import build_eval_transform
 
 RAW = build_eval_transform(scale=None, mean=(0, 0, 0), std=(1, 1, 1))  # image values stay 0-255
@@ -264,7 +265,7 @@ def test_docstring_args_match_signatures():
 
     from upernet.data import datasets, synthetic, transforms
 
-    public = [datasets.build_dataset, datasets.ade20k, datasets.cityscapes, datasets.voc, datasets.folder,
+    public = [build_dataset, datasets.ade20k, datasets.cityscapes, datasets.voc, datasets.folder,
               datasets.pair_files, datasets.SegmentationDataset, datasets.FileDataset, synthetic.SyntheticDataset,
               synthetic.synthetic_sample, synthetic.write_synthetic_folder, transforms.build_train_transform,
               transforms.build_eval_transform]

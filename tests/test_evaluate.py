@@ -224,7 +224,7 @@ def _tiny_config(tmp_path):
 
 
 def _direct_results(model, config_path):
-    from upernet.data.datasets import build_dataset
+    from upernet.data.build import build_dataset
     from upernet.data.transforms import build_eval_transform
     from upernet.config import load_config
 

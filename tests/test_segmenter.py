@@ -103,7 +103,7 @@ def test_eval_metrics_equal_metrics_of_predict_label_maps(model, tmp_path):
 
 
 def test_eval_and_segmenter_feed_the_model_the_same_tensor(model, tmp_path):
-    from upernet.data.datasets import build_dataset
+    from upernet.data.build import build_dataset
     from upernet.data.transforms import build_eval_transform
 
     options = write_synthetic_folder(tmp_path / "data", num_train=1, num_val=3, image_size=(40, 56))

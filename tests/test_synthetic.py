@@ -2,7 +2,7 @@
 import torch
 from PIL import Image
 
-from upernet.data.datasets import build_dataset
+from upernet.data.build import build_dataset
 from upernet.data.synthetic import (BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER,
                                     synthetic_sample, synthetic_sample_image, write_synthetic_folder)
 from upernet.data.transforms import build_eval_transform

@@ -13,7 +13,6 @@ and for every item when it is loaded). EXIF orientation is applied to images, ne
 """
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -458,43 +457,3 @@ def folder(root: str | Path, split: str, transform: Callable | None = None, clas
     images, masks = pair_files(root / img_dir / split, root / ann_dir / split, img_suffix, seg_suffix, name)
     return FileDataset(images, masks, classes, palette, transform, reduce_zero_label=reduce_zero_label,
                        verify=verify, name=name)
-
-
-def _synthetic(root: str | Path | None, split: str, transform: Callable | None = None, **options) -> SegmentationDataset:
-    from .synthetic import SyntheticDataset
-
-    return SyntheticDataset(split=split, transform=transform, **options)
-
-
-DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
-    "ade20k": ade20k, "cityscapes": cityscapes, "voc": voc, "folder": folder, "synthetic": _synthetic}
-
-
-def build_dataset(kind: str, root: str | Path | None, split: str, transform: Callable | None = None,
-                  **options: Any) -> SegmentationDataset:
-    """Open a dataset by kind; `options` are the keyword arguments of that kind's function.
-
-    Args:
-        kind: "ade20k", "cityscapes", "voc", "folder" or "synthetic".
-        root: the dataset folder (unused by "synthetic").
-        split: "train", "val", ... (see each kind).
-        transform: callable (image, label) -> (image, label), e.g. `build_train_transform()`.
-        **options: voc: aug; folder: classes, palette, reduce_zero_label, img_dir, ann_dir,
-            img_suffix, seg_suffix; synthetic: num_samples, image_size, seed; all file kinds: verify.
-    """
-    if kind not in DATASETS:
-        raise ValueError(f"unknown dataset kind {kind!r}; use one of {', '.join(DATASETS)}")
-    if kind == "synthetic":
-        from .synthetic import SyntheticDataset
-
-        known = set(inspect.signature(SyntheticDataset).parameters) - {"split", "transform"}
-    else:
-        if root is None:
-            raise ValueError(f"dataset {kind!r} needs a root folder")
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"dataset {kind!r}: root folder {root} does not exist")
-        known = set(inspect.signature(DATASETS[kind]).parameters) - {"root", "split", "transform"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for dataset {kind!r}; known: {sorted(known)}")
-    return DATASETS[kind](root, split, transform, **options)

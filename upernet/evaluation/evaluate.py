@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import Config
 from ..data.classes import resolve_meta
-from ..data.datasets import build_dataset
+from ..data.build import build_dataset
 from ..data.multitask import MULTITASK_KINDS, build_sources
 from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed

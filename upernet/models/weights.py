@@ -6,18 +6,18 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io import atomic_write, read_json
 from .registry import build_model
-from .upernet import UPerNet
 
 FORMAT = "upernet"
 FORMAT_VERSION = 1
 
 
-def model_config(model: UPerNet) -> dict:
+def model_config(model: nn.Module) -> dict:
     """The JSON-able description that `build_model` turns back into this architecture."""
     if not model.config:
         raise ValueError("this model was not built by `build_model`, so it cannot describe itself for saving")
@@ -25,7 +25,7 @@ def model_config(model: UPerNet) -> dict:
             "model_args": model.config["args"], "meta": model.meta}
 
 
-def save_model(model: UPerNet, path: str | os.PathLike) -> Path:
+def save_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save `model` into the folder `path` (created if needed); returns the folder."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def save_model(model: UPerNet, path: str | os.PathLike) -> Path:
     return folder
 
 
-def build_from_config(config: dict) -> UPerNet:
+def build_from_config(config: dict) -> nn.Module:
     model = build_model(config["model"], **config.get("model_args", {}))
     model.meta = dict(config.get("meta", {}))
     return model
@@ -62,7 +62,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str
     model.load_state_dict(state_dict, strict=True)
 
 
-def load_folder(folder: str | os.PathLike) -> UPerNet:
+def load_folder(folder: str | os.PathLike) -> nn.Module:
     """Rebuild and load a model from our folder format (`config.json` + `model.safetensors`)."""
     folder = Path(folder)
     config_file = folder / "config.json"

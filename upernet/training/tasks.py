@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 from ..config import Config
 from ..data.multitask import SourceSampler, build_sources, collate, tasks_of
-from ..data.datasets import build_dataset
+from ..data.build import build_dataset
 from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_transform
 from ..errors import UserError
 from ..evaluation.evaluate import evaluate
