@@ -295,7 +295,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(errors[0])
+        raise UserError(errors[0])
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -325,7 +325,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     else:  # pragma: no cover - every field type is handled above
         raise TypeError(f"unsupported config type {tp} for {key}")
-    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise UserError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -363,7 +363,7 @@ def _apply(config: Config, path: str, value: Any) -> None:
     section = getattr(config, parts[0])
     if len(parts) == 1:
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping of {', '.join(_fields(section))}, got {value!r}")
+            raise UserError(f"{path}: expected a mapping of {', '.join(_fields(section))}, got {value!r}")
         for k, v in value.items():
             _apply(config, f"{path}.{k}", v)
         return
@@ -375,46 +375,46 @@ def _apply(config: Config, path: str, value: Any) -> None:
         value = _coerce(value, hints[name], path)
         choices = CHOICES.get(path)
         if choices and value not in choices:
-            raise ValueError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+            raise UserError(f"{path}: {value!r} is not one of {', '.join(choices)}")
         if path == "optim.no_weight_decay":
             bad = [v for v in value if v not in NO_WEIGHT_DECAY_KINDS]
             if bad:
-                raise ValueError(f"{path}: unknown kinds {bad}; valid: {', '.join(NO_WEIGHT_DECAY_KINDS)}")
+                raise UserError(f"{path}: unknown kinds {bad}; valid: {', '.join(NO_WEIGHT_DECAY_KINDS)}")
         setattr(section, name, value)
         return
     # Deeper paths only go into free-form dicts (model.args, data.options).
     target = getattr(section, name)
     if not isinstance(target, dict):
-        raise ValueError(f"{path}: {parts[0]}.{name} is a {_type_name(hints[name])}, it has no sub-keys")
+        raise UserError(f"{path}: {parts[0]}.{name} is a {_type_name(hints[name])}, it has no sub-keys")
     for part in parts[2:-1]:
         target = target.setdefault(part, {})
         if not isinstance(target, dict):
-            raise ValueError(f"{path}: {part!r} is not a mapping")
+            raise UserError(f"{path}: {part!r} is not a mapping")
     target[parts[-1]] = numbers_in(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`"optim.lr=0.02"` -> ("optim.lr", 0.02); the value is read as YAML (`[512,512]`, `true`, ...)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=0.02)")
+        raise UserError(f"override {text!r} is not of the form key=value (e.g. optim.lr=0.02)")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: the value is not valid YAML ({e})") from None
+        raise UserError(f"override {text!r}: the value is not valid YAML ({e})") from None
     return key.strip(), value
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
     """A checked `Config` from a nested dict (as read from YAML) and `key=value` overrides."""
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping of sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
+        raise UserError(f"{source}: expected a mapping of sections ({', '.join(f.name for f in dataclasses.fields(Config))})")
     config = Config()
     try:
         for key, value in data.items():
             _apply(config, str(key), value)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise UserError(f"{source}: {e}") from None
     task_given = isinstance(data.get("train"), dict) and "task" in data["train"]
     for text in overrides:
         key, value = parse_override(text)
@@ -466,15 +466,15 @@ def validate(config: Config) -> None:
                 "train.checkpoint_interval": config.train.checkpoint_interval, "train.keep_last": config.train.keep_last}
     for key, value in positive.items():
         if value < 1:
-            raise ValueError(f"{key} must be at least 1, got {value}")
+            raise UserError(f"{key} must be at least 1, got {value}")
     if config.schedule.warmup_iters < 0:
-        raise ValueError(f"schedule.warmup_iters must be at least 0, got {config.schedule.warmup_iters}")
+        raise UserError(f"schedule.warmup_iters must be at least 0, got {config.schedule.warmup_iters}")
     if config.val.mode == "slide" and (config.val.crop_size is None or config.val.stride is None):
-        raise ValueError("val.mode=slide needs val.crop_size and val.stride")
+        raise UserError("val.mode=slide needs val.crop_size and val.stride")
     if config.optim.lr <= 0:
-        raise ValueError(f"optim.lr must be positive, got {config.optim.lr}")
+        raise UserError(f"optim.lr must be positive, got {config.optim.lr}")
     if config.multitask.texture_iters < 0:
-        raise ValueError(f"multitask.texture_iters must be at least 0, got {config.multitask.texture_iters}")
+        raise UserError(f"multitask.texture_iters must be at least 0, got {config.multitask.texture_iters}")
     kinds = MULTITASK_DATA_KINDS if config.train.task == "multitask" else SEGMENTATION_KINDS
     if config.data.kind not in kinds:
         raise UserError(f"data.kind={config.data.kind} is not a dataset of train.task={config.train.task}; "

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -38,7 +40,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available (use train.device=cpu or auto)")
+        raise UserError("train.device=cuda but no CUDA device is available (use train.device=cpu or auto)")
     return torch.device(device)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import colorsys
 from typing import Any, Sequence
 
+from ..errors import UserError
+
 # ImageNet statistics on the 0-255 scale, as mmsegmentation's data preprocessor uses them.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -150,9 +152,9 @@ def resolve_meta(meta: dict | None, num_classes: int) -> dict[str, Any]:
     out.setdefault("std", list(IMAGENET_STD))
     for key in ("class_names", "palette"):
         if len(out[key]) != num_classes:
-            raise ValueError(f"model meta {key!r} has {len(out[key])} entries but the model has {num_classes} classes")
+            raise UserError(f"model meta {key!r} has {len(out[key])} entries but the model has {num_classes} classes")
     if len(out["mean"]) != 3 or len(out["std"]) != 3:
-        raise ValueError(f"model meta mean/std need 3 values each, got {out['mean']} and {out['std']}")
+        raise UserError(f"model meta mean/std need 3 values each, got {out['mean']} and {out['std']}")
     return out
 
 
@@ -177,7 +179,7 @@ def set_meta(
         **extra: further JSON-able entries (e.g. `test_size="2048x512"`).
     """
     if dataset is not None and dataset not in DATASET_META:
-        raise ValueError(f"unknown dataset {dataset!r}; built-in ones: {', '.join(DATASET_META)}")
+        raise UserError(f"unknown dataset {dataset!r}; built-in ones: {', '.join(DATASET_META)}")
     meta = dict(DATASET_META[dataset]) if dataset else {}
     if class_names is not None:
         meta["class_names"] = [str(n) for n in class_names]

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import UserError
+from ..errors import MissingFile, UserError
 from .classes import (ADE20K_CLASSES, ADE20K_PALETTE, CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, VOC_CLASSES,
                       VOC_PALETTE, default_palette)
 from .transforms import IGNORE_INDEX, build_eval_transform, to_image_tensor
@@ -45,21 +45,21 @@ def _open(path: Path, what: str) -> Image.Image:
     try:
         return Image.open(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist") from None
+        raise MissingFile(f"{what} {path} does not exist") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{what} {path} cannot be read as an image ({err}); re-export or remove it") from None
+        raise UserError(f"{what} {path} cannot be read as an image ({err}); re-export or remove it") from None
 
 
 def _decode(img: Image.Image, path: Path, what: str) -> None:
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as err:
-        raise ValueError(f"{what} {path} is truncated or corrupt ({err}); re-download or remove it") from None
+        raise UserError(f"{what} {path} is truncated or corrupt ({err}); re-download or remove it") from None
 
 
 def _check_mask_mode(img: Image.Image, path: Path) -> None:
     if img.mode not in INDEX_MODES:
-        raise ValueError(
+        raise UserError(
             f"mask {path} is a {img.mode} image, but masks must hold one class index per pixel (a "
             f"single-channel PNG, mode L or P, values 0..num_classes-1 and 255 = ignore). If it is "
             f"colour-coded, convert it with upernet.data.colour_mask_to_index(mask, palette) and save "
@@ -131,7 +131,7 @@ class SegmentationDataset(Dataset):
         self.classes = [str(c) for c in classes]
         self.palette = [list(map(int, c)) for c in (palette or default_palette(len(self.classes)))]
         if len(self.palette) != len(self.classes):
-            raise ValueError(f"{name}: {len(self.palette)} palette colours for {len(self.classes)} classes")
+            raise UserError(f"{name}: {len(self.palette)} palette colours for {len(self.classes)} classes")
         self.transform = transform if transform is not None else build_eval_transform(scale=None)
         self.ignore_index = ignore_index
         self.name = name
@@ -176,9 +176,9 @@ class FileDataset(SegmentationDataset):
                  name: str = "dataset"):
         super().__init__(classes, palette, transform, ignore_index, name)
         if len(images) != len(masks):
-            raise ValueError(f"{name}: {len(images)} images but {len(masks)} masks")
+            raise UserError(f"{name}: {len(images)} images but {len(masks)} masks")
         if not images:
-            raise ValueError(f"{name}: the split is empty (no image/mask pairs)")
+            raise UserError(f"{name}: the split is empty (no image/mask pairs)")
         self.images = [Path(p) for p in images]
         self.masks = [Path(p) for p in masks]
         self.reduce_zero_label = reduce_zero_label
@@ -200,7 +200,7 @@ class FileDataset(SegmentationDataset):
             bad = np.unique(raw[~valid])
             stored = f"1..{self.num_classes} (reduce_zero_label: 0 = unlabelled)" if self.reduce_zero_label \
                 else f"0..{self.num_classes - 1}"
-            raise ValueError(
+            raise UserError(
                 f"mask {path} has values {bad[:20].tolist()}{' ...' if len(bad) > 20 else ''} that are neither a "
                 f"class ({self.num_classes} classes: stored values {stored}) nor the ignore index {ignore}. "
                 f"Fix the mask (a JPEG-saved mask gets such values: save masks as PNG), or the class list / "
@@ -220,7 +220,7 @@ class FileDataset(SegmentationDataset):
             rotated = handle.getexif().get(EXIF_ORIENTATION, 1) != 1
         note = (" The image has an EXIF orientation, which is applied to images (never to masks): the mask "
                 "must match the image as displayed.") if rotated else ""
-        raise ValueError(f"mask {msk} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {img} is "
+        raise UserError(f"mask {msk} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {img} is "
                          f"{image_hw[1]}x{image_hw[0]}; a mask must cover its image pixel for pixel.{note}")
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -235,7 +235,7 @@ class FileDataset(SegmentationDataset):
         if mode == "auto":
             mode = "full" if n <= 100 else "headers" if n <= 5000 else "sample"
         if mode not in ("full", "headers", "sample"):
-            raise ValueError(f"verify must be 'auto', 'full', 'headers' or 'sample', got {mode!r}")
+            raise UserError(f"verify must be 'auto', 'full', 'headers' or 'sample', got {mode!r}")
         problems: list[str] = []
         if mode == "headers":
             for i in range(n):
@@ -255,10 +255,10 @@ class FileDataset(SegmentationDataset):
             except ValueError as err:
                 problems.append(str(err))
         if problems:
-            raise ValueError(f"{self.name}: {len(problems)} problem(s) found when opening the dataset:\n"
+            raise UserError(f"{self.name}: {len(problems)} problem(s) found when opening the dataset:\n"
                              + _listing([p.replace("\n", " ") for p in problems]))
         if stored and stored <= {0, self.ignore_index} and self.num_classes > 1 and self.ignore_index in stored:
-            raise ValueError(
+            raise UserError(
                 f"{self.name}: the masks (e.g. {self.masks[0]}) hold only the values 0 and {self.ignore_index}, "
                 f"and {self.ignore_index} is the ignore index, so every foreground pixel would be ignored. "
                 f"Store binary masks as 0/1 (e.g. mask // 255) with 2 classes.")
@@ -280,7 +280,7 @@ def _index_files(folder: Path, suffixes: Sequence[str]) -> dict[str, Path]:
             duplicates.append(f"{found[key]} and {path}")
         found[key] = path
     if duplicates:
-        raise ValueError(f"files with the same name but different suffixes in {folder}; keep one of each:\n"
+        raise UserError(f"files with the same name but different suffixes in {folder}; keep one of each:\n"
                          + _listing(duplicates))
     return found
 
@@ -299,12 +299,12 @@ def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str | Seque
     img_dir, ann_dir = Path(img_dir), Path(ann_dir)
     for folder, what in ((img_dir, "image"), (ann_dir, "mask")):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{name}: {what} folder {folder} does not exist")
+            raise MissingFile(f"{name}: {what} folder {folder} does not exist")
     suffixes = IMAGE_SUFFIXES if img_suffix is None else [img_suffix] if isinstance(img_suffix, str) else img_suffix
     images = _index_files(img_dir, suffixes)
     masks = _index_files(ann_dir, [seg_suffix])
     if not images:
-        raise ValueError(f"{name}: the split is empty: no images ({', '.join(suffixes)}) in {img_dir}")
+        raise UserError(f"{name}: the split is empty: no images ({', '.join(suffixes)}) in {img_dir}")
     lonely_images = [images[k] for k in images if k not in masks]
     lonely_masks = [masks[k] for k in masks if k not in images]
     if lonely_images or lonely_masks:
@@ -315,7 +315,7 @@ def pair_files(img_dir: str | Path, ann_dir: str | Path, img_suffix: str | Seque
         if lonely_masks:
             parts.append(f"{len(lonely_masks)} mask(s) without an image (expected <name>"
                          f"{'|'.join(suffixes)} in {img_dir}):\n" + _listing(lonely_masks))
-        raise ValueError(f"{name}: images and masks do not pair up. " + "\n".join(parts)
+        raise UserError(f"{name}: images and masks do not pair up. " + "\n".join(parts)
                          + "\nAdd the missing files or remove the unpaired ones.")
     keys = sorted(images)
     return [images[k] for k in keys], [masks[k] for k in keys]
@@ -326,7 +326,7 @@ def _split_name(split: str, names: dict[str, str], dataset: str) -> str:
     if split in names.values():
         return split
     if split not in names:
-        raise ValueError(f"{dataset}: unknown split {split!r}; use one of {sorted(names)}")
+        raise UserError(f"{dataset}: unknown split {split!r}; use one of {sorted(names)}")
     return names[split]
 
 
@@ -366,7 +366,7 @@ def cityscapes(root: str | Path, split: str, transform: Callable | None = None, 
     ann_dir = root / "gtFine" / split
     name = f"cityscapes {split} ({root})"
     if ann_dir.is_dir() and not any(ann_dir.rglob("*_gtFine_labelTrainIds.png")) and any(ann_dir.rglob("*_labelIds.png")):
-        raise ValueError(f"{name}: {ann_dir} has *_gtFine_labelIds.png but no *_gtFine_labelTrainIds.png; create "
+        raise UserError(f"{name}: {ann_dir} has *_gtFine_labelIds.png but no *_gtFine_labelTrainIds.png; create "
                          f"them with cityscapesscripts' createTrainIdLabelImgs (CITYSCAPES_DATASET={root}).")
     images, masks = pair_files(root / "leftImg8bit" / split, ann_dir, "_leftImg8bit.png",
                                "_gtFine_labelTrainIds.png", name)
@@ -375,10 +375,10 @@ def cityscapes(root: str | Path, split: str, transform: Callable | None = None, 
 
 def _read_id_list(path: Path, name: str) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"{name}: split list {path} does not exist")
+        raise MissingFile(f"{name}: split list {path} does not exist")
     ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
     if not ids:
-        raise ValueError(f"{name}: the split is empty: {path} lists no images")
+        raise UserError(f"{name}: the split is empty: {path} lists no images")
     return ids
 
 
@@ -387,7 +387,7 @@ def _listed_pairs(root: Path, ids: Sequence[str], mask_folder: str, list_file: P
     masks = [root / mask_folder / f"{i}.png" for i in ids]
     missing = [p for pair in zip(images, masks) for p in pair if not p.is_file()]
     if missing:
-        raise ValueError(f"{name}: {len(missing)} file(s) listed in {list_file} do not exist:\n" + _listing(missing)
+        raise UserError(f"{name}: {len(missing)} file(s) listed in {list_file} do not exist:\n" + _listing(missing)
                          + "\nRestore them or remove their ids from the list.")
     return images, masks
 
@@ -420,7 +420,7 @@ def voc(root: str | Path, split: str, transform: Callable | None = None, aug: bo
     if aug and split == "train":
         aug_list = next((lists / f for f in ("aug.txt", "train_aug.txt", "trainaug.txt") if (lists / f).is_file()), None)
         if aug_list is None:
-            raise FileNotFoundError(f"{name}: no SBD list ({lists}/aug.txt); build SegmentationClassAug and aug.txt "
+            raise MissingFile(f"{name}: no SBD list ({lists}/aug.txt); build SegmentationClassAug and aug.txt "
                                     f"with mmsegmentation's tools/dataset_converters/voc_aug.py")
         more = _listed_pairs(root, _read_id_list(aug_list, name), "SegmentationClassAug", aug_list, name)
         images, masks = images + more[0], masks + more[1]

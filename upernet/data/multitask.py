@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..errors import MissingFile, UserError
 from ..io import read_json
 from .synthetic import BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, _generator, _uniform, synthetic_sample
 from .transforms import (IGNORE_INDEX, normalize, pad_pair, photometric_distortion, random_crop, random_flip,
@@ -125,7 +126,7 @@ class BuiltinSource(Dataset):
         self.transform = transform
         self.tasks = tuple(tasks or default_tasks)
         if not self.tasks:
-            raise ValueError(f"built-in source {name!r}: unknown name and no tasks given ({', '.join(BUILTIN_SOURCES)})")
+            raise UserError(f"built-in source {name!r}: unknown name and no tasks given ({', '.join(BUILTIN_SOURCES)})")
         self.num_samples = num_samples or (default_size if split == "train" else 60)
         self._cache: dict[int, tuple] = {}
 
@@ -168,11 +169,11 @@ def read_broden_meta(root: str | Path) -> dict:
     """meta.json of a Broden+-style folder: class lists per task, the object-part hierarchy, sources."""
     meta_file = Path(root) / "meta.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: a Broden+-style folder needs meta.json (see the README)")
+        raise MissingFile(f"{meta_file}: a Broden+-style folder needs meta.json (see the README)")
     meta = read_json(meta_file)
     for key in ("objects", "sources"):
         if key not in meta:
-            raise ValueError(f"{meta_file}: missing the {key!r} entry")
+            raise UserError(f"{meta_file}: missing the {key!r} entry")
     for key in ("parts", "materials", "scenes", "textures"):
         meta.setdefault(key, {} if key == "parts" else [])
     return meta
@@ -196,12 +197,12 @@ class BrodenFolder(Dataset):
         meta_file = self.root / "meta.json"
         self.meta = read_broden_meta(root)
         if source not in self.meta.get("sources", {}):
-            raise ValueError(f"{meta_file}: no source {source!r}; it lists {sorted(self.meta.get('sources', {}))}")
+            raise UserError(f"{meta_file}: no source {source!r}; it lists {sorted(self.meta.get('sources', {}))}")
         self.tasks = tuple(self.meta["sources"][source]["tasks"])
         self.folder = self.root / source / split
         images = sorted(p for p in (self.folder / "images").glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not images:
-            raise ValueError(f"{self.folder / 'images'}: empty split (no .jpg/.png images)")
+            raise UserError(f"{self.folder / 'images'}: empty split (no .jpg/.png images)")
         self.ids = [p.stem for p in images]
         self.images = {p.stem: p for p in images}
         labels_file = self.folder / "labels.json"
@@ -210,11 +211,11 @@ class BrodenFolder(Dataset):
             if task in self.PIXEL_TASKS:
                 missing = [i for i in self.ids if not (self.folder / task / f"{i}.png").is_file()]
                 if missing:
-                    raise ValueError(f"{self.folder / task}: no {task} mask for {len(missing)} images, e.g. {missing[:3]}")
+                    raise UserError(f"{self.folder / task}: no {task} mask for {len(missing)} images, e.g. {missing[:3]}")
             else:
                 missing = [i for i in self.ids if task not in self.image_labels.get(i, {})]
                 if missing:
-                    raise ValueError(f"{labels_file}: no {task!r} label for {len(missing)} images, e.g. {missing[:3]}")
+                    raise UserError(f"{labels_file}: no {task!r} label for {len(missing)} images, e.g. {missing[:3]}")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -230,7 +231,7 @@ class BrodenFolder(Dataset):
                 with Image.open(path) as mask:
                     targets[task] = torch.from_numpy(np.array(mask)).long()
                 if targets[task].shape != image.shape[-2:]:
-                    raise ValueError(f"{path}: mask {tuple(targets[task].shape)} vs image {tuple(image.shape[-2:])}")
+                    raise UserError(f"{path}: mask {tuple(targets[task].shape)} vs image {tuple(image.shape[-2:])}")
             else:
                 targets[task] = torch.tensor(int(self.image_labels[image_id][task]))
         if self.transform is not None:
@@ -331,14 +332,14 @@ def build_sources(config, split: str, train: bool = False) -> tuple[list[Dataset
                                   transform=transform)
         unknown = sorted(set(wanted) - {s.name for s in sources})
         if unknown:
-            raise ValueError(f"multitask.sources: no source {unknown} in the built-in data; it has "
+            raise UserError(f"multitask.sources: no source {unknown} in the built-in data; it has "
                              f"{', '.join(BUILTIN_SOURCES)}")
         return [s for s in sources if not wanted or s.name in wanted], builtin_meta()
     if d.kind == "broden":
         meta = read_broden_meta(d.root)
         names = wanted or d.options.get("sources") or list(meta["sources"])
         return [BrodenFolder(d.root, name, split, transform) for name in names], meta
-    raise ValueError(f"data.kind {d.kind!r} is not a multi-task kind ({', '.join(MULTITASK_KINDS)})")
+    raise UserError(f"data.kind {d.kind!r} is not a multi-task kind ({', '.join(MULTITASK_KINDS)})")
 
 
 def tasks_of(meta: dict) -> dict:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from PIL import Image
 
+from ..errors import UserError
 from ..io import atomic_write
 from ..ops.resize import resize
 from .datasets import SegmentationDataset
@@ -182,7 +183,7 @@ class SyntheticDataset(SegmentationDataset):
         self.split, self.seed, self.image_size = split, seed, image_size
         self.num_samples = num_samples if num_samples is not None else 2000 if split == "train" else 200
         if self.num_samples <= 0:
-            raise ValueError(f"{self.name}: the split is empty (num_samples={self.num_samples})")
+            raise UserError(f"{self.name}: the split is empty (num_samples={self.num_samples})")
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
 
     def __len__(self) -> int:

@@ -61,15 +61,15 @@ def to_image_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Ten
         return TF.pil_to_tensor(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {image.shape}")
+            raise UserError(f"expected an (H, W, 3) image array, got shape {image.shape}")
         if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 image array (0-255), got {image.dtype}")
+            raise UserError(f"expected a uint8 image array (0-255), got {image.dtype}")
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+            raise UserError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
         if image.dtype != torch.uint8:
-            raise ValueError(f"expected a uint8 image tensor (0-255), got {image.dtype}")
+            raise UserError(f"expected a uint8 image tensor (0-255), got {image.dtype}")
         return image.as_subclass(torch.Tensor)
     raise TypeError(f"unsupported image type {type(image).__name__}")
 
@@ -83,7 +83,7 @@ def to_mask(mask: Image.Image | np.ndarray | torch.Tensor) -> tv_tensors.Mask:
     if mask.ndim == 3 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.ndim != 2:
-        raise ValueError(f"expected an (H, W) mask, got shape {tuple(mask.shape)}")
+        raise UserError(f"expected an (H, W) mask, got shape {tuple(mask.shape)}")
     return tv_tensors.Mask(mask.long().unsqueeze(0))
 
 
@@ -282,7 +282,7 @@ class TrainTransform:
         """(image, mask) -> (float32 (3, h, w) normalised image, int64 (h, w) label)."""
         image, mask = to_image_tensor(image), to_mask(mask)
         if image.shape[-2:] != mask.shape[-2:]:
-            raise ValueError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ")
+            raise UserError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ")
         if self.scale:
             image, mask = random_resize(image, mask, self.scale, self.ratio_range, generator)
         if self.crop_size:
@@ -345,9 +345,9 @@ def build_train_transform(
         ignore_index: label of unlabelled pixels, also the mask padding value.
     """
     if crop_size is not None and len(crop_size) != 2:
-        raise ValueError(f"crop_size must be (H, W), got {crop_size}")
+        raise UserError(f"crop_size must be (H, W), got {crop_size}")
     if scale is not None and len(scale) != 2:
-        raise ValueError(f"scale must be (long, short), got {scale}")
+        raise UserError(f"scale must be (long, short), got {scale}")
     return TrainTransform(crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric, mean, std, ignore_index)
 
 

@@ -45,7 +45,7 @@ def _class_names(model: nn.Module, dataset, num_classes: int) -> list[str]:
                          ("the model's meta", meta.get("class_names"))):
         if names:
             if len(names) != num_classes:
-                raise ValueError(f"the model predicts {num_classes} classes but {where} has {len(names)} class names "
+                raise UserError(f"the model predicts {num_classes} classes but {where} has {len(names)} class names "
                                  f"({', '.join(map(str, names[:5]))}, ...)")
             return [str(n) for n in names]
     return [str(i) for i in range(num_classes)]
@@ -76,7 +76,7 @@ class SegmentationMetrics:
         try:
             self.confusion += confusion_matrix(probs["out"].argmax(dim=1)[0], label, self.num_classes, self.ignore_index)
         except ValueError as e:
-            raise ValueError(f"{sample.get('path', 'a sample')}: {e}") from None
+            raise UserError(f"{sample.get('path', 'a sample')}: {e}") from None
 
     def reduce(self) -> None:
         self.confusion = reduce(self.confusion)

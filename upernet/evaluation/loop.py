@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UserError
 from ..inference.modes import infer_outputs
 
 
@@ -43,9 +44,9 @@ def evaluate_dataset(model, dataset, metrics, distributed: bool = False, progres
         `metrics`, reduced over the processes.
     """
     if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("distributed evaluation needs torch.distributed to be initialised (run under torchrun)")
+        raise UserError("distributed evaluation needs torch.distributed to be initialised (run under torchrun)")
     if len(dataset) == 0:
-        raise ValueError("the evaluation dataset is empty")
+        raise UserError("the evaluation dataset is empty")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     model = unwrap_model(model)
     device = device_of(model)

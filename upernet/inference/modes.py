@@ -24,8 +24,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from ..errors import MissingFile, UserError
 from ..data.transforms import SizeRule, parse_size, resize_image, resized_shape, to_rgb  # noqa: F401 (re-exported)
-from ..errors import UserError
 from ..ops.resize import resize
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -65,9 +65,9 @@ def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Seque
     crop_h, crop_w = crop_size
     stride_h, stride_w = stride
     if min(crop_h, crop_w, stride_h, stride_w) <= 0:
-        raise ValueError(f"crop size {tuple(crop_size)} and stride {tuple(stride)} must be positive")
+        raise UserError(f"crop size {tuple(crop_size)} and stride {tuple(stride)} must be positive")
     if stride_h > crop_h or stride_w > crop_w:
-        raise ValueError(f"stride {tuple(stride)} larger than the crop {tuple(crop_size)} would leave pixels "
+        raise UserError(f"stride {tuple(stride)} larger than the crop {tuple(crop_size)} would leave pixels "
                          f"that no window covers; use a stride <= the crop size")
     rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
     cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
@@ -239,13 +239,13 @@ def load_image(path: str | Path) -> Image.Image:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+        raise MissingFile(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb(ImageOps.exif_transpose(img))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from None
+        raise UserError(f"{path}: cannot read the image ({e})") from None
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -272,10 +272,10 @@ def find_images(paths: Sequence[str | Path]) -> list[tuple[Path, Path]]:
         if p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise FileNotFoundError(f"{p}: folder without image files ({', '.join(IMAGE_SUFFIXES)})")
+                raise MissingFile(f"{p}: folder without image files ({', '.join(IMAGE_SUFFIXES)})")
             found += [(f, p) for f in files]
         elif p.is_file():
             found.append((p, p.parent))
         else:
-            raise FileNotFoundError(f"{p}: no such image file or folder")
+            raise MissingFile(f"{p}: no such image file or folder")
     return found

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,12 +63,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str = "cpu") 
     """"auto" -> bf16 where `native_bf16(device)`, else fp32; "fp32"/"bf16" (or a torch dtype) as given."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+            raise UserError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if native_bf16(device) else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise UserError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -80,7 +82,7 @@ def autocast_dtype_for(precision: str, device: torch.device | str = "cpu") -> to
     turn bf16 into real bf16 weights (`prepare_for_inference(model, "bf16")`) and fp16 into autocast.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
         return torch.bfloat16 if native_bf16(device) else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

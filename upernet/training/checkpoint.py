@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import MissingFile, UserError
 from ..io import atomic_write, temp_path
 
 
@@ -58,11 +58,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """A checkpoint written by `atomic_save`, loaded without unpickling code."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
+        raise MissingFile(f"{path}: no such checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, foreign pickles
-        raise ValueError(f"{path}: cannot read the checkpoint ({e})") from None
+        raise UserError(f"{path}: cannot read the checkpoint ({e})") from None
 
 
 def rng_state() -> dict:
@@ -102,7 +102,7 @@ def save_checkpoint(state: dict, run_dir: str | os.PathLike, iteration: int, kee
     """
     bad = non_finite(state["model"])
     if bad:
-        raise ValueError(f"not saving the checkpoint of iteration {iteration}: non-finite weights in "
+        raise UserError(f"not saving the checkpoint of iteration {iteration}: non-finite weights in "
                          f"{', '.join(bad[:5])}")
     folder = Path(run_dir) / "checkpoints"
     path = atomic_save(state, folder / f"iter_{iteration:07d}.pt")
@@ -126,5 +126,5 @@ def find_resume(path: str | os.PathLike) -> Path:
         found = periodic_checkpoints(folder) if folder.is_dir() else []
         if found:
             return found[-1]
-    raise FileNotFoundError(f"{path}: no checkpoint to resume from (expected a .pt file or a run folder with "
+    raise MissingFile(f"{path}: no checkpoint to resume from (expected a .pt file or a run folder with "
                             f"checkpoints/iter_*.pt)")

@@ -33,11 +33,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UserError
 from ..config import (Config, ROOTLESS_KINDS, config_from_dict, dump_config, load_config, note, parse_override,
                       to_dict)
 from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
                            prepare_model)
-from ..errors import UserError
 from ..io import write_text
 from ..models.weights import load_state_dict_strict
 from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, remove_stale_temp_files, rng_state,
@@ -67,7 +67,7 @@ def amp_settings(precision: str, device: torch.device) -> tuple[torch.dtype | No
         return None, False
     if precision == "fp16":
         if device.type != "cuda":
-            raise ValueError("train.precision=fp16 needs CUDA; use train.precision=bf16 on CPU")
+            raise UserError("train.precision=fp16 needs CUDA; use train.precision=bf16 on CPU")
         return torch.float16, True
     return torch.bfloat16, False
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..config import OptimConfig, ScheduleConfig
 
 LayerIdFn = Callable[[str, int, nn.Module], int]
@@ -36,7 +37,7 @@ _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Lo
 def register_layer_id(family: str, decay_type: str) -> Callable[[LayerIdFn], LayerIdFn]:
     """Register `fn(param_name, num_layers, model) -> layer id` for models whose name contains `family`."""
     if decay_type not in ("stage_wise", "layer_wise"):
-        raise ValueError(f"decay_type must be stage_wise or layer_wise, got {decay_type!r}")
+        raise UserError(f"decay_type must be stage_wise or layer_wise, got {decay_type!r}")
 
     def decorator(fn: LayerIdFn) -> LayerIdFn:
         if (family, decay_type) in _LAYER_ID_FNS:
@@ -119,7 +120,7 @@ def layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn:
         if kind == decay_type and name in family:
             return fn
     known = sorted(f"{name} ({kind})" for name, kind in _LAYER_ID_FNS)
-    raise ValueError(f"no {decay_type} layer decay is registered for model {family.split()[0]!r}; known families: "
+    raise UserError(f"no {decay_type} layer decay is registered for model {family.split()[0]!r}; known families: "
                      f"{', '.join(known)} (set optim.layer_decay_type=none, or register one with "
                      f"upernet.training.optim.register_layer_id)")
 
@@ -159,7 +160,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name must be sgd or adamw, got {cfg.name!r}")
+    raise UserError(f"optim.name must be sgd or adamw, got {cfg.name!r}")
 
 
 def poly_lr(iteration: int, base_lr: float, cfg: ScheduleConfig) -> float:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import MissingFile, UserError
+
 WIDTH, HEIGHT, MARGIN = 640, 400, 60
 
 
@@ -18,14 +20,14 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     """The records of `RUN_DIR/metrics.jsonl`, in order."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics log (is {run_dir} a run folder of `upernet train`?)")
+        raise MissingFile(f"{path}: no metrics log (is {run_dir} a run folder of `upernet train`?)")
     records = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not a JSON line ({e})") from None
+                raise UserError(f"{path}:{number}: not a JSON line ({e})") from None
     return records
 
 
@@ -88,7 +90,7 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     train = [r for r in records if r.get("kind") == "train"]
     val = [r for r in records if r.get("kind") == "val"]
     if not train and not val:
-        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or val records to plot")
+        raise UserError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or val records to plot")
     out = Path(out_dir) if out_dir else Path(run_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..errors import UserError
+
 
 class InfiniteSampler(Sampler):
     """An endless stream of (index, sample seed), sharded over processes, starting at any position.
@@ -35,7 +37,7 @@ class InfiniteSampler(Sampler):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
         if size < 1:
-            raise ValueError("the training dataset is empty")
+            raise UserError("the training dataset is empty")
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
         self.per_epoch = math.ceil(size / world_size)
 

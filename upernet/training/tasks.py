@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from ..errors import MissingFile, UserError
 from ..config import Config
 from ..data.multitask import SourceSampler, build_sources, collate, tasks_of
 from ..data.build import build_dataset
 from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_transform
-from ..errors import UserError
 from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
 from ..models import build_model
@@ -54,12 +54,12 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
         load_classification_checkpoint(backbone, path)
         return
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file (model.backbone_checkpoint)")
+        raise MissingFile(f"{path}: no such checkpoint file (model.backbone_checkpoint)")
     state = load_torch_file(path)
     if isinstance(state, dict):
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
+        raise UserError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
     load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
 
 
