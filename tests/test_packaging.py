@@ -88,7 +88,7 @@ def outside(tmp_path) -> Path:
 def test_wheel_ships_every_package_file(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     recipes = {n for n in names if n.startswith("upernet/configs/") and n.endswith(".yaml")}
-    assert {"upernet/configs/builtin.yaml", "upernet/configs/upp_builtin.yaml"} <= recipes
+    assert {"upernet/configs/builtin.yaml", "upernet/configs/multitask_builtin.yaml"} <= recipes
     assert "upernet/data/assets/sample.png" in names
     assert any(n.startswith("upernet/") and n.endswith("/dcnv3_cpu.cpp") for n in names), \
         "the DCNv3 C++ source (dcnv3_cpu.cpp) is not in the wheel"

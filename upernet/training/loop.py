@@ -192,7 +192,7 @@ def drop_foreign_options(config: Config) -> list[str]:
     """Remove `data.options` entries that belong to another dataset kind than `data.kind` (e.g. the
     built-in recipe's synthetic `image_size` after `data.kind=folder`), each with a `ConfigNote`;
     returns the dropped keys. Options no kind knows stay, so that the dataset names them as errors."""
-    from ..data.datasets import DATASETS
+    from ..data.build import DATASETS
 
     kinds = list(DATASETS) + ["multitask_synthetic", "broden"]
     own = dataset_options(config.data.kind)

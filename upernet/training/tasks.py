@@ -268,7 +268,7 @@ def build_task(config: Config) -> SegmentationTask | MultitaskTask:
 
 def dataset_options(kind: str) -> set[str]:
     """The `data.options` keys dataset kind `kind` takes."""
-    from ..data.datasets import DATASETS
+    from ..data.build import DATASETS
     from ..data.synthetic import SyntheticDataset
 
     if kind in ("multitask_synthetic", "upp_builtin"):
