@@ -51,12 +51,12 @@ BUILTIN_SOURCES = {  # name: (tasks it annotates, number of training samples)
 
 
 def part_layout(objects: Sequence[str], parts: dict[str, list[str]]) -> dict:
-    """The `tasks["part"]` argument of `UPerNetUPP` from class lists."""
+    """The `tasks["part"]` argument of `MultiTaskUPerNet` from class lists."""
     return {"objects": [list(objects).index(o) for o in parts], "num_parts": [len(p) for p in parts.values()]}
 
 
 def builtin_tasks() -> dict:
-    """Class counts per task of the built-in data, the `tasks` argument of `upernet_upp_*`."""
+    """Class counts per task of the built-in data, the `tasks` argument of `upernet_multitask_*`."""
     return {"object": len(SYNTHETIC_CLASSES), "part": part_layout(SYNTHETIC_CLASSES, BUILTIN_PARTS),
             "material": len(BUILTIN_MATERIALS), "scene": len(BUILTIN_SCENES), "texture": len(BUILTIN_TEXTURES)}
 

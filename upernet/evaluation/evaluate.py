@@ -257,7 +257,7 @@ def evaluate_model(
     if multitask:
         if d.kind not in MULTITASK_KINDS:
             raise UserError(f"a multi-task model is evaluated with a multi-task config (data.kind "
-                            f"{' or '.join(MULTITASK_KINDS)}, e.g. upp_builtin), not {d.kind!r}")
+                            f"{' or '.join(MULTITASK_KINDS)}, e.g. multitask_builtin), not {d.kind!r}")
         meta = dict(getattr(model, "meta", None) or {})
     else:
         meta = resolve_meta(getattr(model, "meta", None), int(model.num_classes))

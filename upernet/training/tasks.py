@@ -27,7 +27,7 @@ from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_tr
 from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
 from ..models import build_model
-from ..models.upp import upp_loss
+from ..models.multitask import multitask_loss
 from ..models.weights import load_state_dict_strict
 from .sampling import InfiniteSampler, seeded_loader
 
@@ -226,7 +226,7 @@ class MultitaskTask:
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
         wanted = list(targets) + (["object"] if "part" in targets else [])
         outputs = model(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
-        losses = upp_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
+        losses = multitask_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
         if self.config.train.loss_average == "all":  # pixel losses over every pixel, as in segmentation
             for task in ("object", "material", "part"):
                 if task in losses:
