@@ -162,9 +162,6 @@ class MultitaskTask:
     find_unused = True  # a step trains only the heads its source annotates
 
     def __init__(self, config: Config):
-        if config.val.mode != "whole":
-            raise UserError(f"val.mode={config.val.mode} is not available for train.task=multitask (its scene and "
-                            f"texture heads classify whole images); use val.mode=whole")
         self.config = config
 
     def build_data(self) -> None:
@@ -236,7 +233,10 @@ class MultitaskTask:
         return losses["total"], extra
 
     def validate(self, model: nn.Module, distributed: bool, autocast_dtype) -> dict:
-        return evaluate_multitask(model, self.val_sources, self.tasks, self.meta, distributed=distributed)
+        """The paper's per-task scores on the validation sources (with `val.mode`, `val.max_images`)."""
+        v = self.config.val
+        return evaluate_multitask(model, self.val_sources, self.tasks, self.meta, mode=v.mode, crop_size=v.crop_size,
+                                  stride=v.stride, distributed=distributed, autocast_dtype=autocast_dtype)
 
 
 class MultitaskBatches:
