@@ -127,6 +127,24 @@ def unwrap_mmseg(checkpoint: object) -> tuple[dict[str, torch.Tensor], dict] | N
     return state_dict, checkpoint.get("meta") or {}
 
 
+def mmseg_config_text(meta: dict) -> str:
+    """The training config text an mmsegmentation checkpoint's meta carries ("" when it has none)."""
+    return str(meta.get("config") or meta.get("cfg") or "")
+
+
+def mmseg_class_meta(meta: dict, num_classes: int) -> dict:
+    """Class names and palette from an mmsegmentation checkpoint's meta (0.x: CLASSES/PALETTE, 1.x:
+    dataset_meta), each only when it has one entry per class."""
+    dataset_meta = meta.get("dataset_meta") or {}
+    names, palette = meta.get("CLASSES") or dataset_meta.get("classes"), meta.get("PALETTE") or dataset_meta.get("palette")
+    found: dict = {}
+    if names and len(names) == num_classes:
+        found["class_names"] = [str(n) for n in names]
+    if palette and len(palette) == num_classes:
+        found["palette"] = [[int(v) for v in c] for c in palette]
+    return found
+
+
 def detect(path: Path) -> bool:
     """A file holding `state_dict` with mmsegmentation's UPerHead keys (`decode_head.fpn_bottleneck`)."""
     return unwrap_mmseg(peek_checkpoint(path)) is not None
@@ -197,8 +215,7 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
     keys = list(state_dict)
     transform = None
     if "backbone.stem.0.weight" in state_dict:
-        config_text = str(meta.get("config") or meta.get("cfg") or "")
-        stride = output_stride or _config_output_stride(config_text) or 32
+        stride = output_stride or _config_output_stride(mmseg_config_text(meta)) or 32
         depth = resnet_depth(keys, "backbone.", source)
         name, backbone_args, rules = resnet_variant(depth, stride), {}, resnet_v1c_rules(r"backbone\.")
         channels = [256, 512, 1024, 2048]
@@ -217,10 +234,5 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
     extra = {"backbone_args": backbone_args} if backbone_args else {}
     model = build_model(name, num_classes=num_classes, **extra, **mmseg_head_args(state_dict, channels, source))
     load_converted(model, state_dict, rules + HEAD_RULES, source, strict, transform)
-    dataset_meta = meta.get("dataset_meta") or {}
-    names, palette = meta.get("CLASSES") or dataset_meta.get("classes"), meta.get("PALETTE") or dataset_meta.get("palette")
-    if names and len(names) == num_classes:
-        model.meta["class_names"] = [str(n) for n in names]
-    if palette and len(palette) == num_classes:
-        model.meta["palette"] = [[int(v) for v in c] for c in palette]
+    model.meta.update(mmseg_class_meta(meta, num_classes))
     return model.eval()
