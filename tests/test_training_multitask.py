@@ -90,7 +90,7 @@ def test_val_max_images(tmp_path):
 
 
 def test_val_mode_slide_runs_as_in_segmentation(tmp_path):
-    """val.mode/crop_size/stride reach the multi-task validation: the backbone sees the windows, and
+    """val.mode/crop_size/stride reach the multi-task validation: the model sees the windows, and
     one window covering the image gives the numbers of whole mode."""
     def validate(*overrides):
         task = MultitaskTask(config(*overrides))
@@ -98,7 +98,7 @@ def test_val_mode_slide_runs_as_in_segmentation(tmp_path):
         torch.manual_seed(0)
         model = task.build_model(pretrained=False).eval()
         sizes = set()
-        model.backbone.register_forward_pre_hook(lambda module, args: sizes.add(tuple(args[0].shape[-2:])))
+        model.register_forward_pre_hook(lambda module, args: sizes.add(tuple(args[0].shape[-2:])))
         return task.validate(model, False, None), sizes
 
     whole, whole_sizes = validate()

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..data.multitask import PIXEL_TASKS
-from .loop import evaluate_dataset
+from .loop import evaluate_dataset, prepared_for_evaluation
 from .metrics import confusion_matrix, reduce, summarize
 
 
@@ -88,7 +88,8 @@ def evaluate_multitask(
 ) -> dict:
     """Every source of the split, each scored on the tasks it annotates; reduced across processes.
 
-    Runs the inference modes of segmentation (`evaluation.evaluate.evaluate`): in slide mode the
+    Runs as segmentation's `evaluation.evaluate.evaluate` (the model prepared for inference, the same
+    modes): in slide mode the
     pixel tasks are stitched from the windows and the image-level tasks (scene, texture) average
     the windows' probabilities.
 
@@ -101,9 +102,11 @@ def evaluate_multitask(
         crop_size: (h, w) window of slide mode.
         stride: (h, w) step of slide mode.
         distributed: split the samples over the torch.distributed processes and sum the counts.
-        autocast_dtype: run the forward passes under autocast with this dtype (None: full precision).
+        autocast_dtype: the training's autocast dtype: bf16 runs bf16 weights, another dtype autocast,
+            None full precision.
         progress: show a progress bar (on rank 0 only).
     """
+    model, autocast_dtype = prepared_for_evaluation(model, autocast_dtype)
     metrics = MultiTaskMetrics(tasks, meta)
     evaluate_dataset(model, ConcatDataset(list(sources)), metrics, distributed, progress, mode=mode,
                      crop_size=crop_size, stride=stride, autocast_dtype=autocast_dtype)
