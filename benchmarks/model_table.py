@@ -9,7 +9,7 @@ import torch
 import upernet
 from upernet.models.stats import count_macs
 
-SKIP = {"upernet_timm", "upernet_upp", "upernet_upp_r50", "upernet_upp_r101"}  # need a timm name / tasks
+SKIP = {"upernet_timm", "upernet_multitask", "upernet_multitask_r50", "upernet_multitask_r101"}  # need a timm name / tasks
 
 
 def main() -> None:

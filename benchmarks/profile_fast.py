@@ -13,7 +13,7 @@ import copy
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from upernet.inference.bench import transformers_pair
+from upernet.inference.peers import transformers_pair
 from upernet.inference.prepare import prepare_for_inference
 
 GROUPS = {  # aten op -> group

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from upernet.inference import bench
+from upernet.inference import bench, peers
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
-    ours, peer = bench.transformers_pair(args.model)
+    ours, peer = peers.transformers_pair(args.model)
     inference = bench.bench_inference(ours, (512, 512), 1, bench.default_dtypes(), peer, runs=args.runs, onnx=True)
     (RESULTS / "speed_inference.json").write_text(json.dumps(inference, indent=2))
     print(bench.format_table(inference), "\n\n" + markdown(inference) + "\n")

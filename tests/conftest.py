@@ -61,10 +61,10 @@ def tiny_model(name: str, num_classes: int = 5, seed: int = 0, **overrides):
     import upernet
 
     torch.manual_seed(seed)
-    if name.startswith("upernet_upp"):
+    if name.startswith("upernet_multitask"):
         args = {"tasks": TINY_TASKS, "channels": 16,
                 "base_args": {"backbone_args": SMALL_BACKBONE["upernet_r*"]}}
-        if name == "upernet_upp":
+        if name == "upernet_multitask":
             args["base"] = "upernet_r50"
         return upernet.build_model(name, **{**args, **overrides})
     return upernet.build_model(name, num_classes=num_classes, **{**small_args(name), **overrides})

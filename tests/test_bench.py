@@ -66,7 +66,7 @@ def test_bench_against_smp_on_the_same_weights(tmp_path, capsys):
     """A tiny smp UPerNet folder: bench converts it, checks nothing itself, so the pair is checked here."""
     smp = pytest.importorskip("segmentation_models_pytorch")
 
-    from upernet.inference.bench import smp_pair
+    from upernet.inference.peers import smp_pair
 
     smp.UPerNet("resnet18", encoder_weights=None, classes=3, decoder_channels=16).save_pretrained(tmp_path / "smp")
     ours, peer = smp_pair(str(tmp_path / "smp"))
@@ -83,3 +83,36 @@ def test_bench_against_smp_on_the_same_weights(tmp_path, capsys):
     assert {r["name"] for r in train["rows"]} == {"upernet fp32", "smp fp32"}
     assert main(["bench", "upernet_r50", "--against", "smp"]) == 2
     assert "--against smp needs a segmentation-models-pytorch UPerNet folder" in capsys.readouterr().err
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    """`UPerNet.set_grad_checkpointing` (what `bench --train --checkpointing` times) changes memory, not numbers."""
+    from conftest import tiny_model
+
+    model = tiny_model("upernet_convnext_tiny", dropout=0.0).train()
+    images, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 5, (2, 64, 64))
+
+    def gradients():
+        torch.manual_seed(0)  # the same stochastic-depth draws each time
+        model.zero_grad()
+        model(images, labels=labels)["loss"].backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = gradients()
+    model.set_grad_checkpointing()
+    assert model.backbone.body.grad_checkpointing  # timm's switch: its forward now recomputes the stages
+    for a, b in zip(plain, gradients()):
+        torch.testing.assert_close(a, b)
+    model.set_grad_checkpointing(False)
+    assert not model.backbone.body.grad_checkpointing
+
+
+def test_grad_checkpointing_refused_by_a_backbone_without_it():
+    from conftest import tiny_model
+
+    from upernet.errors import UserError
+
+    model = tiny_model("upernet_swin_tiny")
+    with pytest.raises(UserError, match="does not support activation checkpointing"):
+        model.set_grad_checkpointing()
+    model.set_grad_checkpointing(False)  # switching off what is not there is fine

@@ -154,6 +154,7 @@ def _worker(rank: int, world: int, port: int, n: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_two_processes_match_one(tmp_path):
     n = 5  # odd: the ranks get 3 and 2 samples, none duplicated
     mp.spawn(_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, join=True)

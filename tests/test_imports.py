@@ -209,7 +209,7 @@ def test_graph_sees_lazy_relative_and_api_imports():
     assert ("upernet.cli", "upernet.training.loop") in edges  # inside run_train
     assert ("upernet.cli", "upernet.loading") in edges  # `import upernet` + upernet.load_model
     assert ("upernet.config", "upernet.errors") in edges  # `from .errors import UserError`
-    assert ("upernet.models", "upernet.models.zoo") in edges  # `from . import upp, zoo`
+    assert ("upernet.models", "upernet.models.zoo") in edges  # `from . import multitask, zoo`
     assert ("upernet", "upernet.models") in edges  # importlib.import_module("upernet.models")
 
 

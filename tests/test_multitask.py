@@ -162,6 +162,8 @@ def test_cli_train_stop_and_resume_is_exact(tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_process_gloo_training(tmp_path):
     """torchrun with 2 CPU processes: every step's source is the same on both (else DDP's gradient
     reduction would mix heads), the run finishes and writes a loadable model."""

@@ -52,7 +52,7 @@ def test_prepared_model_keeps_the_heads_methods():
 
 
 def test_prepared_multitask_model_per_task_and_in_bf16():
-    model = randomise_batchnorms(tiny_model("upernet_upp_r50"))
+    model = randomise_batchnorms(tiny_model("upernet_multitask_r50"))
     prepared = prepare_for_inference(model, "fp32")
     images = torch.randn(1, 3, 61, 77)
     with torch.no_grad():

@@ -9,8 +9,8 @@ from upernet.models import zoo
 
 from conftest import SMALL_BACKBONE, small_args
 
-# Single-task variants; the multi-task ones (upernet_upp*) have their own sweep in test_upp_model.py.
-SINGLE_TASK = [n for n in upernet.list_models() if not n.startswith("upernet_upp")]
+# Single-task variants; the multi-task ones (upernet_multitask*) have their own sweep in test_multitask_model.py.
+SINGLE_TASK = [n for n in upernet.list_models() if not n.startswith("upernet_multitask")]
 
 
 @pytest.mark.parametrize("name", SINGLE_TASK)

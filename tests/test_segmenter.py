@@ -173,7 +173,7 @@ def test_predict_reports_unreadable_image_once_and_prints_nothing(model, tmp_pat
 def test_multitask_segmenter_and_predict_options(tmp_path):
     from upernet.inference.predict import predict
 
-    model = tiny_model("upernet_upp_r50").eval()
+    model = tiny_model("upernet_multitask_r50").eval()
     seg = upernet.Segmenter(model, device="cpu", precision="fp32", flip=True, mode="slide", crop_size=(24, 24),
                             stride=(16, 16))
     result = seg(_picture(40, 36))

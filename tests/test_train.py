@@ -185,6 +185,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_last_good_checkpoint(tm
     assert not non_finite(load_checkpoint(files[-1])["model"])
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_ddp_two_processes_equal_one_process_with_the_total_batch(tmp_path):
     # BatchNorm frozen (gloo has no SyncBN), no dropout, loss averaged over all pixels: 2 x batch 1
     # with averaged gradients is then the same optimisation as 1 x batch 2.

@@ -4,7 +4,6 @@ import torch
 
 import upernet
 from upernet.config import load_config
-from upernet.errors import UserError
 from upernet.training.checkpoint import load_checkpoint
 from upernet.training.loop import train
 from upernet.training.tasks import MultitaskTask, SegmentationTask
@@ -80,16 +79,37 @@ def test_loss_average_changes_the_pixel_losses(tmp_path):
     assert valid["loss"] != every["loss"]
 
 
-def test_val_max_images_and_mode(tmp_path):
+def test_val_max_images(tmp_path):
     task = MultitaskTask(config("val.max_images=1"))
     task.build_data()
     assert [len(s) for s in task.val_sources] == [1, 1, 1, 1]
     segmentation = SegmentationTask(load_config(None, SEGMENTATION + ["val.max_images=1"]))
     segmentation.build_data()
     assert len(segmentation.val_set) == 1
-    # Slide inference does not exist for whole-image heads: refused, not ignored.
-    with pytest.raises(UserError, match="val.mode=slide is not available for train.task=multitask"):
-        train(config("val.mode=slide", "val.crop_size=[16,16]", "val.stride=[8,8]"), tmp_path / "slide", progress=False)
+
+
+
+def test_val_mode_slide_runs_as_in_segmentation(tmp_path):
+    """val.mode/crop_size/stride reach the multi-task validation: the model sees the windows, and
+    one window covering the image gives the numbers of whole mode."""
+    def validate(*overrides):
+        task = MultitaskTask(config(*overrides))
+        task.build_data()
+        torch.manual_seed(0)
+        model = task.build_model(pretrained=False).eval()
+        sizes = set()
+        model.register_forward_pre_hook(lambda module, args: sizes.add(tuple(args[0].shape[-2:])))
+        return task.validate(model, False, None), sizes
+
+    whole, whole_sizes = validate()
+    one_window, _ = validate("val.mode=slide", "val.crop_size=[32,32]", "val.stride=[16,16]")
+    windows, window_sizes = validate("val.mode=slide", "val.crop_size=[16,16]", "val.stride=[8,8]")
+    assert (32, 32) in whole_sizes and window_sizes == {(16, 16)}  # the 32x32 images, then their windows
+    assert one_window == whole and windows.keys() == whole.keys()
+    result, _ = run(tmp_path, "slide", "val.mode=slide", "val.crop_size=[16,16]", "val.stride=[8,8]")
+    assert set(result["val"]) == set(whole)
+    model = upernet.load_model(tmp_path / "slide" / "checkpoints" / "best.pt")
+    assert model.meta["inference"] == {"mode": "slide", "crop_size": [16, 16], "stride": [8, 8]}
 
 
 def test_augmentation_fields_apply_to_every_label(tmp_path):

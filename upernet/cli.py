@@ -402,11 +402,11 @@ def add_bench(sub) -> None:
 def run_bench(args) -> None:
     import json
 
-    from .inference import bench
+    from .inference import bench, peers
 
     source = model_source(args)
     if args.against:
-        pair = bench.transformers_pair if args.against == "transformers" else bench.smp_pair
+        pair = peers.transformers_pair if args.against == "transformers" else peers.smp_pair
         model, peer = pair(source)
     else:
         model, peer = open_model(source), None

@@ -117,7 +117,7 @@ def _from_unfold_order(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _unwrap(checkpoint: object) -> tuple[dict[str, torch.Tensor], dict] | None:
+def unwrap_mmseg(checkpoint: object) -> tuple[dict[str, torch.Tensor], dict] | None:
     """(state_dict, meta) of an mmsegmentation UPerNet checkpoint, else None."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         return None
@@ -127,9 +127,27 @@ def _unwrap(checkpoint: object) -> tuple[dict[str, torch.Tensor], dict] | None:
     return state_dict, checkpoint.get("meta") or {}
 
 
+def mmseg_config_text(meta: dict) -> str:
+    """The training config text an mmsegmentation checkpoint's meta carries ("" when it has none)."""
+    return str(meta.get("config") or meta.get("cfg") or "")
+
+
+def mmseg_class_meta(meta: dict, num_classes: int) -> dict:
+    """Class names and palette from an mmsegmentation checkpoint's meta (0.x: CLASSES/PALETTE, 1.x:
+    dataset_meta), each only when it has one entry per class."""
+    dataset_meta = meta.get("dataset_meta") or {}
+    names, palette = meta.get("CLASSES") or dataset_meta.get("classes"), meta.get("PALETTE") or dataset_meta.get("palette")
+    found: dict = {}
+    if names and len(names) == num_classes:
+        found["class_names"] = [str(n) for n in names]
+    if palette and len(palette) == num_classes:
+        found["palette"] = [[int(v) for v in c] for c in palette]
+    return found
+
+
 def detect(path: Path) -> bool:
     """A file holding `state_dict` with mmsegmentation's UPerHead keys (`decode_head.fpn_bottleneck`)."""
-    return _unwrap(peek_checkpoint(path)) is not None
+    return unwrap_mmseg(peek_checkpoint(path)) is not None
 
 
 def _config_output_stride(config_text: str) -> int | None:
@@ -140,7 +158,7 @@ def _config_output_stride(config_text: str) -> int | None:
     return {("2", "2"): 32, ("2", "1"): 16, ("1", "1"): 8}.get((match[1], match[2]))
 
 
-def _head_args(state_dict: dict[str, torch.Tensor], level_channels: list[int], source: str) -> dict:
+def mmseg_head_args(state_dict: dict[str, torch.Tensor], level_channels: list[int], source: str) -> dict:
     """channels, aux head width/depth/level and dropout, read from the tensor shapes."""
     num_scales = len({k.split(".")[2] for k in state_dict if k.startswith("decode_head.psp_modules.")})
     if num_scales != 4:
@@ -190,15 +208,14 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
         output_stride: of a ResNet backbone, when the checkpoint's meta has no config text (default 32).
     """
     source = str(path)
-    unwrapped = _unwrap(load_torch_file(source))
+    unwrapped = unwrap_mmseg(load_torch_file(source))
     if unwrapped is None:
         raise UserError(f"{source}: not an mmsegmentation UPerNet checkpoint (no state_dict with decode_head.fpn_bottleneck)")
     state_dict, meta = unwrapped
     keys = list(state_dict)
     transform = None
     if "backbone.stem.0.weight" in state_dict:
-        config_text = str(meta.get("config") or meta.get("cfg") or "")
-        stride = output_stride or _config_output_stride(config_text) or 32
+        stride = output_stride or _config_output_stride(mmseg_config_text(meta)) or 32
         depth = resnet_depth(keys, "backbone.", source)
         name, backbone_args, rules = resnet_variant(depth, stride), {}, resnet_v1c_rules(r"backbone\.")
         channels = [256, 512, 1024, 2048]
@@ -215,12 +232,7 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
         raise UserError(f"{source}: output_stride applies to ResNet backbones only, this one is {name}")
     num_classes = state_dict["decode_head.conv_seg.weight"].shape[0]
     extra = {"backbone_args": backbone_args} if backbone_args else {}
-    model = build_model(name, num_classes=num_classes, **extra, **_head_args(state_dict, channels, source))
+    model = build_model(name, num_classes=num_classes, **extra, **mmseg_head_args(state_dict, channels, source))
     load_converted(model, state_dict, rules + HEAD_RULES, source, strict, transform)
-    dataset_meta = meta.get("dataset_meta") or {}
-    names, palette = meta.get("CLASSES") or dataset_meta.get("classes"), meta.get("PALETTE") or dataset_meta.get("palette")
-    if names and len(names) == num_classes:
-        model.meta["class_names"] = [str(n) for n in names]
-    if palette and len(palette) == num_classes:
-        model.meta["palette"] = [[int(v) for v in c] for c in palette]
+    model.meta.update(mmseg_class_meta(meta, num_classes))
     return model.eval()

@@ -18,7 +18,7 @@ from ..models.registry import build_model
 from ..models.upernet import UPerNet
 from ..io import load_torch_file
 from .common import Rule, load_converted, peek_checkpoint
-from .mmseg import HEAD_RULES, _head_args, _unwrap
+from .mmseg import HEAD_RULES, mmseg_class_meta, mmseg_config_text, mmseg_head_args, unwrap_mmseg
 
 BACKBONE_RULES: list[Rule] = [(r"(backbone\.(?:patch_embed|levels)\..+)", r"\1")]
 _PROBE = "backbone.levels.0.blocks.0.dcn.offset.weight"
@@ -35,7 +35,7 @@ PUBLISHED = {
 
 def detect(path: Path) -> bool:
     """An mmsegmentation UPerNet checkpoint whose backbone has DCNv3 layers (`dcn.offset`)."""
-    unwrapped = _unwrap(peek_checkpoint(path))
+    unwrapped = unwrap_mmseg(peek_checkpoint(path))
     return unwrapped is not None and _PROBE in unwrapped[0]
 
 
@@ -93,20 +93,15 @@ def convert_internimage(path: Path, strict: bool = True) -> UPerNet:
         strict: fail on any key that does not fit; False loads what fits and logs the skipped keys.
     """
     source = str(path)
-    unwrapped = _unwrap(load_torch_file(source))
+    unwrapped = unwrap_mmseg(load_torch_file(source))
     if unwrapped is None or _PROBE not in unwrapped[0]:
         raise UserError(f"{source}: not an InternImage UPerNet checkpoint (no state_dict with {_PROBE})")
     state_dict, meta = unwrapped
-    config_text = str(meta.get("config") or meta.get("cfg") or "")
-    name, backbone_args = internimage_args(state_dict, config_text, source)
+    name, backbone_args = internimage_args(state_dict, mmseg_config_text(meta), source)
     channels = [backbone_args["channels"] * 2**i for i in range(4)]
     num_classes = state_dict["decode_head.conv_seg.weight"].shape[0]
     model = build_model(name, num_classes=num_classes, backbone_args=backbone_args,
-                        **_head_args(state_dict, channels, source))
+                        **mmseg_head_args(state_dict, channels, source))
     load_converted(model, state_dict, BACKBONE_RULES + HEAD_RULES, source, strict)
-    names, palette = meta.get("CLASSES"), meta.get("PALETTE")
-    if names and len(names) == num_classes:
-        model.meta["class_names"] = [str(n) for n in names]
-    if palette and len(palette) == num_classes:
-        model.meta["palette"] = [[int(v) for v in c] for c in palette]
+    model.meta.update(mmseg_class_meta(meta, num_classes))
     return model.eval()

@@ -29,7 +29,8 @@ from torchvision import tv_tensors
 
 from ..errors import MissingFile, UserError
 from ..io import read_json
-from .synthetic import BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, _generator, _uniform, synthetic_sample
+from .synthetic import (BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, sample_generator,
+                        synthetic_sample, uniform)
 from .transforms import (IGNORE_INDEX, normalize, pad_pair, photometric_distortion, random_crop, random_flip,
                          random_resize, rescale_size, resize_pair, to_image_tensor)
 
@@ -51,12 +52,12 @@ BUILTIN_SOURCES = {  # name: (tasks it annotates, number of training samples)
 
 
 def part_layout(objects: Sequence[str], parts: dict[str, list[str]]) -> dict:
-    """The `tasks["part"]` argument of `UPerNetUPP` from class lists."""
+    """The `tasks["part"]` argument of `MultiTaskUPerNet` from class lists."""
     return {"objects": [list(objects).index(o) for o in parts], "num_parts": [len(p) for p in parts.values()]}
 
 
 def builtin_tasks() -> dict:
-    """Class counts per task of the built-in data, the `tasks` argument of `upernet_upp_*`."""
+    """Class counts per task of the built-in data, the `tasks` argument of `upernet_multitask_*`."""
     return {"object": len(SYNTHETIC_CLASSES), "part": part_layout(SYNTHETIC_CLASSES, BUILTIN_PARTS),
             "material": len(BUILTIN_MATERIALS), "scene": len(BUILTIN_SCENES), "texture": len(BUILTIN_TEXTURES)}
 
@@ -84,12 +85,12 @@ def multitask_sample(index: int, seed: int, split: str, image_size: int) -> tupl
 
 def texture_sample(index: int, seed: int, split: str, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """A DTD-like texture crop: striped (any orientation), speckled, smooth or dotted."""
-    g = _generator(seed + 7, split, index)
+    g = sample_generator(seed + 7, split, index)
     kind = int(torch.randint(0, len(BUILTIN_TEXTURES), (), generator=g))
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
     base = torch.rand(3, 1, 1, generator=g) * 150 + 50
     if kind == 0:
-        angle, period = _uniform(g, 0, math.pi), _uniform(g, 4, 10)
+        angle, period = uniform(g, 0, math.pi), uniform(g, 4, 10)
         pattern = torch.sign(torch.sin(2 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period))
     elif kind == 1:
         pattern = torch.randn(size, size, generator=g)
@@ -97,7 +98,7 @@ def texture_sample(index: int, seed: int, split: str, size: int = 64) -> tuple[t
         coarse = torch.rand(1, 1, 4, 4, generator=g) * 2 - 1
         pattern = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     else:
-        period = _uniform(g, 8, 14)
+        period = uniform(g, 8, 14)
         pattern = (((ys % period) - period / 2) ** 2 + ((xs % period) - period / 2) ** 2 < (period / 4) ** 2).float() * 2 - 1
     image = base + 40 * pattern + 4 * torch.randn(3, size, size, generator=g)
     return image.clamp(0, 255).round().to(torch.uint8), torch.tensor(kind)

@@ -33,12 +33,14 @@ SYNTHETIC_PALETTE = ((135, 206, 235), (30, 80, 170), (200, 180, 120), (40, 150, 
 SKY, WATER, SHORE, REEDS, PIER, BOAT, BUOY = range(7)
 
 
-def _generator(seed: int, split: str, index: int) -> torch.Generator:
+def sample_generator(seed: int, split: str, index: int) -> torch.Generator:
+    """The random stream of one sample: the same (seed, split, index) draws the same sample anywhere."""
     key = (seed * 1_000_003 + zlib.crc32(split.encode()) * 7_919 + index) % (2**63)
     return torch.Generator().manual_seed(key)
 
 
-def _uniform(g: torch.Generator, low: float, high: float) -> float:
+def uniform(g: torch.Generator, low: float, high: float) -> float:
+    """A float drawn uniformly from [low, high)."""
     return low + torch.rand((), generator=g).item() * (high - low)
 
 
@@ -48,7 +50,7 @@ def _randint(g: torch.Generator, low: int, high: int) -> int:
 
 
 def _colour(g: torch.Generator, hue: Sequence[float], sat: Sequence[float], val: Sequence[float]) -> torch.Tensor:
-    rgb = colorsys.hsv_to_rgb(_uniform(g, *hue), _uniform(g, *sat), _uniform(g, *val))
+    rgb = colorsys.hsv_to_rgb(uniform(g, *hue), uniform(g, *sat), uniform(g, *val))
     return torch.tensor(rgb).view(3, 1, 1) * 255
 
 
@@ -85,16 +87,16 @@ def synthetic_sample(index: int, seed: int = 0, split: str = "train",
 
 def _scene(index: int, seed: int, split: str, image_size: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    g = _generator(seed, split, index)
+    g = sample_generator(seed, split, index)
     ys = torch.arange(h, dtype=torch.float32).view(h, 1).expand(h, w)
     xs = torch.arange(w, dtype=torch.float32).view(1, w).expand(h, w)
 
     # Sky and water: one colour, one texture; the shore band decides which is which.
     image = _colour(g, (0.5, 0.7), (0.2, 0.6), (0.55, 0.95)).expand(3, h, w).clone()
     image += 25 * _smooth_noise(g, (h, w), 5) + 10 * _smooth_noise(g, (h, w), 16)
-    top = _uniform(g, 0.2, 0.75) * h + _uniform(g, 1, 0.04 * h) * torch.sin(
-        2 * math.pi * _randint(g, 1, 3) * xs / w + _uniform(g, 0, 2 * math.pi))
-    bottom = top + _uniform(g, 0.06, 0.14) * h + 1.5 * torch.sin(xs / _uniform(g, 3, 8))
+    top = uniform(g, 0.2, 0.75) * h + uniform(g, 1, 0.04 * h) * torch.sin(
+        2 * math.pi * _randint(g, 1, 3) * xs / w + uniform(g, 0, 2 * math.pi))
+    bottom = top + uniform(g, 0.06, 0.14) * h + 1.5 * torch.sin(xs / uniform(g, 3, 8))
     label = torch.where(ys < top, SKY, WATER)
     shore = (ys >= top) & (ys < bottom)
     speckle = _colour(g, (0.05, 0.18), (0.3, 0.6), (0.4, 0.7)) + 18 * torch.randn(3, h, w, generator=g)
@@ -104,7 +106,7 @@ def _scene(index: int, seed: int, split: str, image_size: int | Sequence[int]) -
     # Reeds and pier: same colours and sizes, vertical vs horizontal stripes.
     for _ in range(_randint(g, 0, 3)):
         cls = REEDS if _randint(g, 0, 1) else PIER
-        ph, pw = int(_uniform(g, 0.1, 0.25) * h), int(_uniform(g, 0.1, 0.25) * w)
+        ph, pw = int(uniform(g, 0.1, 0.25) * h), int(uniform(g, 0.1, 0.25) * w)
         y0, x0 = _randint(g, 0, h - ph), _randint(g, 0, w - pw)
         period = 2 * _randint(g, 2, 4)
         along = xs if cls == REEDS else ys
@@ -119,13 +121,13 @@ def _scene(index: int, seed: int, split: str, image_size: int | Sequence[int]) -
     shapes = [BOAT] * _randint(g, 0, 2) + [BUOY] * _randint(g, 0, 4)
     for cls in shapes:
         if cls == BOAT:
-            a = _uniform(g, 0.12, 0.2) * w
-            b = a / _uniform(g, 2.5, 3.5)
+            a = uniform(g, 0.12, 0.2) * w
+            b = a / uniform(g, 2.5, 3.5)
         else:
-            a = b = _uniform(g, 0.03, 0.05) * w
+            a = b = uniform(g, 0.03, 0.05) * w
         if water_top + b >= h - b:
             continue
-        cy, cx = _uniform(g, water_top + b, h - b), _uniform(g, 0, w)
+        cy, cx = uniform(g, water_top + b, h - b), uniform(g, 0, w)
         region = ((ys - cy) / b) ** 2 + ((xs - cx) / a) ** 2 <= 1
         colour = _colour(g, (0.0, 1.0), (0.6, 1.0), (0.7, 1.0))
         image = torch.where(region, colour, image)

@@ -23,10 +23,10 @@ from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed
 from ..errors import UserError
 from ..inference.modes import MS_RATIOS
-from ..inference.prepare import PRECISIONS, prepare_for_inference
+from ..inference.prepare import PRECISIONS
 from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json
-from .loop import device_of, evaluate_dataset, unwrap_model
+from .loop import device_of, evaluate_dataset, prepared_for_evaluation, unwrap_model
 from .metrics import confusion_matrix, reduce, summarize
 from .multitask import MultiTaskMetrics, format_multitask
 
@@ -150,9 +150,7 @@ def evaluate(
     Returns:
         The `metrics.summarize` dict ({"aAcc", "mIoU", "mAcc", "per_class"}), the same on every rank.
     """
-    dtype = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"  # bf16: real bf16 weights, not autocast
-    model = prepare_for_inference(unwrap_model(model), dtype)  # folded BNs, Winograd head convs
-    autocast_dtype = None if dtype == "bf16" else autocast_dtype
+    model, autocast_dtype = prepared_for_evaluation(model, autocast_dtype)
     confusion, names = evaluate_confusion(model, dataset, distributed, progress, ignore_index, mode=mode,
                                           crop_size=crop_size, stride=stride, scales=scales, flip=flip,
                                           autocast_dtype=autocast_dtype)
@@ -257,7 +255,7 @@ def evaluate_model(
     if multitask:
         if d.kind not in MULTITASK_KINDS:
             raise UserError(f"a multi-task model is evaluated with a multi-task config (data.kind "
-                            f"{' or '.join(MULTITASK_KINDS)}, e.g. upp_builtin), not {d.kind!r}")
+                            f"{' or '.join(MULTITASK_KINDS)}, e.g. multitask_builtin), not {d.kind!r}")
         meta = dict(getattr(model, "meta", None) or {})
     else:
         meta = resolve_meta(getattr(model, "meta", None), int(model.num_classes))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..inference.modes import infer_outputs
+from ..inference.prepare import prepare_for_inference
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -24,6 +25,17 @@ def device_of(model) -> torch.device:
     """The device of the model's parameters (CPU for a model without any, e.g. ONNX)."""
     parameter = next(model.parameters(), None) if isinstance(model, nn.Module) else None
     return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def prepared_for_evaluation(model: nn.Module, autocast_dtype: torch.dtype | None = None
+                            ) -> tuple[nn.Module, torch.dtype | None]:
+    """The model an evaluation during or after training runs, and the autocast dtype left to apply.
+
+    The plain model (DDP unwrapped) prepared for inference (folded BatchNorms, Winograd head convs);
+    bf16 autocast becomes real bf16 weights, other autocast dtypes stay autocast.
+    """
+    dtype = "bf16" if autocast_dtype == torch.bfloat16 else "fp32"
+    return prepare_for_inference(unwrap_model(model), dtype), (None if dtype == "bf16" else autocast_dtype)
 
 
 def evaluate_dataset(model, dataset, metrics, distributed: bool = False, progress: bool = True, **infer_options):

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..data.multitask import PIXEL_TASKS
-from .loop import evaluate_dataset
+from .loop import evaluate_dataset, prepared_for_evaluation
 from .metrics import confusion_matrix, reduce, summarize
 
 
@@ -74,20 +74,42 @@ class MultiTaskMetrics:
         return out
 
 
-def evaluate_multitask(model: nn.Module, sources: Sequence[Dataset], tasks: dict, meta: dict,
-                       distributed: bool = False, progress: bool = False) -> dict:
+def evaluate_multitask(
+    model: nn.Module,
+    sources: Sequence[Dataset],
+    tasks: dict,
+    meta: dict,
+    mode: str = "whole",
+    crop_size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    distributed: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict:
     """Every source of the split, each scored on the tasks it annotates; reduced across processes.
+
+    Runs as segmentation's `evaluation.evaluate.evaluate` (the model prepared for inference, the same
+    modes): in slide mode the
+    pixel tasks are stitched from the windows and the image-level tasks (scene, texture) average
+    the windows' probabilities.
 
     Args:
         model: the multi-task model (a DDP wrapper is unwrapped).
         sources: the datasets of the split (items {"image", "targets", "source"}).
         tasks: the model's tasks (`model.tasks`).
         meta: the class lists of the data.
+        mode: "whole" (one forward pass) or "slide" (overlapping windows).
+        crop_size: (h, w) window of slide mode.
+        stride: (h, w) step of slide mode.
         distributed: split the samples over the torch.distributed processes and sum the counts.
+        autocast_dtype: the training's autocast dtype: bf16 runs bf16 weights, another dtype autocast,
+            None full precision.
         progress: show a progress bar (on rank 0 only).
     """
+    model, autocast_dtype = prepared_for_evaluation(model, autocast_dtype)
     metrics = MultiTaskMetrics(tasks, meta)
-    evaluate_dataset(model, ConcatDataset(list(sources)), metrics, distributed, progress)
+    evaluate_dataset(model, ConcatDataset(list(sources)), metrics, distributed, progress, mode=mode,
+                     crop_size=crop_size, stride=stride, autocast_dtype=autocast_dtype)
     return metrics.summary()
 
 

@@ -1,5 +1,7 @@
 """`upernet bench`: latency, throughput, achieved GFLOP/s and peak memory, ours beside a peer.
 
+The peers and how to run them are in `peers.py`; this module only measures.
+
 Every implementation runs in this one process on the same weights; after one warm-up call each,
 the runs are interleaved (ours, peer, ours, peer, ...) so that load from other processes hits all
 of them alike, and each row reports the median. FLOPs are `count_macs` x 2 of our model (the
@@ -12,13 +14,11 @@ training step, the gradients. It is None where the kernel does not offer the res
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,21 +27,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import UserError
 from ..ops.scratch import release_freed_memory
 from ..models.stats import count_macs
 from ..models.upernet import UPerNet
+from .peers import peer_logits, peer_loss
 from .prepare import cpu_flags, native_bf16, prepare_for_inference
-
-PEERS = ("transformers",)
-
-# Our ConvNeXt variants -> the Hugging Face ConvNextConfig of the same architecture.
-_HF_CONVNEXT = {
-    "upernet_convnext_tiny": ([96, 192, 384, 768], [3, 3, 9, 3]),
-    "upernet_convnext_small": ([96, 192, 384, 768], [3, 3, 27, 3]),
-    "upernet_convnext_base": ([128, 256, 512, 1024], [3, 3, 27, 3]),
-    "upernet_convnext_large": ([192, 384, 768, 1536], [3, 3, 27, 3]),
-}
 
 
 # ---- machine ---------------------------------------------------------------------------------
@@ -109,92 +99,6 @@ def interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1
             for k in fns}
 
 
-# ---- the peer ----------------------------------------------------------------------------------
-def transformers_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
-    """(ours, transformers' UperNetForSemanticSegmentation) holding the same weights.
-
-    `model` is a Hugging Face UperNet folder, or one of our ConvNeXt variant names, for which a
-    randomly initialised transformers model is saved and converted with our importer.
-    """
-    from transformers import ConvNextConfig, UperNetConfig, UperNetForSemanticSegmentation
-
-    from ..loading import load_model
-
-    if Path(model).is_dir():
-        return load_model(model), UperNetForSemanticSegmentation.from_pretrained(model).eval()
-    if model not in _HF_CONVNEXT:
-        raise UserError(f"--against transformers needs a Hugging Face UperNet folder or one of "
-                         f"{', '.join(_HF_CONVNEXT)}; got {model!r}")
-    dims, depths = _HF_CONVNEXT[model]
-    backbone = ConvNextConfig(hidden_sizes=dims, depths=depths, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = UperNetConfig(backbone_config=backbone, num_labels=150, auxiliary_in_channels=dims[2])
-    torch.manual_seed(seed)
-    peer = UperNetForSemanticSegmentation(config).eval()
-    _randomise_batchnorm(peer)
-    with tempfile.TemporaryDirectory() as folder:
-        peer.save_pretrained(folder)
-        ours = load_model(folder)
-    return ours, peer
-
-
-# Our variant names -> the segmentation-models-pytorch encoder of the same backbone (timm's ConvNeXt).
-_SMP_ENCODERS = {"upernet_convnext_tiny": "tu-convnext_tiny", "upernet_convnext_small": "tu-convnext_small",
-                 "upernet_convnext_base": "tu-convnext_base", "upernet_convnext_large": "tu-convnext_large"}
-
-
-def smp_pair(model: str, seed: int = 0) -> tuple[UPerNet, nn.Module]:
-    """(ours, segmentation-models-pytorch's UPerNet) holding the same weights.
-
-    `model` is a folder saved by smp's `save_pretrained`, or one of our ConvNeXt variant names, for
-    which a randomly initialised smp UPerNet (150 classes, 512 decoder channels as mmsegmentation's
-    head) is saved and converted with our importer. smp's UPerNet has no auxiliary head, so neither
-    has ours here.
-    """
-    import segmentation_models_pytorch as smp
-
-    from ..convert import convert_checkpoint
-
-    if Path(model).is_dir():
-        with contextlib.redirect_stdout(sys.stderr):  # smp prints a progress line; stdout may carry --json
-            peer = smp.from_pretrained(model).eval()
-        return convert_checkpoint(model, "smp"), peer
-    if model not in _SMP_ENCODERS:
-        raise UserError(f"--against smp needs a segmentation-models-pytorch UPerNet folder or one of "
-                         f"{', '.join(_SMP_ENCODERS)}; got {model!r}")
-    torch.manual_seed(seed)
-    peer = smp.UPerNet(_SMP_ENCODERS[model], encoder_weights=None, classes=150, decoder_channels=512).eval()
-    _randomise_batchnorm(peer)
-    with tempfile.TemporaryDirectory() as folder:
-        peer.save_pretrained(folder)
-        ours = convert_checkpoint(folder, "smp")
-    return ours, peer
-
-
-def _randomise_batchnorm(model: nn.Module) -> None:
-    """Non-trivial BN statistics, so that folding them is measured (and tested) too."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-
-
-def _is_transformers(peer: nn.Module) -> bool:
-    return type(peer).__module__.startswith("transformers")
-
-
-def _peer_logits(peer: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Logits at input size from either peer (transformers takes `pixel_values`, smp the images)."""
-    return peer(pixel_values=images).logits if _is_transformers(peer) else peer(images)
-
-
-def _peer_loss(peer: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The peer's training loss: transformers' own (with its auxiliary head), else cross-entropy."""
-    if _is_transformers(peer):
-        return peer(pixel_values=images, labels=labels).loss
-    return torch.nn.functional.cross_entropy(peer(images).float(), labels, ignore_index=255)
-
-
 # ---- inference ---------------------------------------------------------------------------------
 def bench_inference(
     model: UPerNet,
@@ -242,17 +146,17 @@ def bench_inference(
         meta[name] = {"impl": "upernet", "dtype": dtypes[0], "compile_s": time.perf_counter() - start}
     if peer is not None:
         peer = peer.eval()
-        fns[f"{peer_name} fp32"] = lambda: _peer_logits(peer, images)
+        fns[f"{peer_name} fp32"] = lambda: peer_logits(peer, images)
         meta[f"{peer_name} fp32"] = {"impl": peer_name, "dtype": "fp32"}
         if "bf16" in dtypes:
             def autocast():
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    return _peer_logits(peer, images)
+                    return peer_logits(peer, images)
             fns[f"{peer_name} bf16 autocast"] = autocast
             meta[f"{peer_name} bf16 autocast"] = {"impl": peer_name, "dtype": "bf16"}
             peer_bf16 = copy.deepcopy(peer).to(torch.bfloat16).to(memory_format=torch.channels_last)
             images_bf16 = images.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            fns[f"{peer_name} bf16 channels_last"] = lambda: _peer_logits(peer_bf16, images_bf16)
+            fns[f"{peer_name} bf16 channels_last"] = lambda: peer_logits(peer_bf16, images_bf16)
             meta[f"{peer_name} bf16 channels_last"] = {"impl": peer_name, "dtype": "bf16"}
     if onnx:
         from .export import export_onnx, onnx_session
@@ -354,14 +258,14 @@ def bench_train(
     for dtype in dtypes:
         for ours, ckpt in variants:
             ours.train()
-            set_backbone_checkpointing(ours, ckpt)
+            ours.set_grad_checkpointing(ckpt)
             name = f"upernet {dtype}" + (" checkpointing" if ckpt else "")
             fns[name] = step_fn(ours, lambda ours=ours: ours(images, labels=labels)["loss"], dtype)  # as train runs
             meta[name] = {"impl": "upernet", "dtype": dtype}
         if peer is not None:
             peer.train()
             name = f"{peer_name} {dtype}"
-            fns[name] = step_fn(peer, lambda: _peer_loss(peer, images, labels), dtype)
+            fns[name] = step_fn(peer, lambda: peer_loss(peer, images, labels), dtype)
             meta[name] = {"impl": peer_name, "dtype": dtype}
     timings = interleaved(fns, runs)
     memory = {name: peak_memory_mb(fn) for name, fn in fns.items()}
@@ -378,19 +282,6 @@ def bench_train(
                 ratios[f"{name} / {other['name']} (memory)"] = row["memory_mb"] / other["memory_mb"]
     return {"machine": machine_info(), "shape": list(shape), "batch": batch, "train_step_gflop": flops / 1e9,
             "rows": rows, "ratios": ratios}
-
-
-def set_backbone_checkpointing(model: UPerNet, enable: bool = True) -> None:
-    """Recompute the backbone's stage activations in backward instead of storing them (less memory).
-
-    Uses timm's `set_grad_checkpointing` (timm backbones and any backbone offering it).
-    """
-    target = getattr(model.backbone, "body", model.backbone)
-    if not hasattr(target, "set_grad_checkpointing"):
-        if enable:
-            raise UserError(f"backbone {type(target).__name__} does not support activation checkpointing")
-        return
-    target.set_grad_checkpointing(enable)
 
 
 # ---- report ------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def prepare_for_inference(
     Every submodule with a `prepare_for_inference()` method prepares itself (`ConvBNReLU` folds its
     BatchNorm, `UPerHead` selects Winograd, `UPerNet` drops its auxiliary head); the backbone's
     BatchNorms are folded through torch.fx; then the copy is cast. Works for any torch module (a
-    UPerNet, the multi-task `UPerNetUPP`); a model that is not a torch module (an `OnnxModel`) is
+    UPerNet, the multi-task `MultiTaskUPerNet`); a model that is not a torch module (an `OnnxModel`) is
     returned as it is.
 
     Args:

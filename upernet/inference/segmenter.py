@@ -27,7 +27,7 @@ from ..data.transforms import SizeRule, normalize, parse_size, resize_image, to_
 from ..errors import UserError
 from ..io import atomic_write
 from ..loading import load_model
-from ..models.upp import part_map
+from ..models.multitask import part_map
 from ..ops.resize import resize_in_stripes
 from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, load_image
 from .prepare import autocast_dtype_for, prepare_for_inference
@@ -206,7 +206,7 @@ def load_source(source: str | os.PathLike | nn.Module) -> Any:
 
 
 def is_multitask(model: Any) -> bool:
-    """True for the multi-task (UPP) model: several outputs by task."""
+    """True for the multi-task model: several outputs by task."""
     return hasattr(model, "tasks")
 
 

@@ -1,5 +1,5 @@
 """UPerNet, its heads, the backbones, the registry of named variants and our weight format."""
-from . import upp, zoo  # noqa: F401  (register the variants)
+from . import multitask, zoo  # noqa: F401  (register the variants)
 from .registry import build_model, list_models, register_model
 from .upernet import FCNHead, UPerHead, UPerNet
 from .weights import save_model

@@ -1,4 +1,8 @@
-"""A tiny registry: variant functions by name, `build_model` and `list_models`."""
+"""A tiny registry: variant functions by name, `build_model` and `list_models`.
+
+Renamed variants keep their old names as aliases, so that models saved under the old name still load;
+aliases are not listed.
+"""
 from __future__ import annotations
 
 import difflib
@@ -10,14 +14,24 @@ from torch import nn
 from ..errors import UserError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_ALIASES: dict[str, str] = {}  # old name -> registered name
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a variant under its function name; a name can be registered once."""
-    if fn.__name__ in _MODELS:
+    if fn.__name__ in _MODELS or fn.__name__ in _ALIASES:
         raise ValueError(f"model {fn.__name__!r} is already registered")
     _MODELS[fn.__name__] = fn
     return fn
+
+
+def register_alias(old: str, new: str) -> None:
+    """Let `build_model(old)` build the registered variant `new` (for names saved before a rename)."""
+    if old in _MODELS or old in _ALIASES:
+        raise ValueError(f"model {old!r} is already registered")
+    if new not in _MODELS:
+        raise ValueError(f"alias {old!r} points to unregistered model {new!r}")
+    _ALIASES[old] = new
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -28,8 +42,10 @@ def list_models(pattern: str = "*") -> list[str]:
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Build a registered variant; `kwargs` override its defaults (e.g. `num_classes=19`).
 
-    The name and arguments are kept in `model.config`, so that a saved model rebuilds itself.
+    The name and arguments are kept in `model.config`, so that a saved model rebuilds itself; an old
+    (aliased) name builds, and is recorded as, the current one.
     """
+    name = _ALIASES.get(name, name)
     if name not in _MODELS:
         close = difflib.get_close_matches(name, list(_MODELS), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else " See `upernet.list_models()`."

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..errors import UserError
 from ..ops.concat_conv import concat_conv
 from ..ops.pooling import adaptive_avg_pool2d
 from ..ops.resize import banded_resize, resize
@@ -286,6 +287,20 @@ class UPerNet(nn.Module):
     def prepare_for_inference(self) -> None:
         """The auxiliary head only serves the training loss: dropped."""
         self.aux_head = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the backbone's activations in backward instead of storing them (less memory).
+
+        Uses the backbone's own `set_grad_checkpointing` (timm's name; the timm backbones have it).
+
+        Args:
+            enable: switch checkpointing on (True) or off (False).
+        """
+        if hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(enable)
+        elif enable:
+            raise UserError(f"backbone {type(self.backbone).__name__} does not support activation checkpointing; "
+                            f"use a timm backbone (e.g. upernet_convnext_tiny) or leave checkpointing off")
 
     def loss(
         self, outputs: dict[str, torch.Tensor], labels: torch.Tensor, ignore_index: int = 255, average: str = "valid"

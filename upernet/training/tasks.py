@@ -27,7 +27,7 @@ from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_tr
 from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
 from ..models import build_model
-from ..models.upp import upp_loss
+from ..models.multitask import multitask_loss
 from ..models.weights import load_state_dict_strict
 from .sampling import InfiniteSampler, seeded_loader
 
@@ -162,9 +162,6 @@ class MultitaskTask:
     find_unused = True  # a step trains only the heads its source annotates
 
     def __init__(self, config: Config):
-        if config.val.mode != "whole":
-            raise UserError(f"val.mode={config.val.mode} is not available for train.task=multitask (its scene and "
-                            f"texture heads classify whole images); use val.mode=whole")
         self.config = config
 
     def build_data(self) -> None:
@@ -226,7 +223,7 @@ class MultitaskTask:
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
         wanted = list(targets) + (["object"] if "part" in targets else [])
         outputs = model(batch["image"].to(device), tasks=list(dict.fromkeys(wanted)))
-        losses = upp_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
+        losses = multitask_loss(self.model, outputs, targets, self.config.multitask.loss_weights)
         if self.config.train.loss_average == "all":  # pixel losses over every pixel, as in segmentation
             for task in ("object", "material", "part"):
                 if task in losses:
@@ -236,7 +233,10 @@ class MultitaskTask:
         return losses["total"], extra
 
     def validate(self, model: nn.Module, distributed: bool, autocast_dtype) -> dict:
-        return evaluate_multitask(model, self.val_sources, self.tasks, self.meta, distributed=distributed)
+        """The paper's per-task scores on the validation sources (with `val.mode`, `val.max_images`)."""
+        v = self.config.val
+        return evaluate_multitask(model, self.val_sources, self.tasks, self.meta, mode=v.mode, crop_size=v.crop_size,
+                                  stride=v.stride, distributed=distributed, autocast_dtype=autocast_dtype)
 
 
 class MultitaskBatches:

@@ -49,3 +49,7 @@ class TimmBackbone(nn.Module):
         if self.output_norms is not None:
             features = [norm(f) for norm, f in zip(self.output_norms, features)]
         return features
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the timm model's stages (see `UPerNet.set_grad_checkpointing`)."""
+        self.body.set_grad_checkpointing(enable)

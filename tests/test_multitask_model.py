@@ -2,13 +2,13 @@ import pytest
 import torch
 
 import upernet
-from upernet.models.upp import PartLayout
+from upernet.models.multitask import PartLayout
 
 SMALL_R50 = {"backbone_args": {"layers": (1, 1, 1, 1), "channels": (4, 8, 16, 32), "stem_width": 8}}
 TASKS = {"object": 5, "part": {"objects": [1, 3], "num_parts": [3, 2]}, "material": 4, "scene": 6, "texture": 7}
 
 
-def build(tasks=TASKS, base="upernet_upp_r50"):
+def build(tasks=TASKS, base="upernet_multitask_r50"):
     torch.manual_seed(0)
     return upernet.build_model(base, tasks=tasks, base_args=SMALL_R50, channels=16)
 
@@ -43,11 +43,11 @@ def test_part_layout_slices():
 
 def test_any_registered_backbone_and_save_roundtrip(tmp_path):
     model = upernet.build_model(
-        "upernet_upp", tasks={"object": 3, "material": 2}, base="upernet_convnext_tiny",
+        "upernet_multitask", tasks={"object": 3, "material": 2}, base="upernet_convnext_tiny",
         base_args={"backbone_args": {"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1)}}, channels=16,
     ).eval()
-    model.save(tmp_path / "upp")
-    loaded = upernet.load_model(tmp_path / "upp")
+    model.save(tmp_path / "multitask")
+    loaded = upernet.load_model(tmp_path / "multitask")
     x = torch.randn(1, 3, 48, 48)
     for k, v in model(x).items():
         torch.testing.assert_close(loaded(x)[k], v)
@@ -59,7 +59,7 @@ def test_unknown_task_rejected():
 
 
 def test_part_loss_only_inside_parent_object_and_multi_part_objects():
-    from upernet.models.upp import part_loss
+    from upernet.models.multitask import part_loss
 
     layout = PartLayout(objects=[1, 3], num_parts=[3, 2])
     logits = torch.randn(1, 5, 4, 4, requires_grad=True)
@@ -81,13 +81,13 @@ def test_part_loss_only_inside_parent_object_and_multi_part_objects():
 
 
 def test_heads_without_labels_get_no_gradient():
-    from upernet.models.upp import upp_loss
+    from upernet.models.multitask import multitask_loss
 
     model = build().train()
     images = torch.randn(2, 3, 64, 64)
     outputs = model(images, tasks=["material", "object", "part", "scene"])
     targets = {"material": torch.randint(0, 4, (2, 64, 64))}  # a material-only source
-    losses = upp_loss(model, outputs, targets)
+    losses = multitask_loss(model, outputs, targets)
     assert set(losses) == {"material", "total"}
     losses["total"].backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.heads["scene"].parameters())
@@ -96,12 +96,12 @@ def test_heads_without_labels_get_no_gradient():
     assert model.heads["material"][1].weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", upernet.list_models("upernet_upp*"))
+@pytest.mark.parametrize("name", upernet.list_models("upernet_multitask*"))
 def test_registry_sweep_multitask(name):
     """Every multi-task variant: all heads' outputs finite, every parameter gets a gradient."""
-    from upernet.models.upp import upp_loss
+    from upernet.models.multitask import multitask_loss
 
-    base = {"upernet_upp": {"base": "upernet_r50"}}.get(name, {})
+    base = {"upernet_multitask": {"base": "upernet_r50"}}.get(name, {})
     model = upernet.build_model(name, tasks=TASKS, base_args=SMALL_R50, channels=16, **base).train()
     images = torch.randn(2, 3, 66, 70)
     outputs = model(images)
@@ -110,8 +110,38 @@ def test_registry_sweep_multitask(name):
     parts = torch.randint(0, 2, (2, 66, 70))  # valid for both objects with parts (3 and 2 part classes)
     targets["object"][:, :33] = 1  # object 1 (3 parts) fills the top half, its parts vary
     targets["part"] = parts
-    losses = upp_loss(model, outputs, targets)
+    losses = multitask_loss(model, outputs, targets)
     assert set(losses) == {"object", "material", "scene", "texture", "part", "total"}
     losses["total"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not no_grad, no_grad[:10]
+
+
+def test_models_saved_under_the_old_names_load(tmp_path):
+    """Folders and training checkpoints written before the rename store "upernet_upp*" names."""
+    import json
+
+    model = build().eval()
+    model.save(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["model"] == "upernet_multitask_r50"
+    config["model"] = "upernet_upp_r50"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    checkpoint = {"model": model.state_dict(), "iteration": 10, "meta": {}, "config": {},
+                  "model_config": {"name": "upernet_upp_r50", "args": model.config["args"]}}
+    torch.save(checkpoint, tmp_path / "old.pt")
+    x = torch.randn(1, 3, 48, 48)
+    for source in (tmp_path / "old", tmp_path / "old.pt"):
+        loaded = upernet.load_model(source)
+        assert loaded.config["name"] == "upernet_multitask_r50"  # saved again under the current name
+        for k, v in model(x).items():
+            torch.testing.assert_close(loaded(x)[k], v)
+
+
+def test_old_names_are_aliases_not_listed():
+    assert upernet.list_models("upernet_upp*") == []
+    assert upernet.list_models("upernet_multitask*") == [
+        "upernet_multitask", "upernet_multitask_r101", "upernet_multitask_r50"]
+    with pytest.raises(ValueError, match="already registered"):
+        from upernet.models.registry import register_alias
+        register_alias("upernet_upp", "upernet_multitask")

@@ -1,4 +1,6 @@
-"""Unified Perceptual Parsing: one UPerNet, heads for scene, object, part, material and texture.
+"""Multi-task UPerNet: one UPerNet, heads for scene, object, part, material and texture.
+
+The model of "Unified Perceptual Parsing for Scene Understanding" (Xiao et al. 2018).
 
 Where each head reads (Xiao et al. 2018, Fig. 3):
     scene    <- PPM output (1/32): 3x3 ConvBNReLU -> global average pool -> linear
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
+from .registry import register_alias, register_model
 from .upernet import ConvBNReLU, UPerHead, resize
 
 TASKS = ("scene", "object", "part", "material", "texture")
@@ -63,7 +65,7 @@ class _ImageHead(nn.Module):
         return self.classifier(self.convs(x).mean(dim=(2, 3)))
 
 
-class UPerNetUPP(nn.Module):
+class MultiTaskUPerNet(nn.Module):
     """Multi-task UPerNet. Heads exist only for the tasks given.
 
     Args:
@@ -145,20 +147,27 @@ def _backbone_of(base: str, base_args: dict | None) -> nn.Module:
 
 
 @register_model
-def upernet_upp(tasks: dict, base: str = "upernet_r50", base_args: dict | None = None, **head_args) -> UPerNetUPP:
+def upernet_multitask(tasks: dict, base: str = "upernet_r50", base_args: dict | None = None,
+                      **head_args) -> MultiTaskUPerNet:
     """Multi-task UPerNet on the backbone of any registered variant `base`."""
-    return UPerNetUPP(_backbone_of(base, base_args), tasks, **head_args)
+    return MultiTaskUPerNet(_backbone_of(base, base_args), tasks, **head_args)
 
 
 @register_model
-def upernet_upp_r50(tasks: dict, base_args: dict | None = None, **head_args) -> UPerNetUPP:
+def upernet_multitask_r50(tasks: dict, base_args: dict | None = None, **head_args) -> MultiTaskUPerNet:
     """The paper's UPerNet-50 multi-task network (ResNet-50 V1c, output stride 32)."""
-    return upernet_upp(tasks, "upernet_r50", base_args, **head_args)
+    return upernet_multitask(tasks, "upernet_r50", base_args, **head_args)
 
 
 @register_model
-def upernet_upp_r101(tasks: dict, base_args: dict | None = None, **head_args) -> UPerNetUPP:
-    return upernet_upp(tasks, "upernet_r101", base_args, **head_args)
+def upernet_multitask_r101(tasks: dict, base_args: dict | None = None, **head_args) -> MultiTaskUPerNet:
+    return upernet_multitask(tasks, "upernet_r101", base_args, **head_args)
+
+
+# names used before the rename; checkpoints store them in config.json and model_config.name
+register_alias("upernet_upp", "upernet_multitask")
+register_alias("upernet_upp_r50", "upernet_multitask_r50")
+register_alias("upernet_upp_r101", "upernet_multitask_r101")
 
 
 DEFAULT_LOSS_WEIGHTS = {"object": 1.0, "part": 0.5, "scene": 0.25, "material": 1.0, "texture": 1.0}
@@ -186,7 +195,7 @@ def part_loss(part_logits: torch.Tensor, object_labels: torch.Tensor, part_label
     return total / count if count else None
 
 
-def upp_loss(model: "UPerNetUPP", outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
+def multitask_loss(model: "MultiTaskUPerNet", outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor],
              weights: dict[str, float] | None = None, ignore_index: int = 255) -> dict[str, torch.Tensor]:
     """Per-task losses for the tasks that `targets` annotates (a source without a task gives it no loss).
 
