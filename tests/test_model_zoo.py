@@ -58,3 +58,20 @@ def test_commands_follow_the_published_protocol(zoo):
     convnext = zoo.build_row(by_recipe["upernet_convnext_tiny_ade20k_512x512_160k"])
     single, multi = zoo.eval_commands(convnext)
     assert "--mode slide" in single and multi == single + " --multi-scale --flip"
+
+
+def test_every_recipe_header_names_its_published_row(zoo):
+    """The header of a recipe says which published number it targets (its mIoU and checkpoint file) and
+    what differs; a recipe without a published row says so."""
+    targeted = {p.recipe: p for p in zoo.PUBLISHED}
+    for path in sorted(zoo.RECIPES.glob("*.yaml")):
+        if path.stem in zoo.NOT_ROWS:
+            continue
+        header = " ".join(line.lstrip("# ") for line in path.read_text().split("\nmodel:\n")[0].splitlines())
+        if path.stem not in targeted:
+            assert "no published row" in header, path.name
+            continue
+        row = targeted[path.stem]
+        assert f"{row.miou:.2f}" in header or f"{row.miou:g}" in header, path.name
+        assert row.checkpoint in header and row.config.rsplit("/", 1)[-1] in header, path.name
+        assert "Differs:" in header, path.name
