@@ -217,3 +217,27 @@ def test_published_convnext_and_swin_names_convert_without_an_option(mmseg_model
     torch.save({"meta": {}, "state_dict": build_mmseg(mmseg_models, backbone, in_channels).state_dict()}, path)
     assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
     assert load_model(tmp_path / "ours").config["name"] == variant
+
+
+@pytest.mark.slow
+def test_published_internimage_checkpoint_converts_without_an_option(tmp_path):
+    """InternImage's UPerNet-T as published (upernet_internimage_t_512_160k_ade20k.pth, mmsegmentation
+    layout): the variant and its offset scale come from the tensor shapes, the classes from the meta."""
+    from test_internimage import to_mmseg
+
+    import upernet
+    from upernet import cli
+    from upernet.data.classes import DATASET_META
+
+    torch.manual_seed(0)
+    model = upernet.build_model("upernet_internimage_t", num_classes=150)
+    classes = DATASET_META["ade20k"]["class_names"]
+    path = tmp_path / "upernet_internimage_t_512_160k_ade20k.pth"
+    torch.save({"state_dict": to_mmseg(model.state_dict()), "meta": {"CLASSES": tuple(classes)}}, path)
+
+    assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    ours = upernet.load_model(tmp_path / "ours")
+    assert ours.config["name"] == "upernet_internimage_t" and ours.meta["class_names"] == classes
+    assert ours.backbone.levels[0].blocks[0].dcn.offset_scale == 1.0
+    theirs = model.state_dict()
+    assert all(torch.equal(tensor, theirs[key]) for key, tensor in ours.state_dict().items())
