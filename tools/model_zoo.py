@@ -49,6 +49,7 @@ class Published:
         flops_g: "FLOPs" in G (multiply-adds) at `flops_shape`, when the source states them.
         flops_shape: (H, W) the published FLOPs were counted at.
         stats_source: where the parameters and FLOPs are published.
+        note: what a user checking this row must know (shown under its commands).
     """
 
     recipe: str
@@ -61,6 +62,7 @@ class Published:
     flops_g: Optional[float] = None
     flops_shape: tuple[int, int] = (512, 2048)
     stats_source: str = ""
+    note: str = ""
 
 
 SSSEG = "SegmentationBLWX/sssegmentation docs/modelzoo/upernet/README.md"
@@ -68,6 +70,9 @@ MMSEG = "open-mmlab/mmsegmentation configs/upernet/README.md"
 INTERNIMAGE = "OpenGVLab/InternImage segmentation/README.md"
 CONVNEXT_PAPER = "ConvNeXt paper (Liu et al. 2022), Table 4"
 SWIN_PAPER = "Swin Transformer paper (Liu et al. 2021), Table 3"
+
+ALIGN_NOTE = ("`upernet convert` does not read `align_corners` from the checkpoint's config text: the converted model "
+              "resizes with align_corners=False, the published run with True; expect a small mIoU difference.")
 
 
 def _ssseg_rows() -> list[Published]:
@@ -108,6 +113,18 @@ PUBLISHED: list[Published] = [
     Published("upernet_r101_cityscapes_512x1024_80k", "mmsegmentation",
               "configs/upernet/upernet_r101_4xb2-80k_cityscapes-512x1024.py",
               "upernet_r101_512x1024_80k_cityscapes_20200607_002403-f05f2345.pth", 79.40, 80.46),
+    Published("upernet_r50_cityscapes_769x769_40k", "mmsegmentation",
+              "configs/upernet/upernet_r50_4xb2-40k_cityscapes-769x769.py",
+              "upernet_r50_769x769_40k_cityscapes_20200530_033048-92d21539.pth", 77.98, 79.70, note=ALIGN_NOTE),
+    Published("upernet_r101_cityscapes_769x769_40k", "mmsegmentation",
+              "configs/upernet/upernet_r101_4xb2-40k_cityscapes-769x769.py",
+              "upernet_r101_769x769_40k_cityscapes_20200530_040819-83c95d01.pth", 79.03, 80.77, note=ALIGN_NOTE),
+    Published("upernet_r50_cityscapes_769x769_80k", "mmsegmentation",
+              "configs/upernet/upernet_r50_4xb2-80k_cityscapes-769x769.py",
+              "upernet_r50_769x769_80k_cityscapes_20200607_005107-82ae7d15.pth", 79.39, 80.92, note=ALIGN_NOTE),
+    Published("upernet_r101_cityscapes_769x769_80k", "mmsegmentation",
+              "configs/upernet/upernet_r101_4xb2-80k_cityscapes-769x769.py",
+              "upernet_r101_769x769_80k_cityscapes_20200607_001014-082fc334.pth", 80.10, 81.49, note=ALIGN_NOTE),
     Published("upernet_r50_voc12aug_512x512_20k", "mmsegmentation", "configs/upernet/upernet_r50_4xb4-20k_voc12aug-512x512.py",
               "upernet_r50_512x512_20k_voc12aug_20200617_165330-5b5890a7.pth", 74.82, 76.35),
     Published("upernet_r101_voc12aug_512x512_20k", "mmsegmentation", "configs/upernet/upernet_r101_4xb4-20k_voc12aug-512x512.py",
@@ -283,6 +300,8 @@ def render(rows: list[Row], others: list[str]) -> str:
                   f"{p.source} `{p.config}`; checkpoint `{p.checkpoint}`: mIoU {p.miou:.2f}"
                   + (f" (multi-scale + flip {p.miou_ms:.2f})" if p.miou_ms is not None else "") + ".", "",
                   "```bash", convert_command(row), *eval_commands(row), "```", ""]
+        if p.note:
+            lines += [p.note, ""]
     lines += ["## Hugging Face checkpoints", "",
               "The `openmmlab/upernet-*` folders on the Hugging Face Hub hold mmsegmentation's ConvNeXt and Swin",
               "weights in the transformers layout; `upernet convert FOLDER OUT` reads a downloaded folder with",
