@@ -26,7 +26,8 @@ def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classe
     cfg = {
         "type": "UPerNet", "num_classes": num_classes, "align_corners": False,
         "norm_cfg": {"type": "BatchNorm2d"}, "act_cfg": {"type": "ReLU", "inplace": True},
-        "backbone": {"type": "ResNet", "depth": depth, "structure_type": f"resnet{depth}conv3x3stem", "pretrained": False,
+        "backbone": {"type": "ResNet", "depth": depth, "structure_type": f"resnet{depth}conv3x3stem",
+                     "pretrained": False,
                      "outstride": output_stride, "use_conv3x3_stem": True, "selected_indices": (0, 1, 2, 3)},
         "head": {"in_channels_list": [256, 512, 1024, 2048], "feats_channels": channels, "pool_scales": [1, 2, 3, 6],
                  "dropout": 0.1},
