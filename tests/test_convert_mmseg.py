@@ -149,3 +149,95 @@ def test_resnet_depth_and_variant_names():
     with pytest.raises(ValueError, match="ckpt: a ResNet with 2 bottleneck blocks in stage 3"):
         resnet_depth(keys[:2], "backbone.", "ckpt")
     assert [resnet_variant(101, s) for s in (32, 16, 8)] == ["upernet_r101", "upernet_r101_d16", "upernet_r101_d8"]
+
+
+# ---- the published checkpoints: every file name converts with no option -------------------------------
+# mmsegmentation's UPerNet R-50/101 rows (configs/upernet/README.md), as downloaded; their meta holds the
+# training config text, the class names and the palette.
+PUBLISHED_RESNET = {
+    "upernet_r50_512x512_160k_ade20k_20200615_184328-8534de8d.pth": (50, "ade20k"),
+    "upernet_r101_512x512_160k_ade20k_20200615_161951-91b32684.pth": (101, "ade20k"),
+    "upernet_r50_512x1024_80k_cityscapes_20200607_052207-848beca8.pth": (50, "cityscapes"),
+    "upernet_r101_512x1024_80k_cityscapes_20200607_002403-f05f2345.pth": (101, "cityscapes"),
+    "upernet_r50_512x512_40k_voc12aug_20200613_162257-ca9bcc6b.pth": (50, "voc"),
+    "upernet_r101_512x512_40k_voc12aug_20200613_163549-e26476ac.pth": (101, "voc"),
+}
+CONFIG_TEXT = ("norm_cfg = dict(type='SyncBN', requires_grad=True)\nmodel = dict(type='EncoderDecoder', "
+               "pretrained='open-mmlab://resnet50_v1c', backbone=dict(type='ResNetV1c', depth=50, num_stages=4, "
+               "out_indices=(0, 1, 2, 3), dilations=(1, 1, 1, 1), strides=(1, 2, 2, 2)))\n")
+
+
+@pytest.fixture(scope="module")
+def mmseg_resnet_weights(mmseg_models):
+    """Their EncoderDecoder with a full-width ResNetV1c-50/101 (narrow heads), one state dict per depth."""
+    weights = {}
+    for depth in (50, 101):
+        backbone = dict(resnet(32), depth=depth)
+        weights[depth] = build_mmseg(mmseg_models, backbone, [256, 512, 1024, 2048]).state_dict()
+    return weights
+
+
+@pytest.mark.peers
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PUBLISHED_RESNET))
+def test_every_published_resnet_checkpoint_converts_without_an_option(mmseg_resnet_weights, tmp_path, name):
+    from upernet import cli, load_model
+    from upernet.data.classes import DATASET_META
+
+    depth, dataset = PUBLISHED_RESNET[name]
+    classes, palette = DATASET_META[dataset]["class_names"], DATASET_META[dataset]["palette"]
+    generator = torch.Generator().manual_seed(depth)
+    state_dict = dict(mmseg_resnet_weights[depth])
+    for head in ("decode_head.conv_seg", "auxiliary_head.conv_seg"):  # the classifiers of the dataset's classes
+        width = state_dict[f"{head}.weight"].shape[1]
+        state_dict[f"{head}.weight"] = torch.randn(len(classes), width, 1, 1, generator=generator)
+        state_dict[f"{head}.bias"] = torch.randn(len(classes), generator=generator)
+    path = tmp_path / name
+    torch.save({"meta": {"config": CONFIG_TEXT, "CLASSES": tuple(classes), "PALETTE": palette},
+                "state_dict": state_dict}, path)
+
+    assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours")
+    assert ours.config["name"] == f"upernet_r{depth}"
+    assert ours.num_classes == len(classes) and ours.meta["class_names"] == list(classes)
+    assert torch.equal(ours.decode_head.classifier.weight, state_dict["decode_head.conv_seg.weight"])
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("name, case", [
+    ("upernet_convnext_tiny_fp16_512x512_160k_ade20k_20220227_124553-cad485de.pth", "convnext"),
+    ("upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-b0d75c08.pth", "swin"),
+])
+def test_published_convnext_and_swin_names_convert_without_an_option(mmseg_models, tmp_path, name, case):
+    """The published names carry no option the converter needs: the layout is read from the weights."""
+    from upernet import cli, load_model
+
+    backbone, in_channels, _, variant = CASES[case]
+    path = tmp_path / name
+    torch.save({"meta": {}, "state_dict": build_mmseg(mmseg_models, backbone, in_channels).state_dict()}, path)
+    assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    assert load_model(tmp_path / "ours").config["name"] == variant
+
+
+@pytest.mark.slow
+def test_published_internimage_checkpoint_converts_without_an_option(tmp_path):
+    """InternImage's UPerNet-T as published (upernet_internimage_t_512_160k_ade20k.pth, mmsegmentation
+    layout): the variant and its offset scale come from the tensor shapes, the classes from the meta."""
+    from test_internimage import to_mmseg
+
+    import upernet
+    from upernet import cli
+    from upernet.data.classes import DATASET_META
+
+    torch.manual_seed(0)
+    model = upernet.build_model("upernet_internimage_t", num_classes=150)
+    classes = DATASET_META["ade20k"]["class_names"]
+    path = tmp_path / "upernet_internimage_t_512_160k_ade20k.pth"
+    torch.save({"state_dict": to_mmseg(model.state_dict()), "meta": {"CLASSES": tuple(classes)}}, path)
+
+    assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    ours = upernet.load_model(tmp_path / "ours")
+    assert ours.config["name"] == "upernet_internimage_t" and ours.meta["class_names"] == classes
+    assert ours.backbone.levels[0].blocks[0].dcn.offset_scale == 1.0
+    theirs = model.state_dict()
+    assert all(torch.equal(tensor, theirs[key]) for key, tensor in ours.state_dict().items())

@@ -18,14 +18,16 @@ def ssseg():
     return pytest.importorskip("ssseg.modules.models.segmentors.upernet.upernet")
 
 
-def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classes: int = 150) -> torch.nn.Module:
-    """sssegmentation's UPerNet R-50 as its configs build it (BatchNorm2d instead of SyncBatchNorm on CPU)."""
+def build_ssseg(output_stride: int, channels: int, aux_channels: int, num_classes: int = 150,
+                depth: int = 50) -> torch.nn.Module:
+    """sssegmentation's UPerNet R-50/101 as its configs build it (BatchNorm2d instead of SyncBatchNorm on CPU)."""
     from ssseg.modules.models.segmentors.upernet.upernet import UPerNet as SSSegUPerNet
 
     cfg = {
         "type": "UPerNet", "num_classes": num_classes, "align_corners": False,
         "norm_cfg": {"type": "BatchNorm2d"}, "act_cfg": {"type": "ReLU", "inplace": True},
-        "backbone": {"type": "ResNet", "depth": 50, "structure_type": "resnet50conv3x3stem", "pretrained": False,
+        "backbone": {"type": "ResNet", "depth": depth, "structure_type": f"resnet{depth}conv3x3stem",
+                     "pretrained": False,
                      "outstride": output_stride, "use_conv3x3_stem": True, "selected_indices": (0, 1, 2, 3)},
         "head": {"in_channels_list": [256, 512, 1024, 2048], "feats_channels": channels, "pool_scales": [1, 2, 3, 6],
                  "dropout": 0.1},
@@ -75,3 +77,55 @@ def test_sssegmentation_output_stride_must_be_known(tmp_path):
     with pytest.raises(ValueError, match="cannot tell the ResNet's output stride.*--output-stride"):
         convert_checkpoint(path)
     assert convert_checkpoint(path, output_stride=16).config["name"] == "upernet_r50_d16"
+
+
+# ---- the published checkpoints: every file name converts with no option -------------------------------
+# sssegmentation's UPerNet table (docs/modelzoo/upernet/README.md): upernet_resnet{50,101}os{8,16}_{dataset}_train.pth
+PUBLISHED = [(depth, stride, dataset) for dataset in ("voc", "ade20k", "cityscapes") for depth in (50, 101)
+             for stride in (8, 16)]
+CLASSES = {"voc": 21, "ade20k": 150, "cityscapes": 19}
+
+
+def published_name(depth: int, stride: int, dataset: str) -> str:
+    return f"upernet_resnet{depth}os{stride}_{dataset}_train.pth"
+
+
+@pytest.mark.parametrize("name, expected", [
+    *[(published_name(*row), (row[1], row[2])) for row in PUBLISHED],
+    ("upernet_resnet101os16_cityscapes.pth", (16, "cityscapes")),  # their config's work_dir name
+    ("UPerNet-ResNet50-OS8-ADE20K-epoch130.pth", (8, "ade20k")),
+    ("checkpoints-epoch-130.pth", (None, None)),
+    ("upernet_resnet50os8_voc2012.pth", (8, None)),  # not one of the dataset names: no class names guessed
+])
+def test_published_file_names_tell_the_output_stride_and_dataset(name, expected):
+    from upernet.convert.sssegmentation import read_file_name
+
+    assert read_file_name(name) == expected
+
+
+@pytest.fixture(scope="module")
+def their_weights():
+    """One state dict of their layout per depth (the output stride is not in the weights)."""
+    return {depth: build_ssseg(8, 512, 512, depth=depth).state_dict() for depth in (50, 101)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth, stride, dataset", PUBLISHED)
+def test_every_published_checkpoint_converts_without_an_option(their_weights, tmp_path, depth, stride, dataset):
+    from upernet import cli
+
+    generator = torch.Generator().manual_seed(depth + stride)
+    state_dict = dict(their_weights[depth])
+    for head in ("decoder.4", "auxiliary_decoder.4"):  # the classifiers of the dataset's classes
+        width = state_dict[f"{head}.weight"].shape[1]
+        state_dict[f"{head}.weight"] = torch.randn(CLASSES[dataset], width, 1, 1, generator=generator)
+        state_dict[f"{head}.bias"] = torch.randn(CLASSES[dataset], generator=generator)
+    path = tmp_path / published_name(depth, stride, dataset)
+    torch.save({"model": state_dict, "cur_epoch": 60, "cur_iter": 0}, path)
+
+    assert cli.main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours")
+    assert ours.config["name"] == f"upernet_r{depth}_d{stride}"
+    assert ours.num_classes == CLASSES[dataset] and ours.meta["dataset"] == dataset
+    assert ours.aux_head.convs[0].conv.weight.shape[:2] == (512, 1024)
+    assert torch.equal(ours.decode_head.classifier.weight, state_dict["decoder.4.weight"])

@@ -45,6 +45,22 @@ def detect(path: Path) -> bool:
     return _state_dict(peek_checkpoint(path)) is not None
 
 
+# sssegmentation publishes `upernet_resnet50os8_voc_train.pth`; renamed copies keep the tokens:
+# `upernet_resnet101os16_cityscapes.pth`, `UPerNet-ResNet50-OS8-ADE20K-epoch130.pth`.
+STRIDE_IN_NAME = re.compile(r"os[_-]?(8|16|32)(?!\d)", re.IGNORECASE)
+DATASET_IN_NAME = re.compile(r"(?:^|[_\-.])(ade20k|cityscapes|voc)(?=[_\-.]|$)", re.IGNORECASE)
+
+
+def read_file_name(path: str | Path) -> tuple[int | None, str | None]:
+    """(output stride, dataset) as a published sssegmentation file name tells them, None where it does not.
+
+    `upernet_resnet50os8_voc_train.pth` -> (8, "voc"); `checkpoints-epoch-130.pth` -> (None, None).
+    """
+    name = Path(path).name
+    stride, dataset = STRIDE_IN_NAME.search(name), DATASET_IN_NAME.search(name)
+    return (int(stride[1]) if stride else None), (dataset[1].lower() if dataset else None)
+
+
 def convert_sssegmentation(path: Path, strict: bool = True, output_stride: int | None = None) -> UPerNet:
     """Build the UPerNet of an sssegmentation checkpoint file and load its weights (eval mode).
 
@@ -59,12 +75,12 @@ def convert_sssegmentation(path: Path, strict: bool = True, output_stride: int |
         raise UserError(f"{source}: not an sssegmentation UPerNet checkpoint (no 'model' with ppm_net keys)")
     if "backbone_net.stem.0.weight" not in state_dict:
         raise UserError(f"{source}: only sssegmentation's ResNet (conv3x3 stem) backbones are supported")
+    named_stride, dataset = read_file_name(path)
     if output_stride is None:
-        found = re.search(r"os(8|16|32)(?!\d)", Path(path).name)
-        if not found:
+        if named_stride is None:
             raise UserError(f"{source}: cannot tell the ResNet's output stride from the weights or the file name; "
                              f"pass it (`--output-stride 8` or 16)")
-        output_stride = int(found[1])
+        output_stride = named_stride
     depth = resnet_depth(list(state_dict), "backbone_net.", source)
     has_aux = "auxiliary_decoder.4.weight" in state_dict
     if has_aux and state_dict["auxiliary_decoder.0.weight"].shape[1] != 1024:
@@ -78,9 +94,8 @@ def convert_sssegmentation(path: Path, strict: bool = True, output_stride: int |
         **({"aux_channels": state_dict["auxiliary_decoder.0.weight"].shape[0]} if has_aux else {}),
     )
     load_converted(model, state_dict, RULES, source, strict)
-    dataset = re.search(r"_(ade20k|cityscapes|voc)(?=[_.])", Path(path).name)
-    if dataset and len(DATASET_META[dataset[1]]["class_names"]) == model.num_classes:
-        set_meta(model, dataset=dataset[1])  # their normalisation is ours: ImageNet mean/std on 0-255
+    if dataset and len(DATASET_META[dataset]["class_names"]) == model.num_classes:
+        set_meta(model, dataset=dataset)  # their normalisation is ours: ImageNet mean/std on 0-255
     else:
         model.meta.update(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     return model.eval()
