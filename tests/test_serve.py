@@ -56,7 +56,7 @@ def decode_png(text_or_bytes) -> np.ndarray:
 
 def assert_still_serving(client) -> None:
     response = client.get("/health")
-    assert response.status_code == 200 and response.json() == {"status": "ok"}
+    assert response.status_code == 200 and response.json()["status"] == "ok"
 
 
 # ---- good requests --------------------------------------------------------------------------------
@@ -67,6 +67,7 @@ def test_health_and_info(client, segmenter):
     assert info["classes"] == CLASSES
     assert info["palette"] == [list(c) for c in segmenter.meta["palette"]]
     assert info["protocol"]["mode"] == "whole" and info["protocol"]["device"] == "cpu"
+    assert info["protocol"]["size"] == "none"
     assert info["limits"]["max_pixels"] == 300 * 300
 
 
@@ -203,7 +204,7 @@ def test_streamed_upload_without_length_is_cut_at_the_limit(segmenter):
     with background_server(app) as url, httpx.Client(base_url=url) as http:
         response = http.post("/predict", content=chunks(), headers={"Content-Type": "image/png"})
         assert response.status_code == 413 and "over the limit of 100000 bytes" in response.json()["detail"]
-        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/health").json()["status"] == "ok"
         good = http.post("/predict", content=png(photo()), headers={"Content-Type": "image/png"})
         assert good.status_code == 200
 
@@ -240,11 +241,12 @@ def test_concurrent_requests_all_answered_and_grouped(segmenter):
             t.start()
         for t in threads:
             t.join()
+        passes = httpx.get(f"{url}/health").json()["forward_passes"]
     for response, labels in zip(answers, expected):
         assert response.status_code == 200
         np.testing.assert_array_equal(decode_png(response.content), labels)
-    sizes = app.state.worker.batch_sizes
-    assert sum(size * count for size, count in sizes.items()) == len(images)
+    assert sum(int(size) * count for size, count in passes.items()) == len(images)
+    assert {int(k): v for k, v in passes.items()} == app.state.worker.batch_sizes
 
 
 def test_full_queue_is_503_and_the_server_recovers(segmenter):
@@ -270,6 +272,17 @@ def test_full_queue_is_503_and_the_server_recovers(segmenter):
         assert client.post("/predict", content=png(photo()), headers={"Content-Type": "image/png"}).status_code == 200
 
 
+def test_multitask_model_answers_with_its_object_task():
+    segmenter = Segmenter(tiny_model("upernet_upp_r50").eval(), device="cpu", precision="fp32")
+    image = photo(32, 32)
+    expected = segmenter(image).tasks["object"]
+    with TestClient(create_app(segmenter)) as client:
+        info = client.get("/info").json()
+        assert info["classes"] == expected.class_names and len(info["palette"]) == len(expected.class_names)
+        labels = client.post("/predict?format=labels", content=png(image), headers={"Content-Type": "image/png"})
+        np.testing.assert_array_equal(decode_png(labels.content), expected.labels)
+
+
 # ---- the CLI verb -----------------------------------------------------------------------------------
 def test_cli_serve_runs_uvicorn_with_the_options(tmp_path, monkeypatch):
     import uvicorn
@@ -281,12 +294,13 @@ def test_cli_serve_runs_uvicorn_with_the_options(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(app=app, host=host, port=port))
     assert main(["serve", "--model", str(tmp_path / "model"), "--port", "8123", "--max-pixels", "1000",
-                 "--max-upload-mb", "1", "--device", "cpu"]) == 0
+                 "--max-upload-mb", "1", "--device", "cpu", "--size", "96x64"]) == 0
     assert (seen["host"], seen["port"]) == ("127.0.0.1", 8123)  # localhost unless told otherwise
     with TestClient(seen["app"]) as client:
         info = client.get("/info").json()
         assert info["limits"]["max_pixels"] == 1000 and info["limits"]["max_upload_bytes"] == 2 ** 20
         assert info["model"] == str(tmp_path / "model")
+        assert info["protocol"]["size"] == "96x64"
 
 
 def test_cli_serve_without_the_extra_is_one_line(monkeypatch, capsys):

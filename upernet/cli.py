@@ -441,6 +441,9 @@ def add_serve(sub) -> None:
                    help="images waiting for the model at most; more get 503 (default: %(default)s)")
     p.add_argument("--max-batch", type=positive_int, default=4, metavar="N",
                    help="same-size images per forward pass at most (default: %(default)s)")
+    p.add_argument("--size", default=None,
+                   help="resize before inference: 'none', a short side like 512, or a keep-ratio scale like "
+                        "2048x512 (default: the model's test size, else 2048x512)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
     add_runtime(p)
@@ -463,7 +466,8 @@ def run_serve(args) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: --host {args.host}: the server answers other machines too, without authentication")
     say(f"loading {source} ...")
-    segmenter = Segmenter(open_model(source, onnx=True), device=resolve_device(args.device), precision=args.precision)
+    segmenter = Segmenter(open_model(source, onnx=True), device=resolve_device(args.device), precision=args.precision,
+                          size=args.size)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
                     max_queue=args.max_queue, max_batch=args.max_batch)
     app = create_app(segmenter, limits, name=source)

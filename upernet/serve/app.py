@@ -5,7 +5,7 @@
         ?format=labels       palette PNG of class indices at the image's size
         ?format=overlay      the image blended with the colours (&alpha=0.5, &legend=true)
         ?format=map          {"width", "height", "labels": base64 uint8/uint16 row-major, "classes": [...]}
-    GET  /health             {"status": "ok"}
+    GET  /health             {"status": "ok", "queued": images waiting, "forward_passes": {images per pass: count}}
     GET  /info               model, classes, palette, test-time protocol, limits
     GET  /                   the web page (static/, no external requests)
 
@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..data.classes import default_palette
 from ..data.transforms import to_rgb
 from ..errors import UserError
 from ..inference.predict import SAMPLE_IMAGE
@@ -184,13 +185,20 @@ def answer(result: Segmentation, format: str, alpha: float, legend: bool) -> Res
 
 
 # ---- the app ------------------------------------------------------------------------------------
+def size_text(size: None | int | tuple[int, int]) -> str:
+    """A resize rule as `--size` spells it: "none", "512" (short side) or "2048x512" (keep ratio)."""
+    if size is None:
+        return "none"
+    return str(size) if isinstance(size, int) else "x".join(str(v) for v in size)
+
+
 def describe(segmenter: Segmenter, name: str | None, limits: Limits) -> dict[str, Any]:
     """What /info answers: the model, its classes and colours, and how it runs."""
     meta = segmenter.meta
     return {"model": name or type(segmenter.model).__name__,
             "classes": list(segmenter.class_names),
-            "palette": [list(c) for c in meta["palette"]],
-            "protocol": {"size": str(meta.get("test_size", "")) or None, "resize_rule": repr(segmenter.size),
+            "palette": [list(c) for c in meta.get("palette") or default_palette(len(segmenter.class_names))],
+            "protocol": {"size": size_text(segmenter.size),
                          "mode": segmenter.mode, "crop_size": list(segmenter.crop_size),
                          "stride": list(segmenter.stride), "scales": list(segmenter.scales), "flip": segmenter.flip,
                          "mean": list(meta["mean"]), "std": list(meta["std"]), "device": str(segmenter.device)},
@@ -222,8 +230,10 @@ def create_app(segmenter: Segmenter, limits: Limits = Limits(), name: str | None
         return JSONResponse({"detail": str(error)}, status_code=error.status)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """Alive; images waiting, and forward passes so far by images per pass."""
+        return {"status": "ok", "queued": worker.jobs.qsize(),
+                "forward_passes": {str(size): count for size, count in sorted(worker.batch_sizes.items())}}
 
     @app.get("/info")
     async def describe_model() -> dict[str, Any]:
