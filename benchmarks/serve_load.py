@@ -1,7 +1,7 @@
 """Load test of `upernet serve` on loopback: N concurrent clients for a fixed time, bounded.
 
-    .venv/bin/python benchmarks/serve_load.py                          # ConvNeXt-T, 1 then 4 clients, 20 s each
-    .venv/bin/python benchmarks/serve_load.py --model runs/demo/model --clients 1 2 8 --seconds 30
+    .venv/bin/python benchmarks/serve_load.py                          # ConvNeXt-T, 1, 4, 1, 4 clients, 20 s each
+    .venv/bin/python benchmarks/serve_load.py --model runs/demo/model --clients 1 8 --seconds 30 -- --size 512
 
 Starts `upernet serve` in a child process on 127.0.0.1 (a free port), sends the built-in sample image
 (or --image) from client threads as fast as the answers come back, each phase for --seconds or
@@ -116,7 +116,7 @@ def run_phase(url: str, image: bytes, kind: str, clients: int, seconds: float, m
 
 
 def report(args: argparse.Namespace, image_size: tuple[int, int], phases: list[dict], rss: list[tuple[str, float]],
-           passes: dict[str, int]) -> str:
+           passes: dict[str, int], load: tuple[float, float]) -> str:
     import torch
 
     lines = [f"# `upernet serve` load test ({datetime.date.today().isoformat()})", "",
@@ -125,7 +125,9 @@ def report(args: argparse.Namespace, image_size: tuple[int, int], phases: list[d
              f"model's test-time rule; JSON answer (Hugging Face format)",
              f"- loopback ({HOST}), each phase {args.seconds:g} s or {args.max_requests} requests at most; "
              f"server options: {' '.join(args.server_args) or '(defaults)'}",
-             f"- command: `python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`", "",
+             f"- command: `python benchmarks/serve_load.py {' '.join(sys.argv[1:])}`",
+             f"- machine load average (1 min) at the start and end: {load[0]:.1f}, {load[1]:.1f} "
+             f"(other processes share these CPUs: compare phases of one run, repeat a phase to see the noise)", "",
              "| clients | requests | errors | p50 latency (s) | p95 latency (s) | throughput (images/s) |",
              "|---|---|---|---|---|---|"]
     for p in phases:
@@ -144,7 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="upernet_convnext_tiny", help="any model `upernet serve` takes")
     parser.add_argument("--image", type=Path, default=SAMPLE_IMAGE, help="the image every request sends")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent clients, one phase each")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 1, 4],
+                        help="concurrent clients, one phase each (repeat phases to see the machine's noise)")
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     parser.add_argument("--max-requests", type=int, default=400, help="requests per phase at most")
     parser.add_argument("--threads", type=int, help="torch threads of the server")
@@ -157,6 +160,7 @@ def main() -> None:
 
     with Image.open(args.image) as img:
         image_size = img.size
+    load_start = os.getloadavg()[0]
     port = free_port()
     extra = [*(["--threads", str(args.threads)] if args.threads else []), *args.server_args]
     server = start_server(args.model, port, extra)
@@ -165,9 +169,9 @@ def main() -> None:
         run_phase(url, image, kind, 1, 60, 3)  # warm-up: first-call allocations, lazy initialisation
         rss = [("after warm-up", rss_mb(server.pid))]
         phases = []
-        for clients in args.clients:
+        for number, clients in enumerate(args.clients, 1):
             phases.append(run_phase(url, image, kind, clients, args.seconds, args.max_requests))
-            rss.append((f"after {clients} client(s)", rss_mb(server.pid)))
+            rss.append((f"after phase {number} ({clients} client(s))", rss_mb(server.pid)))
             print(f"{clients} client(s): {phases[-1]['requests']} requests, p50 {phases[-1]['p50_s']:.3f} s, "
                   f"{phases[-1]['throughput']:.2f} images/s, {phases[-1]['errors']} errors", file=sys.stderr)
         health = httpx.get(f"{url}/health").json()
@@ -175,7 +179,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(30)
-    text = report(args, image_size, phases, rss, passes)
+    text = report(args, image_size, phases, rss, passes, (load_start, os.getloadavg()[0]))
     os.makedirs(args.out.parent, exist_ok=True)
     write_text(args.out, text)
     print(text)

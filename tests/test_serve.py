@@ -216,7 +216,9 @@ def test_batched_forward_equals_one_by_one(segmenter):
     images = [photo(32, 40, seed=s) for s in range(3)]
     worker = BatchWorker(segmenter, max_queue=4, max_batch=4)
     try:
-        results = worker.segment_together([Job(*segmenter.preprocessor(im)) for im in images])
+        jobs = [Job(im) for im in images]
+        assert all(worker.prepare(job) for job in jobs)
+        results = worker.segment_together(jobs)
     finally:
         worker.close()
     assert worker.batch_sizes == {3: 1}
@@ -255,14 +257,13 @@ def test_full_queue_is_503_and_the_server_recovers(segmenter):
     release = threading.Event()
     run_group = worker.run_group
     worker.run_group = lambda group: (release.wait(30), run_group(group))
-    original, image = segmenter.preprocessor(photo())
     with TestClient(app) as client:
-        busy = worker.submit(original, image)  # the worker takes it and waits
+        busy = worker.submit(photo())  # the worker takes it and waits
         while not worker.jobs.empty():
             threading.Event().wait(0.01)
-        queued = worker.submit(original, image)  # fills the queue
+        queued = worker.submit(photo())  # fills the queue
         with pytest.raises(QueueFull):
-            worker.submit(original, image)
+            worker.submit(photo())
         response = client.post("/predict", content=png(photo()), headers={"Content-Type": "image/png"})
         assert response.status_code == 503 and "busy" in response.json()["detail"]
         assert response.headers["retry-after"] == "1"

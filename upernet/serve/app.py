@@ -10,7 +10,8 @@
     GET  /                   the web page (static/, no external requests)
 
 Every bad upload is a 4xx with a one-line `detail`, and the server keeps serving. The model runs
-in one thread (`BatchWorker`); decoding and encoding run in the server's thread pool.
+in one thread (`BatchWorker`, which also does the torch pre-processing); decoding and encoding run
+in the server's thread pool.
 """
 from __future__ import annotations
 
@@ -247,9 +248,8 @@ def create_app(segmenter: Segmenter, limits: Limits = Limits(), name: str | None
             raise HTTPException(400, f"alpha {alpha}: use a value from 0 to 1")
         data = await upload_bytes(request, limits.max_upload_bytes)
         image = await run_in_threadpool(open_image, data, limits.max_pixels)
-        original, prepared = await run_in_threadpool(segmenter.preprocessor, image)
         try:
-            future = worker.submit(original, prepared)
+            future = worker.submit(image)
         except QueueFull as e:
             raise HTTPException(503, f"the server is busy ({e}); retry shortly", headers={"Retry-After": "1"}) from None
         try:

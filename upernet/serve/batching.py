@@ -1,8 +1,9 @@
 """One inference thread behind a bounded queue: requests wait their turn, same-size images share a forward.
 
-The web server decodes and pre-processes each upload in its own thread, then hands the tensors to
-`BatchWorker.submit`. The worker takes what is queued (up to `max_batch`), groups the images whose
-original and inference sizes agree, and runs one forward pass per group through the segmenter's
+The web server decodes each upload in its thread pool (PIL, no torch) and hands the picture to
+`BatchWorker.submit`. The worker takes what is queued (up to `max_batch`), pre-processes it (resize,
+normalise: torch work stays in this one thread, since torch calls from several threads at once fight
+over the same cores), groups the images whose original and inference sizes agree, and runs one forward pass per group through the segmenter's
 prepared model (`Segmenter.runner`, with `Segmenter.options()`), so that a batch gives the same
 labels as one image at a time. A full queue refuses at once (`QueueFull`) rather than letting
 latency grow without bound.
@@ -15,7 +16,9 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from ..inference.modes import infer_outputs
@@ -28,11 +31,12 @@ class QueueFull(RuntimeError):
 
 @dataclass
 class Job:
-    """One pre-processed image (see `Preprocessor`) and the future its result goes to."""
+    """One decoded image, the future its result goes to, and once `BatchWorker.prepare`d its tensors."""
 
-    original: torch.Tensor  # uint8 (3, H, W)
-    image: torch.Tensor  # normalised float (1, 3, h, w)
+    picture: Image.Image | np.ndarray  # RGB
     result: Future = field(default_factory=Future)
+    original: torch.Tensor | None = None  # uint8 (3, H, W)
+    image: torch.Tensor | None = None  # normalised float (1, 3, h, w) at the inference size
 
     @property
     def key(self) -> tuple:
@@ -59,9 +63,9 @@ class BatchWorker:
         self.thread = threading.Thread(target=self.run, name="upernet-serve-batches", daemon=True)
         self.thread.start()
 
-    def submit(self, original: torch.Tensor, image: torch.Tensor) -> Future:
-        """Queue one pre-processed image; its `Segmentation` (or exception) arrives in the future."""
-        job = Job(original, image)
+    def submit(self, picture: Image.Image | np.ndarray) -> Future:
+        """Queue one decoded RGB image; its `Segmentation` (or exception) arrives in the future."""
+        job = Job(picture)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
@@ -90,25 +94,33 @@ class BatchWorker:
                     break
                 batch.append(job)
             groups: dict[tuple, list[Job]] = {}
-            for job in batch:
+            for job in filter(self.prepare, batch):
                 groups.setdefault(job.key, []).append(job)
             for group in groups.values():
                 self.run_group(group)
             if stop:
                 return
 
-    def run_group(self, group: list[Job]) -> None:
-        """Segment images of one size: one forward pass when the batch fits, else one by one."""
-        live = [job for job in group if job.result.set_running_or_notify_cancel()]
-        if not live:
-            return
+    def prepare(self, job: Job) -> bool:
+        """Pre-process a job's picture; False (its future settled) if it was cancelled or failed."""
+        if not job.result.set_running_or_notify_cancel():
+            return False
         try:
-            results = self.segment_together(live)
+            job.original, job.image = self.segmenter.preprocessor(job.picture)
+        except BaseException as e:  # noqa: BLE001 - the error belongs to the request, not to this thread
+            job.result.set_exception(e)
+            return False
+        return True
+
+    def run_group(self, group: list[Job]) -> None:
+        """Segment prepared images of one size: one forward pass when the batch fits, else one by one."""
+        try:
+            results = self.segment_together(group)
         except BaseException as e:  # noqa: BLE001 - the error belongs to the requests, not to this thread
-            for job in live:
+            for job in group:
                 job.result.set_exception(e)
             return
-        for job, result in zip(live, results):
+        for job, result in zip(group, results):
             job.result.set_result(result)
 
     @torch.no_grad()
