@@ -300,6 +300,7 @@ def test_cli_serve_runs_uvicorn_with_the_options(tmp_path, monkeypatch):
     with TestClient(seen["app"]) as client:
         info = client.get("/info").json()
         assert info["limits"]["max_pixels"] == 1000 and info["limits"]["max_upload_bytes"] == 2 ** 20
+        assert info["limits"]["max_batch"] == 1  # on CPU unless asked
         assert info["model"] == str(tmp_path / "model")
         assert info["protocol"]["size"] == "96x64"
 

@@ -439,8 +439,9 @@ def add_serve(sub) -> None:
                    help="largest image accepted, width x height, checked before decoding (default: %(default)s)")
     p.add_argument("--max-queue", type=positive_int, default=16, metavar="N",
                    help="images waiting for the model at most; more get 503 (default: %(default)s)")
-    p.add_argument("--max-batch", type=positive_int, default=4, metavar="N",
-                   help="same-size images per forward pass at most (default: %(default)s)")
+    p.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
+                   help="same-size images per forward pass at most (default: 4 on a GPU; 1 on CPU, where batching "
+                        "measured slower, see docs/serve.md)")
     p.add_argument("--size", default=None,
                    help="resize before inference: 'none', a short side like 512, or a keep-ratio scale like "
                         "2048x512 (default: the model's test size, else 2048x512)")
@@ -468,8 +469,9 @@ def run_serve(args) -> None:
     say(f"loading {source} ...")
     segmenter = Segmenter(open_model(source, onnx=True), device=resolve_device(args.device), precision=args.precision,
                           size=args.size)
+    batch = args.max_batch or (4 if segmenter.device.type == "cuda" else 1)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
-                    max_queue=args.max_queue, max_batch=args.max_batch)
+                    max_queue=args.max_queue, max_batch=batch)
     app = create_app(segmenter, limits, name=source)
     say(f"serving {source} at http://{args.host}:{args.port}/ (Ctrl-C stops)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
