@@ -1,7 +1,7 @@
 """The web page of `upernet serve`, end to end in headless Chromium (Debian's /usr/bin/chromium driven by
 Playwright; `.ci/run` installs it): upload the built-in sample, wait for the overlay, compare the legend
-with what `Segmenter` finds, hover for the class name, move the opacity slider, and check that the
-browser asked nothing of any other host. The screenshot is kept in the test's tmp folder."""
+with what `Segmenter` finds, hover for the class name, move the opacity slider, show a bad file's
+message, drop a file, and check that the browser asked nothing of any other host. The screenshot is kept in the test's tmp folder."""
 import os
 import shutil
 from pathlib import Path
@@ -97,6 +97,18 @@ def test_page_segments_the_sample(tmp_path):
             page.wait_for_selector("body[data-state=error]")
             assert "not an image" in page.locator("#status").inner_text()
             page.click("#sample")
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            assert rows.evaluate_all("rows => rows.map(r => r.dataset.label)") == found
+
+            # dropping a file on the drop zone segments it too
+            dropped = page.evaluate_handle("""async () => {
+                const blob = await (await fetch('/sample.png')).blob();
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([blob], 'dropped.png', {type: 'image/png'}));
+                return transfer;
+            }""")
+            page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+            page.wait_for_selector("#status:has-text('dropped.png')", timeout=60_000)
             page.wait_for_selector("body[data-state=done]", timeout=60_000)
             assert rows.evaluate_all("rows => rows.map(r => r.dataset.label)") == found
         finally:
