@@ -466,6 +466,11 @@ def run_serve(args) -> None:
         raise UserError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: --host {args.host}: the server answers other machines too, without authentication")
+    from .models.registry import list_models
+
+    if source in list_models():
+        say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
+            f"meaningless (pass a trained or converted model for real ones)")
     say(f"loading {source} ...")
     segmenter = Segmenter(open_model(source, onnx=True), device=resolve_device(args.device), precision=args.precision,
                           size=args.size)
