@@ -26,6 +26,7 @@ LAYERS = [
     {"upernet.inference"},
     {"upernet.evaluation"},
     {"upernet.training"},
+    {"upernet.serve"},
     {"upernet.cli"},
 ]
 # Inside the models/data/convert layer: data stands alone, models do not know the converters.

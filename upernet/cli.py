@@ -1,4 +1,4 @@
-"""`upernet predict | train | eval | convert | export | bench | info | plot`.
+"""`upernet predict | train | eval | convert | export | bench | serve | info | plot`.
 
 The command line only turns arguments into objects, calls the library and prints. Every verb that
 takes a model takes it the same way: `--model MODEL` (a registered name, a model folder, a Hugging
@@ -422,6 +422,66 @@ def run_bench(args) -> None:
     print(json.dumps(result, indent=2) if args.json else bench.format_table(result))
 
 
+# ---- serve ----------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an HTTP API and a web page for a model (needs upernet[serve])",
+                       description="Serve a model over HTTP: POST /predict (an image -> JSON in the Hugging Face "
+                                   "inference format, or ?format=labels|overlay for a PNG), GET /info, GET /health, "
+                                   "and a web page at / to try images in a browser. The model is loaded once and "
+                                   "prepared for inference; concurrent same-size images share a forward pass.")
+    add_model(p, positional=True, onnx=True)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=positive_int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, metavar="MB",
+                   help="largest request body accepted (default: %(default)s MB)")
+    p.add_argument("--max-pixels", type=positive_int, default=40_000_000, metavar="N",
+                   help="largest image accepted, width x height, checked before decoding (default: %(default)s)")
+    p.add_argument("--max-queue", type=positive_int, default=16, metavar="N",
+                   help="images waiting for the model at most; more get 503 (default: %(default)s)")
+    p.add_argument("--max-batch", type=positive_int, default=None, metavar="N",
+                   help="same-size images per forward pass at most (default: 4 on a GPU; 1 on CPU, where batching "
+                        "measured slower, see docs/serve.md)")
+    p.add_argument("--size", default=None,
+                   help="resize before inference: 'none', a short side like 512, or a keep-ratio scale like "
+                        "2048x512 (default: the model's test size, else 2048x512)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
+    add_runtime(p)
+    add_dcnv3_kernel(p)
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args) -> None:
+    try:
+        import uvicorn
+
+        from .serve.app import Limits, create_app
+    except ImportError as e:
+        raise UserError(f"upernet serve needs FastAPI and uvicorn ({e}): pip install 'upernet[serve]'") from None
+    from .inference.segmenter import Segmenter
+
+    source = model_source(args)
+    if args.max_upload_mb <= 0:
+        raise UserError(f"--max-upload-mb {args.max_upload_mb}: give a positive size in MB")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        say(f"warning: --host {args.host}: the server answers other machines too, without authentication")
+    from .models.registry import list_models
+
+    if source in list_models():
+        say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
+            f"meaningless (pass a trained or converted model for real ones)")
+    say(f"loading {source} ...")
+    segmenter = Segmenter(open_model(source, onnx=True), device=resolve_device(args.device), precision=args.precision,
+                          size=args.size)
+    batch = args.max_batch or (4 if segmenter.device.type == "cuda" else 1)
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2 ** 20), max_pixels=args.max_pixels,
+                    max_queue=args.max_queue, max_batch=batch)
+    app = create_app(segmenter, limits, name=source)
+    say(f"serving {source} at http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 # ---- info -----------------------------------------------------------------------------------
 def add_info(sub) -> None:
     p = sub.add_parser("info", help="parameters and FLOPs of a model, or the list of registered models",
@@ -480,7 +540,7 @@ def run_plot(args) -> None:
 
 
 # In the README's order.
-COMMANDS = [add_predict, add_train, add_eval, add_convert, add_export, add_bench, add_info, add_plot]
+COMMANDS = [add_predict, add_train, add_eval, add_convert, add_export, add_bench, add_serve, add_info, add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:
