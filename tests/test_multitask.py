@@ -90,7 +90,7 @@ def test_short_multitask_training_run(tmp_path):
     from upernet.training.loop import train
     import upernet
 
-    cfg = load_config("upp_builtin", [
+    cfg = load_config("multitask_builtin", [
         "schedule.iters=6", "data.options.texture_iters=2", "data.options.image_size=48", "data.batch_size=2",
         "val.interval=0", "train.checkpoint_interval=6", "model.args.channels=16", "data.options.val_samples=6"])
     trained = train(cfg, tmp_path / "run", progress=False)
@@ -128,7 +128,7 @@ def test_short_multitask_training_run(tmp_path):
 
     # eval prints the per-task table, from the final model folder or a training checkpoint
 
-    assert main(["eval", "upp_builtin", "data.options.image_size=48", "data.options.val_samples=6",
+    assert main(["eval", "multitask_builtin", "data.options.image_size=48", "data.options.val_samples=6",
                  "--checkpoint", str(tmp_path / "run" / "model"), "--out", str(tmp_path / "eval"),
                  "--precision", "fp32"]) == 0
     metrics = _without_settings(json.loads((tmp_path / "eval" / "metrics.json").read_text()))

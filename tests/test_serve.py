@@ -274,7 +274,7 @@ def test_full_queue_is_503_and_the_server_recovers(segmenter):
 
 
 def test_multitask_model_answers_with_its_object_task():
-    segmenter = Segmenter(tiny_model("upernet_upp_r50").eval(), device="cpu", precision="fp32")
+    segmenter = Segmenter(tiny_model("upernet_multitask_r50").eval(), device="cpu", precision="fp32")
     image = photo(32, 32)
     expected = segmenter(image).tasks["object"]
     with TestClient(create_app(segmenter)) as client:

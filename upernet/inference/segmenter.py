@@ -80,18 +80,22 @@ def overlay_image(
     return out
 
 
-def save_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
-    """Class indices as a palette-mode PNG: the pixel values are the classes, the colours the palette.
+def label_image(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """Class indices as a palette-mode image: the pixel values are the classes, the colours the palette.
 
-    More than 256 classes do not fit a palette; those maps are written as 16-bit grey PNGs.
+    More than 256 classes do not fit a palette; those maps are 16-bit grey images.
     """
     if len(palette) > 256:
-        img = Image.fromarray(labels.astype(np.uint16))
-    else:
-        img = Image.fromarray(labels.astype(np.uint8), mode="P")
-        flat = [int(v) for colour in palette for v in colour]
-        img.putpalette(flat + [0] * (768 - len(flat)))
-    save_png(img, path)
+        return Image.fromarray(labels.astype(np.uint16))
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    flat = [int(v) for colour in palette for v in colour]
+    image.putpalette(flat + [0] * (768 - len(flat)))
+    return image
+
+
+def save_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]], path: str | os.PathLike) -> None:
+    """`label_image` written as a PNG (atomically)."""
+    save_png(label_image(labels, palette), path)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike) -> None:

@@ -34,7 +34,7 @@ from ..data.classes import default_palette
 from ..data.transforms import to_rgb
 from ..errors import UserError
 from ..inference.predict import SAMPLE_IMAGE
-from ..inference.segmenter import Segmentation, Segmenter
+from ..inference.segmenter import Segmentation, Segmenter, label_image
 from .batching import BatchWorker, QueueFull
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -149,12 +149,7 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def label_png(result: Segmentation) -> Image.Image:
     """Class indices as a palette PNG (16-bit grey beyond 256 classes), as `upernet predict` writes them."""
-    if len(result.palette) > 256:
-        return Image.fromarray(result.labels.astype(np.uint16))
-    image = Image.fromarray(result.labels.astype(np.uint8), mode="P")
-    flat = [int(v) for colour in result.palette for v in colour]
-    image.putpalette(flat + [0] * (768 - len(flat)))
-    return image
+    return label_image(result.labels, result.palette)
 
 
 def pipeline_json(result: Segmentation) -> list[dict[str, Any]]:
