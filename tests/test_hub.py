@@ -1,0 +1,232 @@
+"""Hub ids: `load_model("org/name")` through huggingface_hub's real download and cache code.
+
+A small HTTP server on 127.0.0.1 plays the Hub (`HF_ENDPOINT`): it answers the requests
+huggingface_hub makes for `snapshot_download` (repo info, tree listing, HEAD + GET of
+`/resolve/`). Loads run in a subprocess because huggingface_hub reads HF_ENDPOINT, HF_HOME and
+HF_HUB_OFFLINE when it is imported.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import upernet
+from upernet.errors import MissingFile, UserError
+from upernet.loading import hub_id
+
+pytest.importorskip("huggingface_hub")
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    """Serves `self.server.repos` ({"org/name": folder}) at revision "main" / COMMIT."""
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def send(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False) -> None:
+        self.send_response(status)
+        for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+            self.send_header(key, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def json(self, data) -> None:
+        self.send(200, json.dumps(data).encode(), {"Content-Type": "application/json"})
+
+    def answer(self, head: bool) -> None:
+        self.server.requests.append(f"{self.command} {self.path}")
+        parts = [unquote(p) for p in urlparse(self.path).path.strip("/").split("/")]
+        api = parts[0] == "api" and parts[1] == "models"
+        repo = "/".join(parts[2:4] if api else parts[0:2])
+        folder = self.server.repos.get(repo)
+        if folder is None:
+            return self.send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"}, head)
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        if api and parts[4] == "revision":  # repo info
+            return self.json({"id": repo, "modelId": repo, "sha": COMMIT, "private": False,
+                              "siblings": [{"rfilename": f} for f in files]})
+        if api and parts[4] == "tree":  # recursive listing
+            return self.json([{"type": "file", "path": f, "size": (folder / f).stat().st_size,
+                               "oid": hashlib.sha1((folder / f).read_bytes()).hexdigest()} for f in files])
+        if not api and parts[2] == "resolve":
+            file = folder / "/".join(parts[4:])
+            if not file.is_file():
+                return self.send(404, b"", {"X-Error-Code": "EntryNotFound"}, head)
+            body = file.read_bytes()
+            etag = f'"{hashlib.sha1(body).hexdigest()}"'
+            return self.send(200, body, {"X-Repo-Commit": COMMIT, "ETag": etag}, head)
+        self.send(404, b"", {}, head)
+
+    def do_GET(self):
+        self.answer(head=False)
+
+    def do_HEAD(self):
+        self.answer(head=True)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """(server, endpoint URL); `server.repos` maps repo ids to folders."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.repos, server.requests = {}, []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+LOADER = """
+import json, sys
+import upernet
+from upernet.cli import main
+out = {}
+for repo, target in json.loads(sys.argv[1]).items():
+    try:
+        upernet.load_model(repo).save(target)
+        out[repo] = "ok"
+    except upernet.UserError as error:
+        out[repo] = str(error)
+print(json.dumps(out))
+"""
+
+
+def load_in_subprocess(tmp_path: Path, endpoint: str, loads: dict, offline: bool = False) -> dict:
+    """Run `load_model(repo).save(target)` for each item of `loads` with the Hub env set; returns the outcomes."""
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_XET": "1",
+           "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_TOKEN", None)
+    done = subprocess.run([sys.executable, "-c", LOADER, json.dumps(loads)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.slow
+def test_hub_ids_download_then_load_offline(hub, tmp_path):
+    """Our folder and a transformers UperNet repo load by id, then again offline from the cache; an
+    uncached id offline and a repo of neither layout are one-line errors."""
+    server, endpoint = hub
+    ours = tiny_model("upernet_convnext_tiny")
+    ours.meta["class_names"] = ["a", "b", "c", "d", "e"]
+    ours.save(tmp_path / "repo_ours")
+    repos = {"org/ours": tmp_path / "repo_ours"}
+    transformers = None
+    try:
+        import transformers
+    except ImportError:
+        pass
+    if transformers is not None:  # a transformers UperNet repo, as save_pretrained writes it
+        from upernet.loading import save_huggingface
+
+        save_huggingface(tiny_model("upernet_swin_tiny"), tmp_path / "repo_hf")
+        repos["org/hf"] = tmp_path / "repo_hf"
+    (tmp_path / "repo_other").mkdir()
+    (tmp_path / "repo_other" / "config.json").write_text('{"model_type": "segformer"}')
+    repos["org/other"] = tmp_path / "repo_other"
+    server.repos.update(repos)
+
+    online = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "got_ours"),
+                                                     "org/hf": str(tmp_path / "got_hf"),
+                                                     "org/other": str(tmp_path / "got_other"),
+                                                     "org/missing": str(tmp_path / "got_missing")})
+    assert online["org/ours"] == "ok"
+    assert any(r.startswith("GET /org/ours/resolve/") and "model.safetensors" in r for r in server.requests)
+    assert same_weights(upernet.load_model(tmp_path / "got_ours"), ours)
+    assert upernet.load_model(tmp_path / "got_ours").meta["class_names"] == ["a", "b", "c", "d", "e"]
+    assert "org/other: neither an upernet model folder nor a transformers UperNet repo" in online["org/other"]
+    assert "model_type 'segformer'" in online["org/other"]
+    assert "org/missing: no such file or folder, nor a model repo on the Hub" in online["org/missing"]
+    assert all("\n" not in message for message in online.values())
+    if transformers is not None:
+        assert online["org/hf"] == "ok"
+        assert same_weights(upernet.load_model(tmp_path / "got_hf"), upernet.load_model(tmp_path / "repo_hf"))
+
+    server.shutdown()  # offline: the cache alone
+    offline = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "again_ours"),
+                                                      "org/uncached": str(tmp_path / "nothing")}, offline=True)
+    assert offline["org/ours"] == "ok"
+    assert same_weights(upernet.load_model(tmp_path / "again_ours"), ours)
+    message = offline["org/uncached"]
+    assert message.startswith("org/uncached: not in the Hugging Face cache") and "HF_HUB_OFFLINE" in message
+    assert "hf download org/uncached" in message and "\n" not in message
+
+
+def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert hub_id("openmmlab/upernet-convnext-small") == ("openmmlab/upernet-convnext-small", None)
+    assert hub_id("org/name@v1.0") == ("org/name", "v1.0")
+    for path in ("runs/best.pt", "a/b/c", "./x", "/abs/path", "../x/y", "model.onnx", "upernet_r50"):
+        assert hub_id(path) is None
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "local").mkdir()
+    assert hub_id("org/local") is None  # an existing folder is a folder
+
+
+def test_missing_paths_keep_their_message(tmp_path):
+    with pytest.raises(MissingFile, match="nor a registered model name"):
+        upernet.load_model(tmp_path / "missing" / "model.pt")
+
+
+def test_hub_errors_are_one_line(monkeypatch):
+    """huggingface_hub's errors become one UserError line each (no network: snapshot_download is replaced)."""
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    import httpx2
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "http://127.0.0.1/x"))
+    for error, expected in ((GatedRepoError("gated", response=response), "a gated repo"),
+                            (RevisionNotFoundError("no", response=response), "no revision 'v9'")):
+        def fail(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+        with pytest.raises(UserError) as caught:
+            upernet.load_model("org/name", revision="v9")
+        assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_push_to_hub_calls(tmp_path, monkeypatch):
+    """push_to_hub creates the repo and uploads the saved folder (checked at the HfApi boundary)."""
+    import huggingface_hub
+
+    from upernet.loading import push_to_hub
+
+    calls = []
+
+    class Api:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()), kwargs))
+            return "https://hub/commit/1"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    model = tiny_model("upernet_convnext_tiny")
+    assert push_to_hub(model, "me/seg", token="t0k", private=True) == "https://hub/commit/1"
+    assert calls[0] == ("init", "t0k")
+    assert calls[1] == ("create_repo", "me/seg", {"repo_type": "model", "private": True, "exist_ok": True})
+    assert calls[2][1] == ["README.md", "config.json", "model.safetensors"]
+    assert calls[2][2]["repo_id"] == "me/seg" and calls[2][2]["repo_type"] == "model"
+    with pytest.raises(UserError, match="no config.json"):
+        push_to_hub(tmp_path, "me/seg")
