@@ -230,3 +230,23 @@ def test_push_to_hub_calls(tmp_path, monkeypatch):
     assert calls[2][2]["repo_id"] == "me/seg" and calls[2][2]["repo_type"] == "model"
     with pytest.raises(UserError, match="no config.json"):
         push_to_hub(tmp_path, "me/seg")
+
+
+def test_model_card_of_a_run(tmp_path, capsys):
+    """Every saved folder has a README.md; converting a run of ours quotes its recipe and metrics."""
+    from upernet.cli import main
+
+    model = tiny_model("upernet_swin_tiny")
+    model.meta.update(dataset="ade20k", class_names=[f"c{i}" for i in range(5)], test_size="2048x512")
+    run = tmp_path / "run"
+    model.save(run / "model")
+    card = (run / "model" / "README.md").read_text()
+    assert "# upernet_swin_tiny" in card and "4: c4" in card and "value 0 (\"other\") is ignored" in card
+    assert 'upernet.load_model("path/to/this/folder")' in card and "Training recipe" not in card
+    (run / "config.yaml").write_text("model:\n  name: upernet_swin_tiny\noptim:\n  lr: 0.00006\n")
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.json").write_text(json.dumps({"mIoU": 44.5678, "aAcc": 80.0, "per_class": [{"IoU": 1}]}))
+    assert main(["convert", str(run), str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Training recipe" in card and '"lr": 6e-05' in card
+    assert "| mIoU | 44.57 |" in card and "per_class" not in card

@@ -326,7 +326,7 @@ def run_convert(args) -> None:
     src, out = Path(src_text), Path(out_text)
     if src.exists() and out.resolve() == src.resolve():
         raise UserError(f"{out}: the output folder must differ from the source (it would overwrite it)")
-    from .loading import hub_id, is_our_model, save_huggingface
+    from .loading import hub_id, is_our_model, run_record, save_huggingface, save_model
 
     if not src.exists() and hub_id(src_text) is None:
         raise UserError(f"{src}: no such checkpoint file or folder")
@@ -342,10 +342,11 @@ def run_convert(args) -> None:
             model = convert_checkpoint(src, fmt, strict=args.strict == "true", output_stride=args.output_stride)
         finally:
             logging.getLogger("upernet.convert").removeHandler(report)
+    recipe, metrics = run_record(src)  # quoted in the model card when the source is a run of ours
     if args.to == "huggingface":
-        save_huggingface(model, out)
+        save_huggingface(model, out, recipe=recipe, metrics=metrics)
     else:
-        model.save(out)
+        save_model(model, out, recipe=recipe, metrics=metrics)
     params = sum(p.numel() for p in model.parameters())
     print(f"converted {src} ({fmt} format) -> {out}" + (" (transformers UperNet folder)" if args.to == "huggingface" else ""))
     print(f"model: {model.config['name']}, {model.num_classes} classes, {params / 1e6:.2f} M parameters")

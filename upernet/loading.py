@@ -188,11 +188,25 @@ def load_model(source: str | os.PathLike, revision: str | None = None) -> nn.Mod
     return convert_checkpoint(path)
 
 
-def save_huggingface(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_huggingface(model: nn.Module, path: str | os.PathLike, recipe: dict | None = None,
+                     metrics: dict | None = None) -> Path:
     """Write `model` (ConvNeXt or Swin UPerNet) as a transformers UperNet folder; see `convert.to_huggingface`."""
     from .convert.to_huggingface import save_huggingface as write
 
-    return write(model, path)
+    return write(model, path, recipe=recipe, metrics=metrics)
+
+
+def run_record(source: str | os.PathLike) -> tuple[dict | None, dict | None]:
+    """(training recipe, evaluation metrics) of the run a model comes from, each None when unknown:
+    `stored_recipe(source)` and the run's `eval/metrics.json` (of `upernet eval RUN`)."""
+    path = Path(source)
+    if not is_our_model(path):
+        return None, None
+    recipe = stored_recipe(path)
+    folders = [path, path.parent] if path.is_dir() else [path.parent.parent]  # run/, run/model/, run/checkpoints/x.pt
+    found = next((f / "eval" / "metrics.json" for f in folders if (f / "eval" / "metrics.json").is_file()), None)
+    metrics = read_json(found) if found else None
+    return recipe, metrics if isinstance(metrics, dict) else None
 
 
 def stored_recipe(source: str | os.PathLike) -> dict | None:
@@ -211,4 +225,4 @@ def stored_recipe(source: str | os.PathLike) -> dict | None:
     return None
 
 
-__all__ = ["push_to_hub", "save_huggingface", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
+__all__ = ["push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]

@@ -142,12 +142,15 @@ DIFFERENCES = """\
 """
 
 
-def save_huggingface(model: nn.Module, path: str | os.PathLike) -> Path:
+def save_huggingface(model: nn.Module, path: str | os.PathLike, recipe: dict | None = None,
+                     metrics: dict | None = None) -> Path:
     """Write `model` (our UPerNet with a ConvNeXt or Swin backbone) as a transformers UperNet folder.
 
     Args:
         model: built by `build_model`/`load_model` (its `config` names the variant).
         path: the folder (created if needed); returns it.
+        recipe: the training recipe, quoted in the model card.
+        metrics: evaluation results, quoted in the model card.
     """
     try:
         from transformers import UperNetConfig, UperNetForSemanticSegmentation
@@ -163,5 +166,5 @@ def save_huggingface(model: nn.Module, path: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(folder)
     write_json(folder / "preprocessor_config.json", preprocessor_config(model.meta))
-    write_model_card(model, folder, layout="huggingface", notes=DIFFERENCES)
+    write_model_card(model, folder, layout="huggingface", recipe=recipe, metrics=metrics, notes=DIFFERENCES)
     return folder

@@ -77,9 +77,11 @@ def model_card(model: nn.Module, layout: str = "upernet", recipe: dict | None = 
     if meta.get("inference"):
         lines.append(f"- Inference: {json.dumps(meta['inference'])}")
     if recipe:
-        lines += ["", "## Training recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```"]
-    if metrics:
-        lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, default=str), "```"]
+        lines += ["", "## Training recipe", "", "```json", json.dumps(recipe, indent=1, default=str), "```"]
+    scalars = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if scalars:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|",
+                  *[f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]]
     if notes:
         lines += ["", "## Differences from upernet's own pipeline", "", notes.rstrip()]
     lines += ["", "## Use", "", "```python"]
