@@ -8,6 +8,7 @@ HF_HUB_OFFLINE when it is imported.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 import torch
 from conftest import tiny_model
+from safetensors.torch import load_file
 
 import upernet
 from upernet.errors import MissingFile, UserError
@@ -136,7 +138,11 @@ def test_hub_ids_download_then_load_offline(hub, tmp_path):
         from upernet.loading import save_huggingface
 
         save_huggingface(tiny_model("upernet_swin_tiny"), tmp_path / "repo_hf")
-        repos["org/hf"] = tmp_path / "repo_hf"
+        weights = load_file(str(tmp_path / "repo_hf" / "model.safetensors"))
+        torch.save(weights, tmp_path / "repo_hf" / "pytorch_model.bin")  # not fetched: there are safetensors
+        shutil.copytree(tmp_path / "repo_hf", tmp_path / "repo_hf_bin")
+        (tmp_path / "repo_hf_bin" / "model.safetensors").unlink()  # an older repo: pickled weights only
+        repos.update({"org/hf": tmp_path / "repo_hf", "org/hf_bin": tmp_path / "repo_hf_bin"})
     (tmp_path / "repo_other").mkdir()
     (tmp_path / "repo_other" / "config.json").write_text('{"model_type": "segformer"}')
     repos["org/other"] = tmp_path / "repo_other"
@@ -144,6 +150,7 @@ def test_hub_ids_download_then_load_offline(hub, tmp_path):
 
     online = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "got_ours"),
                                                      "org/hf": str(tmp_path / "got_hf"),
+                                                     "org/hf_bin": str(tmp_path / "got_hf_bin"),
                                                      "org/other": str(tmp_path / "got_other"),
                                                      "org/missing": str(tmp_path / "got_missing")})
     assert online["org/ours"] == "ok"
@@ -155,8 +162,10 @@ def test_hub_ids_download_then_load_offline(hub, tmp_path):
     assert "org/missing: no such file or folder, nor a model repo on the Hub" in online["org/missing"]
     assert all("\n" not in message for message in online.values())
     if transformers is not None:
-        assert online["org/hf"] == "ok"
+        assert online["org/hf"] == online["org/hf_bin"] == "ok"
         assert same_weights(upernet.load_model(tmp_path / "got_hf"), upernet.load_model(tmp_path / "repo_hf"))
+        assert same_weights(upernet.load_model(tmp_path / "got_hf_bin"), upernet.load_model(tmp_path / "repo_hf"))
+        assert not any(r.startswith("GET /org/hf/") and "pytorch_model.bin" in r for r in server.requests)
 
     server.shutdown()  # offline: the cache alone
     offline = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "again_ours"),

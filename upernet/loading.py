@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Sequence
 
 from torch import nn
 
@@ -29,9 +30,8 @@ from .models.weights import build_from_config, load_folder, load_state_dict_stri
 MODEL_SOURCES = ("a registered name (upernet list), a model folder, a Hugging Face UperNet folder, a training "
                  "checkpoint (.pt of upernet train), a run folder, a checkpoint `upernet convert` reads, or a Hub "
                  "id org/name")
-# What a Hub repo of either layout needs (weights in any of the forms `convert.huggingface` reads).
-HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-             "preprocessor_config.json", "README.md"]
+# What a Hub repo of either layout needs; pickled `pytorch_model.bin` only when there are no safetensors.
+HUB_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "preprocessor_config.json", "README.md")
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?")
 FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".onnx", ".safetensors", ".json", ".yaml")
 
@@ -98,8 +98,8 @@ def hub_id(text: str) -> tuple[str, str | None] | None:
     return match["repo"], match["revision"]
 
 
-def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
-    """The files of a Hub model repo that a model needs, in huggingface_hub's cache; returns the snapshot folder.
+def download_from_hub(repo_id: str, revision: str | None = None, files: Sequence[str] = HUB_FILES) -> Path:
+    """The `files` (patterns) of a Hub model repo, in huggingface_hub's cache; returns the snapshot folder.
 
     Every failure is one `UserError` line: offline and not cached, unreachable, no such repo or
     revision, gated.
@@ -113,7 +113,7 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
                         f"pip install huggingface_hub") from None
     at = f"@{revision}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             raise UserError(f"{repo_id}{at}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
@@ -140,6 +140,8 @@ def load_from_hub(repo_id: str, revision: str | None = None) -> nn.Module:
     folder = download_from_hub(repo_id, revision)
     config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
     kind = (config.get("format") or config.get("model_type")) if isinstance(config, dict) else None
+    if config is not None and config.get("model_type") == "upernet" and not any(folder.glob("*.safetensors")):
+        download_from_hub(repo_id, revision, ["pytorch_model.bin"])  # an older transformers repo
     if kind != "upernet":
         found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         what = f"config.json of model_type {kind!r}" if config is not None else "no config.json"
