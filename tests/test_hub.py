@@ -167,14 +167,19 @@ def test_hub_ids_download_then_load_offline(hub, tmp_path):
         assert same_weights(upernet.load_model(tmp_path / "got_hf_bin"), upernet.load_model(tmp_path / "repo_hf"))
         assert not any(r.startswith("GET /org/hf/") and "pytorch_model.bin" in r for r in server.requests)
 
-    server.shutdown()  # offline: the cache alone
+    server.shutdown()  # offline: the cache alone (and the port closed: nothing answers)
+    server.server_close()
     offline = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "again_ours"),
                                                       "org/uncached": str(tmp_path / "nothing")}, offline=True)
     assert offline["org/ours"] == "ok"
     assert same_weights(upernet.load_model(tmp_path / "again_ours"), ours)
     message = offline["org/uncached"]
-    assert message.startswith("org/uncached: not in the Hugging Face cache") and "HF_HUB_OFFLINE" in message
+    assert message.startswith("org/uncached: no such local folder, and not in the Hugging Face cache") and "HF_HUB_OFFLINE" in message
     assert "hf download org/uncached" in message and "\n" not in message
+    # the Hub down but not declared offline: the cache still serves, an uncached id says the Hub is unreachable
+    down = load_in_subprocess(tmp_path, endpoint, {"org/ours": str(tmp_path / "third"), "org/uncached": ""})
+    assert down["org/ours"] == "ok"
+    assert down["org/uncached"].startswith("org/uncached: no such local folder; the Hub (http://127.0.0.1:")
 
 
 def test_what_reads_as_a_hub_id(tmp_path, monkeypatch):

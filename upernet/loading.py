@@ -116,10 +116,10 @@ def download_from_hub(repo_id: str, revision: str | None = None, files: Sequence
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            raise UserError(f"{repo_id}{at}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
-                            f"is set; download it first (`hf download {repo_id}`, online) or unset HF_HUB_OFFLINE") from None
-        raise UserError(f"{repo_id}{at}: the Hub ({constants.ENDPOINT}) cannot be reached and the model is not in the "
-                        f"cache ({constants.HF_HUB_CACHE}); connect, or download it where you can "
+            raise UserError(f"{repo_id}{at}: no such local folder, and not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; download it first (`hf download {repo_id}`, online) or unset HF_HUB_OFFLINE") from None
+        raise UserError(f"{repo_id}{at}: no such local folder; the Hub ({constants.ENDPOINT}) cannot be reached and "
+                        f"the model is not in the cache ({constants.HF_HUB_CACHE}); connect, or download it where you can "
                         f"(`hf download {repo_id}`) and copy HF_HOME") from None
     except GatedRepoError:
         raise UserError(f"{repo_id}: a gated repo; accept its conditions on its Hub page and set HF_TOKEN "
