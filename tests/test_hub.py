@@ -217,7 +217,8 @@ def test_hub_errors_are_one_line(monkeypatch):
 
 
 def test_push_to_hub_calls(tmp_path, monkeypatch):
-    """push_to_hub creates the repo and uploads the saved folder (checked at the HfApi boundary)."""
+    """push_to_hub creates the repo and commits the saved folder, its card naming the repo (checked at the
+    HfApi boundary: the upload protocol is too large to fake)."""
     import huggingface_hub
 
     from upernet.loading import push_to_hub
@@ -231,8 +232,10 @@ def test_push_to_hub_calls(tmp_path, monkeypatch):
         def create_repo(self, repo_id, **kwargs):
             calls.append(("create_repo", repo_id, kwargs))
 
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", sorted(p.name for p in Path(kwargs["folder_path"]).iterdir()), kwargs))
+        def create_commit(self, **kwargs):
+            files = {op.path_in_repo: op.path_or_fileobj for op in kwargs["operations"]}
+            contents = {name: data if isinstance(data, bytes) else Path(data).read_bytes() for name, data in files.items()}
+            calls.append(("create_commit", contents, kwargs))
             return "https://hub/commit/1"
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
@@ -240,8 +243,15 @@ def test_push_to_hub_calls(tmp_path, monkeypatch):
     assert push_to_hub(model, "me/seg", token="t0k", private=True) == "https://hub/commit/1"
     assert calls[0] == ("init", "t0k")
     assert calls[1] == ("create_repo", "me/seg", {"repo_type": "model", "private": True, "exist_ok": True})
-    assert calls[2][1] == ["README.md", "config.json", "model.safetensors"]
+    contents = calls[2][1]
+    assert sorted(contents) == ["README.md", "config.json", "model.safetensors"]
+    assert b'upernet.load_model("me/seg")' in contents["README.md"] and b"path/to/this/folder" not in contents["README.md"]
+    assert json.loads(contents["config.json"])["model"] == "upernet_convnext_tiny"
     assert calls[2][2]["repo_id"] == "me/seg" and calls[2][2]["repo_type"] == "model"
+    model.save(tmp_path / "saved")  # a folder: the same files; the folder itself is left as it was
+    push_to_hub(tmp_path / "saved", "me/other")
+    assert b'load_model("me/other")' in calls[-1][1]["README.md"]
+    assert "path/to/this/folder" in (tmp_path / "saved" / "README.md").read_text()
     with pytest.raises(UserError, match="no config.json"):
         push_to_hub(tmp_path, "me/seg")
 

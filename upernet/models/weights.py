@@ -46,6 +46,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, recipe: dict | None = 
 
 
 # ---- the model card (README.md beside the weights) ------------------------------------------------
+CARD_PLACEHOLDER = "path/to/this/folder"  # replaced by the repo id on `push_to_hub`
 LABEL_PROTOCOLS = {
     "ade20k": "ADE20K annotation value 0 (\"other\") is ignored (255); value v is class v-1 (150 classes).",
     "cityscapes": "Cityscapes train ids (19 classes); every other label id is ignored (255).",
@@ -61,7 +62,7 @@ def model_card(model: nn.Module, layout: str = "upernet", recipe: dict | None = 
     name = config.get("name", type(model).__name__)
     classes = meta.get("class_names") or [f"class_{i}" for i in range(getattr(model, "num_classes", 0))]
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    where = repo_id or "path/to/this/folder"
+    where = repo_id or CARD_PLACEHOLDER
     tags = ["image-segmentation", "upernet"] + (["transformers"] if layout == "huggingface" else [])
     lines = ["---", f"library_name: {'transformers' if layout == 'huggingface' else 'upernet'}",
              "pipeline_tag: image-segmentation", "tags:", *[f"- {t}" for t in tags], "---", "",
@@ -115,7 +116,7 @@ def push_to_hub(folder_or_model: str | os.PathLike | nn.Module, repo_id: str, to
     """
     import tempfile
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as scratch:
@@ -125,8 +126,14 @@ def push_to_hub(folder_or_model: str | os.PathLike | nn.Module, repo_id: str, to
             folder = Path(folder_or_model)
             if not (folder / "config.json").is_file():
                 raise UserError(f"{folder}: not a model folder (no config.json); save the model first")
+        # One commit of the folder's files, the model card's "how to load" pointing at the repo.
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in files if p.name != "README.md"]
+        if (folder / "README.md").is_file():
+            card = (folder / "README.md").read_text().replace(CARD_PLACEHOLDER, repo_id)
+            operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+        commit = api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
                                    commit_message="Upload UPerNet model with upernet")
     return str(getattr(commit, "commit_url", commit))
 
