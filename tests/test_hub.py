@@ -274,3 +274,25 @@ def test_model_card_of_a_run(tmp_path, capsys):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Training recipe" in card and '"lr": 6e-05' in card
     assert "| mIoU | 44.57 |" in card and "per_class" not in card
+
+
+def test_revision_reaches_the_download(tmp_path, monkeypatch, capsys):
+    """`--revision` of every verb (and `@rev`, and `revision=`) is what snapshot_download is asked for."""
+    import huggingface_hub
+
+    from upernet.cli import main
+
+    tiny_model("upernet_convnext_tiny").save(tmp_path / "snapshot")
+    asked = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        asked.append((repo_id, revision))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert main(["info", "--model", "org/name", "--revision", "v2"]) == 0
+    assert "org/name@v2" in capsys.readouterr().out
+    upernet.load_model("org/name@v3")
+    upernet.load_model("org/name", revision="abc")
+    assert main(["convert", "org/name", str(tmp_path / "out"), "--revision", "v4"]) == 0
+    assert asked == [("org/name", "v2"), ("org/name", "v3"), ("org/name", "abc"), ("org/name", "v4")]
