@@ -179,7 +179,7 @@ def test_model_weights_get_the_mode_of_config_json(tmp_path):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
-    assert modes == {"config.json": 0o640, "model.safetensors": 0o640}
+    assert modes == {"config.json": 0o640, "model.safetensors": 0o640, "README.md": 0o640}
 
 
 # ---- C: the newcomer's first hour -----------------------------------------------------------------

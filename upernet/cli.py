@@ -19,7 +19,8 @@ from .config import ConfigNote
 from .errors import UserError
 
 MODEL_HELP = ("a registered name (upernet info --list), a model folder, a Hugging Face UperNet folder, a training "
-              "checkpoint (.pt of upernet train), a run folder, or any checkpoint `upernet convert` reads")
+              "checkpoint (.pt of upernet train), a run folder, any checkpoint `upernet convert` reads, or a "
+              "Hugging Face Hub id org/name")
 
 
 # ---- shared options -------------------------------------------------------------------------
@@ -47,6 +48,7 @@ def add_model(p: argparse.ArgumentParser, positional: bool = False, onnx: bool =
         p.add_argument("model_arg", nargs="?", metavar="MODEL", help=what)
     p.add_argument("-m", "--model", *aliases, dest="model", metavar="MODEL",
                    help=what if not positional else "the same as MODEL")
+    p.add_argument("--revision", metavar="REV", help="of a Hub id: branch, tag or commit (default: main)")
 
 
 def add_runtime(p: argparse.ArgumentParser, device: bool = True) -> None:
@@ -70,6 +72,8 @@ def model_source(args: argparse.Namespace, required: bool = True) -> str | None:
         raise UserError(f"two models given ({given[0]} and --model {given[1]}); give one")
     if not given and required:
         raise UserError("no model given: pass --model MODEL (" + MODEL_HELP + ")")
+    if given and getattr(args, "revision", None):  # a Hub id at a revision: org/name@REV
+        return f"{given[0]}@{args.revision}"
     return given[0] if given else None
 
 
@@ -171,7 +175,7 @@ def run_predict(args) -> None:
 
     source = model_source(args)
     device = resolve_device(args.device)
-    if not Path(source).exists() and not source.endswith(".onnx"):
+    if not Path(source).exists() and not source.endswith(".onnx") and "/" not in source:
         say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
             f"meaningless (pass a trained or converted model for real ones)")
     model = open_model(source, onnx=True)
@@ -294,6 +298,9 @@ def add_convert(sub) -> None:
     p.add_argument("out", nargs="?", metavar="OUT", help="output folder")
     p.add_argument("-m", "--model", dest="model", metavar="SRC", help="the same as SRC")
     p.add_argument("--from", dest="fmt", metavar="FORMAT", help="source format (default: detected; see --list-formats)")
+    p.add_argument("--to", choices=("upernet", "huggingface"), default="upernet",
+                   help="huggingface: a transformers UperNet folder (ConvNeXt and Swin models; default: %(default)s)")
+    p.add_argument("--revision", metavar="REV", help="of a Hub id SRC: branch, tag or commit (default: main)")
     p.add_argument("--list-formats", action="store_true", help="list the formats and what they convert")
     p.add_argument("--strict", choices=("true", "false"), default="true",
                    help="false: load what fits and print every skipped or missing key (default: %(default)s)")
@@ -319,11 +326,13 @@ def run_convert(args) -> None:
     src, out = Path(src_text), Path(out_text)
     if src.exists() and out.resolve() == src.resolve():
         raise UserError(f"{out}: the output folder must differ from the source (it would overwrite it)")
-    if not src.exists():
-        raise UserError(f"{src}: no such checkpoint file or folder")
-    from .loading import is_our_model
+    from .loading import hub_id, is_our_model, run_record, save_huggingface, save_model
 
-    if args.fmt is None and is_our_model(src):  # ours already, or a training checkpoint / run folder
+    if not src.exists() and hub_id(src_text) is None:
+        raise UserError(f"{src}: no such checkpoint file or folder")
+    if not src.exists():  # a Hub id
+        model, fmt = open_model(src_text + (f"@{args.revision}" if args.revision else "")), "hub"
+    elif args.fmt is None and is_our_model(src):  # ours already, or a training checkpoint / run folder
         model, fmt = open_model(str(src)), "upernet"
     else:
         fmt = args.fmt or detect_format(src)
@@ -333,9 +342,13 @@ def run_convert(args) -> None:
             model = convert_checkpoint(src, fmt, strict=args.strict == "true", output_stride=args.output_stride)
         finally:
             logging.getLogger("upernet.convert").removeHandler(report)
-    model.save(out)
+    recipe, metrics = run_record(src)  # quoted in the model card when the source is a run of ours
+    if args.to == "huggingface":
+        save_huggingface(model, out, recipe=recipe, metrics=metrics)
+    else:
+        save_model(model, out, recipe=recipe, metrics=metrics)
     params = sum(p.numel() for p in model.parameters())
-    print(f"converted {src} ({fmt} format) -> {out}")
+    print(f"converted {src} ({fmt} format) -> {out}" + (" (transformers UperNet folder)" if args.to == "huggingface" else ""))
     print(f"model: {model.config['name']}, {model.num_classes} classes, {params / 1e6:.2f} M parameters")
 
 

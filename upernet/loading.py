@@ -6,7 +6,9 @@
 - a training checkpoint of `upernet train` (`runs/x/checkpoints/best.pt`, `iter_*.pt`);
 - a run folder of `upernet train` (its final `model/`, else `checkpoints/best.pt`, else the newest
   `iter_*.pt`);
-- any checkpoint `upernet convert` reads (mmsegmentation, InternImage, sssegmentation, CSAIL, smp).
+- any checkpoint `upernet convert` reads (mmsegmentation, InternImage, sssegmentation, CSAIL, smp);
+- a Hugging Face Hub id (`org/name`, `org/name@revision`) of either folder layout above, downloaded
+  through `huggingface_hub` (its cache, `HF_HOME`, `HF_HUB_OFFLINE`, `HF_ENDPOINT`, `HF_TOKEN`).
 
 This module sits on top of the model layer: it knows our format, training checkpoints and the
 converters, and nothing above them.
@@ -14,17 +16,24 @@ converters, and nothing above them.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Sequence
 
 from torch import nn
 
 from .errors import MissingFile, UserError
 from .io import load_torch_file, read_json
 from .models.registry import build_model, list_models
-from .models.weights import build_from_config, load_folder, load_state_dict_strict, save_model
+from .models.weights import build_from_config, load_folder, load_state_dict_strict, push_to_hub, save_model
 
 MODEL_SOURCES = ("a registered name (upernet list), a model folder, a Hugging Face UperNet folder, a training "
-                 "checkpoint (.pt of upernet train), a run folder, or a checkpoint `upernet convert` reads")
+                 "checkpoint (.pt of upernet train), a run folder, a checkpoint `upernet convert` reads, or a Hub "
+                 "id org/name")
+# What a Hub repo of either layout needs; pickled `pytorch_model.bin` only when there are no safetensors.
+HUB_FILES = ("config.json", "*.safetensors", "model.safetensors.index.json", "preprocessor_config.json", "README.md")
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?")
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".onnx", ".safetensors", ".json", ".yaml")
 
 
 def is_training_checkpoint(content: object) -> bool:
@@ -81,13 +90,81 @@ def is_our_model(path: str | os.PathLike) -> bool:
     return False
 
 
-def load_model(source: str | os.PathLike) -> nn.Module:
-    """The model `source` names, in eval mode; see the module docstring for what `source` may be."""
+def hub_id(text: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) if `text` reads as a Hub id `org/name[@revision]` rather than a file path."""
+    match = HUB_ID.fullmatch(text)
+    if not match or Path(text).exists() or text.lower().endswith(FILE_SUFFIXES) or ".." in text:
+        return None
+    return match["repo"], match["revision"]
+
+
+def download_from_hub(repo_id: str, revision: str | None = None, files: Sequence[str] = HUB_FILES) -> Path:
+    """The `files` (patterns) of a Hub model repo, in huggingface_hub's cache; returns the snapshot folder.
+
+    Every failure is one `UserError` line: offline and not cached, unreachable, no such repo or
+    revision, gated.
+    """
+    try:
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError:
+        raise UserError(f"{repo_id}: loading a model from the Hugging Face Hub needs huggingface_hub: "
+                        f"pip install huggingface_hub") from None
+    at = f"@{revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(files)))
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            raise UserError(f"{repo_id}{at}: no such local folder, and not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; download it first (`hf download {repo_id}`, online) or unset HF_HUB_OFFLINE") from None
+        raise UserError(f"{repo_id}{at}: no such local folder; the Hub ({constants.ENDPOINT}) cannot be reached and "
+                        f"the model is not in the cache ({constants.HF_HUB_CACHE}); connect, or download it where you can "
+                        f"(`hf download {repo_id}`) and copy HF_HOME") from None
+    except GatedRepoError:
+        raise UserError(f"{repo_id}: a gated repo; accept its conditions on its Hub page and set HF_TOKEN "
+                        f"(or `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise UserError(f"{repo_id}: no revision {revision!r} on the Hub; give a branch, tag or commit "
+                        f"that exists") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id}: no such file or folder, nor a model repo on the Hub ({constants.ENDPOINT}); "
+                        f"check the name, or set HF_TOKEN if it is private") from None
+    except HfHubHTTPError as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(f"{repo_id}: the Hub refused the download ({first_line})") from None
+
+
+def load_from_hub(repo_id: str, revision: str | None = None) -> nn.Module:
+    """Our model folder or a transformers UperNet repo on the Hub, downloaded (or taken from the cache) and loaded."""
+    folder = download_from_hub(repo_id, revision)
+    config = read_json(folder / "config.json") if (folder / "config.json").is_file() else None
+    kind = (config.get("format") or config.get("model_type")) if isinstance(config, dict) else None
+    if config is not None and config.get("model_type") == "upernet" and not any(folder.glob("*.safetensors")):
+        download_from_hub(repo_id, revision, ["pytorch_model.bin"])  # an older transformers repo
+    if kind != "upernet":
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        what = f"config.json of model_type {kind!r}" if config is not None else "no config.json"
+        raise UserError(f"{repo_id}: neither an upernet model folder nor a transformers UperNet repo (found "
+                        f"{what}; files {', '.join(found) or 'none'})")
+    return load_model(folder)
+
+
+def load_model(source: str | os.PathLike, revision: str | None = None) -> nn.Module:
+    """The model `source` names, in eval mode; see the module docstring for what `source` may be.
+
+    Args:
+        source: a path, a registered name or a Hub id (`org/name`, or `org/name@revision`).
+        revision: of a Hub id: a branch, tag or commit (overrides an `@revision` in `source`).
+    """
     text = str(source)
     path = Path(source)
     if not path.exists():
         if text in list_models():
             return build_model(text).eval()
+        hub = hub_id(text)
+        if hub:
+            return load_from_hub(hub[0], revision or hub[1])
         raise MissingFile(f"{text}: no such file or folder, nor a registered model name; give {MODEL_SOURCES}")
     if path.is_dir():
         if (path / "config.json").is_file():
@@ -113,6 +190,27 @@ def load_model(source: str | os.PathLike) -> nn.Module:
     return convert_checkpoint(path)
 
 
+def save_huggingface(model: nn.Module, path: str | os.PathLike, recipe: dict | None = None,
+                     metrics: dict | None = None) -> Path:
+    """Write `model` (ConvNeXt or Swin UPerNet) as a transformers UperNet folder; see `convert.to_huggingface`."""
+    from .convert.to_huggingface import save_huggingface as write
+
+    return write(model, path, recipe=recipe, metrics=metrics)
+
+
+def run_record(source: str | os.PathLike) -> tuple[dict | None, dict | None]:
+    """(training recipe, evaluation metrics) of the run a model comes from, each None when unknown:
+    `stored_recipe(source)` and the run's `eval/metrics.json` (of `upernet eval RUN`)."""
+    path = Path(source)
+    if not is_our_model(path):
+        return None, None
+    recipe = stored_recipe(path)
+    folders = [path, path.parent] if path.is_dir() else [path.parent.parent]  # run/, run/model/, run/checkpoints/x.pt
+    found = next((f / "eval" / "metrics.json" for f in folders if (f / "eval" / "metrics.json").is_file()), None)
+    metrics = read_json(found) if found else None
+    return recipe, metrics if isinstance(metrics, dict) else None
+
+
 def stored_recipe(source: str | os.PathLike) -> dict | None:
     """The training recipe (as a plain dict) stored with a model, if there is one: the `config` of a
     training checkpoint, the `config.yaml` of a run folder or of the run a `model/` folder belongs to."""
@@ -129,4 +227,4 @@ def stored_recipe(source: str | os.PathLike) -> dict | None:
     return None
 
 
-__all__ = ["stored_recipe", "load_model", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
+__all__ = ["push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]

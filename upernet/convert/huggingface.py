@@ -80,7 +80,7 @@ SWIN_RULES: list[Rule] = [
 
 BACKBONES = {"convnext": CONVNEXT_RULES, "swin": SWIN_RULES}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
 def detect(path: Path) -> bool:
@@ -202,8 +202,8 @@ def convert_huggingface(path: Path, strict: bool = True) -> UPerNet:
     bb = config.get("backbone_config") or {}
     family = bb.get("model_type")
     _require(family in BACKBONES, config_file, f"backbone model_type {family!r} is not supported (supported: {', '.join(BACKBONES)})")
-    out_features = bb.get("out_features") or _STAGES
-    _require(list(out_features) == _STAGES, config_file, f"backbone out_features {out_features} must be {_STAGES}")
+    out_features = bb.get("out_features") or STAGES
+    _require(list(out_features) == STAGES, config_file, f"backbone out_features {out_features} must be {STAGES}")
 
     name, backbone_args = (_convnext_args if family == "convnext" else _swin_args)(bb, config_file)
     stage3_channels = (backbone_args["dims"][2] if family == "convnext" else backbone_args["embed_dim"] * 4)
