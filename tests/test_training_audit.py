@@ -44,6 +44,8 @@ def test_trained_model_and_its_checkpoints_carry_the_test_time_protocol(tmp_path
         assert {k: meta[k] for k in expected} == expected, source
     state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert state["model_config"]["name"] == "upernet_timm" and state["meta"]["class_names"][0] == "sky"
+    card = (tmp_path / "run" / "model" / "README.md").read_text()  # the card quotes the recipe and metrics
+    assert "## Training recipe" in card and "mIoU" in card
     train(tiny("data.scale=null"), tmp_path / "none", progress=False)
     meta = upernet.load_model(tmp_path / "none" / "model").meta
     assert meta["test_size"] == "none" and meta["inference"] == {"mode": "whole"}

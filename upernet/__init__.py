@@ -18,6 +18,8 @@ _EXPORTS = {
     "list_models": "upernet.models.registry",
     "load_model": "upernet.loading",
     "save_model": "upernet.loading",
+    "save_huggingface": "upernet.loading",
+    "push_to_hub": "upernet.loading",
     "UserError": "upernet.errors",
     "Segmenter": "upernet.inference.segmenter",
 }

@@ -39,7 +39,7 @@ from ..config import (Config, ROOTLESS_KINDS, config_from_dict, dump_config, loa
 from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
                            prepare_model)
 from ..io import write_text
-from ..models.weights import load_state_dict_strict
+from ..models.weights import load_state_dict_strict, save_model
 from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, remove_stale_temp_files, rng_state,
                          save_checkpoint, set_rng_state)
 from .optim import PolySchedule, build_optimizer
@@ -415,7 +415,7 @@ def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress:
         bar.close()
         log.close()
 
-    if result["iteration"] == task.total_iters and info.is_main:
-        model.save(run_dir / "model")
+    if result["iteration"] == task.total_iters and info.is_main:  # the model card quotes recipe and last metrics
+        save_model(model, run_dir / "model", recipe=to_dict(cfg), metrics=result["val"])
     barrier(info)
     return result
