@@ -154,3 +154,9 @@ def test_config_notes_are_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_info", lambda args: note("data.options.image_size belongs to data.kind=synthetic; dropped"))
     assert main(["info", "--list"]) == 0
     assert capsys.readouterr().err.strip() == "upernet info: note: data.options.image_size belongs to data.kind=synthetic; dropped"
+
+
+def test_eval_of_a_run_folder_writes_into_it(stopped_run, tmp_path):
+    assert main(["eval", "--model", str(stopped_run), "--precision", "fp32", "--max-images", "2"]) == 0
+    assert (stopped_run / "eval" / "metrics.json").is_file()
+    assert not (stopped_run.parent / "eval").exists()

@@ -206,8 +206,11 @@ def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]
 
 # ---- `upernet eval` -------------------------------------------------------------------------
 def default_out(checkpoint: str | os.PathLike) -> Path:
-    """`<run>/eval` for `<run>/model` or `<run>/checkpoints/x.pt`; else `eval` beside the checkpoint."""
-    parent = Path(checkpoint).resolve().parent
+    """`<run>/eval` for a run folder, `<run>/model` or `<run>/checkpoints/x.pt`; else `eval` beside the checkpoint."""
+    path = Path(checkpoint).resolve()
+    if path.is_dir() and ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()):
+        return path / "eval"  # a run folder
+    parent = path.parent
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
 
 
