@@ -250,7 +250,7 @@ def add_eval(sub) -> None:
                         "built-in one; a key=value here is taken as an override)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. data.root=...")
     add_model(p, onnx=True, aliases=("--checkpoint",))
-    p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the recipe's val.mode)")
+    p.add_argument("--mode", choices=("whole", "slide"), help="inference mode (default: the model's own, else the recipe's val.mode)")
     p.add_argument("--multi-scale", action="store_true", help="average scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
