@@ -83,8 +83,11 @@ def test_training_checkpoint_and_stopped_run_accepted_everywhere(stopped_run, im
     original = upernet.load_model(checkpoint)
     for key, value in original.state_dict().items():
         assert torch.equal(value, converted.state_dict()[key]), key
+    capsys.readouterr()
     assert main(["export", "--model", str(checkpoint), str(tmp_path / "m.onnx"), "--shape", "32", "32"]) == 0
     assert (tmp_path / "m.onnx").is_file()
+    progress = capsys.readouterr().err  # the ~30 s of export and check are not silent
+    assert "exporting" in progress and "checking onnxruntime against PyTorch" in progress
     assert main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "e"), "--precision", "fp32"]) == 0
     assert "mIoU" in json.loads((tmp_path / "e" / "metrics.json").read_text())
 
