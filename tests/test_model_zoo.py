@@ -90,6 +90,7 @@ def test_hugging_face_repos_are_rows_with_a_hub_convert_command(zoo):
     # transformers' scripts: ConvNeXt-B is the 512x512 row, Swin-B the window-12 ImageNet-22K one
     assert hub_rows["openmmlab/upernet-convnext-base"].checkpoint.endswith("_20220227_181227-02a24fc6.pth")
     assert hub_rows["openmmlab/upernet-swin-base"].recipe == "upernet_swin_base_in22k_ade20k_512x512_160k"
+    assert hub_rows["openmmlab/upernet-swin-large"].checkpoint.endswith("_20220318_091743-9ba68901.pth")
     row = zoo.build_row(hub_rows["openmmlab/upernet-convnext-small"])
     convert, *evals = zoo.hub_commands(row)
     assert convert == "upernet convert openmmlab/upernet-convnext-small models/upernet_convnext_small_ade20k_512x512_160k"

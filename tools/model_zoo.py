@@ -162,6 +162,15 @@ PUBLISHED: list[Published] = [
               "upernet_swin_base_patch4_window12_512x512_160k_ade20k_pretrain_384x384_22K_20210531_125459-429057bf.pth",
               50.76, 52.4, 121, 1188, stats_source=SWIN_PAPER + " (its Swin-B row has window 7: 1.5% fewer MACs)",
               hub_id="openmmlab/upernet-swin-base"),
+    # Swin-L: the Swin paper's Swin-L row trains at 640x640 and states 3230G FLOPs, not comparable: params only
+    Published("upernet_swin_large_w7_ade20k_512x512_160k", "mmsegmentation",
+              "configs/swin/swin-large-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py",
+              "upernet_swin_large_patch4_window7_512x512_pretrain_224x224_22K_160k_ade20k_20220318_015320-48d180dd.pth",
+              51.17, 52.99, 234, stats_source=SWIN_PAPER),
+    Published("upernet_swin_large_ade20k_512x512_160k", "mmsegmentation",
+              "configs/swin/swin-large-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py",
+              "upernet_swin_large_patch4_window12_512x512_pretrain_384x384_22K_160k_ade20k_20220318_091743-9ba68901.pth",
+              52.25, 54.12, 234, stats_source=SWIN_PAPER, hub_id="openmmlab/upernet-swin-large"),
     # mmsegmentation's ConvNeXt rows (configs/convnext/README.md); parameters and FLOPs from the ConvNeXt paper
     Published("upernet_convnext_tiny_ade20k_512x512_160k", "mmsegmentation",
               "configs/convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py",
@@ -204,11 +213,12 @@ PUBLISHED: list[Published] = [
               "segmentation/configs/ade20k/upernet_internimage_xl_640_160k_ade20k.py",
               "upernet_internimage_xl_640_160k_ade20k.pth", 55.0, 55.3, 368, 3142, (640, 2560), INTERNIMAGE),
 ]
-SOURCES = {"sssegmentation": SSSEG, "mmsegmentation": MMSEG + " (and configs/swin, configs/convnext)",
+SOURCES = {"sssegmentation": SSSEG, "mmsegmentation": MMSEG + " (and configs/swin, configs/convnext: it publishes no "
+           "ConvNeXt-B ImageNet-22K row at 512x512)",
            "InternImage": INTERNIMAGE}
-# The openmmlab/upernet-* Hub repos: transformers' conversions of mmsegmentation's checkpoints. Each one is
-# the `hub_id` of the row whose file it converted; these have no row yet.
-HUB_WITHOUT_ROW = ["openmmlab/upernet-swin-large"]
+# The openmmlab/upernet-* Hub repos (transformers' conversions of mmsegmentation's checkpoints) are each the
+# `hub_id` of the row whose file they converted; these have no row.
+HUB_WITHOUT_ROW: list[str] = []
 
 
 @dataclass
