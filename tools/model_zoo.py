@@ -74,8 +74,10 @@ INTERNIMAGE = "OpenGVLab/InternImage segmentation/README.md"
 CONVNEXT_PAPER = "ConvNeXt paper (Liu et al. 2022), Table 4"
 SWIN_PAPER = "Swin Transformer paper (Liu et al. 2021), Table 3"
 
-ALIGN_NOTE = ("`upernet convert` does not read `align_corners` from the checkpoint's config text: the converted model "
-              "resizes with align_corners=False, the published run with True; expect a small mIoU difference.")
+ALIGN_NOTE = ("`upernet convert` reads `align_corners=True` from the decode head of the config text the checkpoint's "
+              "meta carries: the converted model resizes with it in the head and on the logits, as the published run "
+              "and this recipe do. A file stripped of that meta converts with align_corners=False (expect a small "
+              "mIoU difference).")
 
 
 def _ssseg_rows() -> list[Published]:
