@@ -50,15 +50,15 @@ BN = dict(type="BN", requires_grad=True)
 LOSS = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)
 
 
-def heads(in_channels: list[int], channels: int = 32) -> dict:
+def heads(in_channels: list[int], channels: int = 32, align_corners: bool = False) -> dict:
     """UPerHead + FCN auxiliary head as in mmsegmentation's _base_/models/upernet_*.py (narrower)."""
     return dict(
         decode_head=dict(type="UPerHead", in_channels=in_channels, in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
-                         channels=channels, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=BN, align_corners=False,
-                         loss_decode=LOSS),
+                         channels=channels, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=BN,
+                         align_corners=align_corners, loss_decode=LOSS),
         auxiliary_head=dict(type="FCNHead", in_channels=in_channels[2], in_index=2, channels=channels // 2, num_convs=1,
                             concat_input=False, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=BN,
-                            align_corners=False, loss_decode=LOSS),
+                            align_corners=align_corners, loss_decode=LOSS),
     )
 
 
@@ -76,8 +76,9 @@ SWIN = dict(type="SwinTransformer", pretrain_img_size=224, embed_dims=32, patch_
             act_cfg=dict(type="GELU"), norm_cfg=dict(type="LN", requires_grad=True))
 
 
-def build_mmseg(models, backbone: dict, in_channels: list[int]) -> torch.nn.Module:
-    cfg = dict(type="EncoderDecoder", backbone=backbone, **heads(in_channels), train_cfg=dict(), test_cfg=dict(mode="whole"))
+def build_mmseg(models, backbone: dict, in_channels: list[int], align_corners: bool = False) -> torch.nn.Module:
+    cfg = dict(type="EncoderDecoder", backbone=backbone, **heads(in_channels, align_corners=align_corners),
+               train_cfg=dict(), test_cfg=dict(mode="whole"))
     return randomise(models.build(cfg), seed=7)
 
 
@@ -122,6 +123,48 @@ def test_mmseg_matches_their_model(mmseg_models, tmp_path, case):
     assert aux_diff <= 1e-4
     if "CLASSES" in meta:
         assert ours.meta["class_names"] == meta["CLASSES"] and ours.meta["palette"] == meta["PALETTE"]
+
+
+def config_text(align_corners: bool) -> str:
+    """The config text an mmsegmentation checkpoint's meta carries, as in its *_769x769_* Cityscapes configs
+    (align_corners=True in both heads) or the others (False); the auxiliary head's setting comes after."""
+    return ("norm_cfg = dict(type='SyncBN', requires_grad=True)\nmodel = dict(\n    type='EncoderDecoder',\n"
+            "    backbone=dict(type='mmpretrain.ConvNeXt', out_indices=[0, 1, 2, 3]),\n"
+            "    decode_head=dict(\n        type='UPerHead', in_channels=[16, 32, 64, 128], pool_scales=(1, 2, 3, 6),\n"
+            "        norm_cfg=dict(type='SyncBN', requires_grad=True),\n"
+            f"        align_corners={align_corners},\n"
+            "        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),\n"
+            "    auxiliary_head=dict(type='FCNHead', in_channels=64, align_corners=True),\n"
+            "    test_cfg=dict(mode='slide', crop_size=(769, 769), stride=(513, 513)))\n")
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_mmseg_align_corners_is_read_from_the_config_text(mmseg_models, tmp_path, align_corners):
+    """mmsegmentation's 769x769 Cityscapes checkpoints resize with align_corners=True in the decode head and on
+    the logits: the config text in their meta says so, the converted model (and its saved folder) does the
+    same and matches their logits; without that text the model resizes as the others (False)."""
+    from upernet import load_model, save_model
+
+    theirs = build_mmseg(mmseg_models, CONVNEXT, [16, 32, 64, 128], align_corners=align_corners)
+    path = tmp_path / "upernet_convnext_769x769.pth"
+    torch.save({"meta": {"config": config_text(align_corners)}, "state_dict": theirs.state_dict()}, path)
+    ours = convert_checkpoint(path)
+    assert ours.decode_head.align_corners is align_corners and ours.output_align_corners is align_corners
+    save_model(ours, tmp_path / "ours")
+    reloaded = load_model(tmp_path / "ours")
+    assert reloaded.decode_head.align_corners is align_corners and reloaded.output_align_corners is align_corners
+
+    images = torch.randn(1, 3, 70, 90, generator=torch.Generator().manual_seed(0))
+    expected = mmseg_logits(theirs, images)
+    with torch.no_grad():
+        assert (reloaded(images)["out"] - expected).abs().max().item() <= 1e-4
+    torch.save({"meta": {}, "state_dict": theirs.state_dict()}, path)  # no config text: the default
+    unaligned = convert_checkpoint(path)
+    assert unaligned.decode_head.align_corners is False and unaligned.output_align_corners is False
+    if align_corners:
+        with torch.no_grad():
+            assert (unaligned(images)["out"] - expected).abs().max().item() > 1e-3
 
 
 @pytest.mark.peers
@@ -206,7 +249,7 @@ def test_every_published_resnet_checkpoint_converts_without_an_option(mmseg_resn
 @pytest.mark.peers
 @pytest.mark.parametrize("name, case", [
     ("upernet_convnext_tiny_fp16_512x512_160k_ade20k_20220227_124553-cad485de.pth", "convnext"),
-    ("upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-b0d75c08.pth", "swin"),
+    ("upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-e380ad3e.pth", "swin"),
 ])
 def test_published_convnext_and_swin_names_convert_without_an_option(mmseg_models, tmp_path, name, case):
     """The published names carry no option the converter needs: the layout is read from the weights."""

@@ -75,3 +75,26 @@ def test_every_recipe_header_names_its_published_row(zoo):
         assert f"{row.miou:.2f}" in header or f"{row.miou:g}" in header, path.name
         assert row.checkpoint in header and row.config.rsplit("/", 1)[-1] in header, path.name
         assert "Differs:" in header, path.name
+
+
+def test_hugging_face_repos_are_rows_with_a_hub_convert_command(zoo):
+    """Each openmmlab/upernet-* repo is transformers' conversion of one published mmsegmentation file: it is
+    the `hub_id` of that row (so the row's params/MACs check covers it) and the row's commands convert the
+    Hub id directly, then evaluate as the published file's commands do."""
+    hub_rows = {p.hub_id: p for p in zoo.PUBLISHED if p.hub_id}
+    expected = {f"openmmlab/upernet-convnext-{size}" for size in ("tiny", "small", "base", "large", "xlarge")}
+    expected |= {f"openmmlab/upernet-swin-{size}" for size in ("tiny", "small", "base", "large")}
+    assert len(hub_rows) == len([p for p in zoo.PUBLISHED if p.hub_id]), "two rows name the same Hub repo"
+    assert set(hub_rows) | set(zoo.HUB_WITHOUT_ROW) == expected and not set(hub_rows) & set(zoo.HUB_WITHOUT_ROW)
+    assert all(p.source == "mmsegmentation" for p in hub_rows.values())
+    # transformers' scripts: ConvNeXt-B is the 512x512 row, Swin-B the window-12 ImageNet-22K one
+    assert hub_rows["openmmlab/upernet-convnext-base"].checkpoint.endswith("_20220227_181227-02a24fc6.pth")
+    assert hub_rows["openmmlab/upernet-swin-base"].recipe == "upernet_swin_base_in22k_ade20k_512x512_160k"
+    assert hub_rows["openmmlab/upernet-swin-large"].checkpoint.endswith("_20220318_091743-9ba68901.pth")
+    row = zoo.build_row(hub_rows["openmmlab/upernet-convnext-small"])
+    convert, *evals = zoo.hub_commands(row)
+    assert convert == "upernet convert openmmlab/upernet-convnext-small models/upernet_convnext_small_ade20k_512x512_160k"
+    assert evals == zoo.eval_commands(row) and len(evals) == 2
+    page = zoo.PAGE.read_text()
+    assert all(f"upernet convert {hub} models/{p.recipe}" in page for hub, p in hub_rows.items())
+    assert zoo.hub_commands(zoo.build_row(next(p for p in zoo.PUBLISHED if not p.hub_id))) == []

@@ -50,6 +50,8 @@ class Published:
         flops_shape: (H, W) the published FLOPs were counted at.
         stats_source: where the parameters and FLOPs are published.
         note: what a user checking this row must know (shown under its commands).
+        hub_id: the Hugging Face Hub repo holding this row's checkpoint in the transformers layout (the
+            transformers conversion script names the published file it converted), or "".
     """
 
     recipe: str
@@ -63,6 +65,7 @@ class Published:
     flops_shape: tuple[int, int] = (512, 2048)
     stats_source: str = ""
     note: str = ""
+    hub_id: str = ""
 
 
 SSSEG = "SegmentationBLWX/sssegmentation docs/modelzoo/upernet/README.md"
@@ -71,8 +74,10 @@ INTERNIMAGE = "OpenGVLab/InternImage segmentation/README.md"
 CONVNEXT_PAPER = "ConvNeXt paper (Liu et al. 2022), Table 4"
 SWIN_PAPER = "Swin Transformer paper (Liu et al. 2021), Table 3"
 
-ALIGN_NOTE = ("`upernet convert` does not read `align_corners` from the checkpoint's config text: the converted model "
-              "resizes with align_corners=False, the published run with True; expect a small mIoU difference.")
+ALIGN_NOTE = ("`upernet convert` reads `align_corners=True` from the decode head of the config text the checkpoint's "
+              "meta carries: the converted model resizes with it in the head and on the logits, as the published run "
+              "and this recipe do. A file stripped of that meta converts with align_corners=False (expect a small "
+              "mIoU difference).")
 
 
 def _ssseg_rows() -> list[Published]:
@@ -136,41 +141,51 @@ PUBLISHED: list[Published] = [
     # mmsegmentation's Swin rows (configs/swin/README.md); parameters and FLOPs from the Swin paper
     Published("upernet_swin_tiny_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-b0d75c08.pth",
-              44.41, None, 60, 945, stats_source=SWIN_PAPER),
+              "upernet_swin_tiny_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210531_112542-e380ad3e.pth",
+              44.41, 45.79, 60, 945, stats_source=SWIN_PAPER, hub_id="openmmlab/upernet-swin-tiny"),
     Published("upernet_swin_small_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-small-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192015-1721882d.pth",
-              47.72, None, 81, 1038, stats_source=SWIN_PAPER),
+              "upernet_swin_small_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192015-ee2fff1c.pth",
+              47.72, 49.24, 81, 1038, stats_source=SWIN_PAPER, hub_id="openmmlab/upernet-swin-small"),
     Published("upernet_swin_base_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-base-patch4-window12-in1k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_base_patch4_window12_512x512_160k_ade20k_pretrain_384x384_1K_20210531_132020-3794a3a4.pth",
-              48.35, None, 121, 1188, stats_source=SWIN_PAPER + " (its Swin-B row has window 7: 1.5% fewer MACs)"),
+              "upernet_swin_base_patch4_window12_512x512_160k_ade20k_pretrain_384x384_1K_20210531_132020-05b22ea4.pth",
+              48.35, 49.65, 121, 1188, stats_source=SWIN_PAPER + " (its Swin-B row has window 7: 1.5% fewer MACs)"),
     Published("upernet_swin_base_w7_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-base-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192340-b786336e.pth",
-              47.99, None, 121, 1188, stats_source=SWIN_PAPER),
+              "upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_1K_20210526_192340-593b0e13.pth",
+              47.99, 49.57, 121, 1188, stats_source=SWIN_PAPER),
     Published("upernet_swin_base_w7_in22k_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-base-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_22K_20210526_211650-7e559c24.pth",
-              50.31, None, 121, 1188, stats_source=SWIN_PAPER),
+              "upernet_swin_base_patch4_window7_512x512_160k_ade20k_pretrain_224x224_22K_20210526_211650-762e2178.pth",
+              50.31, 51.9, 121, 1188, stats_source=SWIN_PAPER),
     Published("upernet_swin_base_in22k_ade20k_512x512_160k", "mmsegmentation",
               "configs/swin/swin-base-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py",
-              "upernet_swin_base_patch4_window12_512x512_160k_ade20k_pretrain_384x384_22K_20210531_125459-791f358b.pth",
-              50.76, None, 121, 1188, stats_source=SWIN_PAPER + " (its Swin-B row has window 7: 1.5% fewer MACs)"),
+              "upernet_swin_base_patch4_window12_512x512_160k_ade20k_pretrain_384x384_22K_20210531_125459-429057bf.pth",
+              50.76, 52.4, 121, 1188, stats_source=SWIN_PAPER + " (its Swin-B row has window 7: 1.5% fewer MACs)",
+              hub_id="openmmlab/upernet-swin-base"),
+    # Swin-L: the Swin paper's Swin-L row trains at 640x640 and states 3230G FLOPs, not comparable: params only
+    Published("upernet_swin_large_w7_ade20k_512x512_160k", "mmsegmentation",
+              "configs/swin/swin-large-patch4-window7-in22k-pre_upernet_8xb2-160k_ade20k-512x512.py",
+              "upernet_swin_large_patch4_window7_512x512_pretrain_224x224_22K_160k_ade20k_20220318_015320-48d180dd.pth",
+              51.17, 52.99, 234, stats_source=SWIN_PAPER),
+    Published("upernet_swin_large_ade20k_512x512_160k", "mmsegmentation",
+              "configs/swin/swin-large-patch4-window12-in22k-384x384-pre_upernet_8xb2-160k_ade20k-512x512.py",
+              "upernet_swin_large_patch4_window12_512x512_pretrain_384x384_22K_160k_ade20k_20220318_091743-9ba68901.pth",
+              52.25, 54.12, 234, stats_source=SWIN_PAPER, hub_id="openmmlab/upernet-swin-large"),
     # mmsegmentation's ConvNeXt rows (configs/convnext/README.md); parameters and FLOPs from the ConvNeXt paper
     Published("upernet_convnext_tiny_ade20k_512x512_160k", "mmsegmentation",
               "configs/convnext/convnext-tiny_upernet_8xb2-amp-160k_ade20k-512x512.py",
               "upernet_convnext_tiny_fp16_512x512_160k_ade20k_20220227_124553-cad485de.pth", 46.11, 46.62, 60, 939,
-              stats_source=CONVNEXT_PAPER),
+              stats_source=CONVNEXT_PAPER, hub_id="openmmlab/upernet-convnext-tiny"),
     Published("upernet_convnext_small_ade20k_512x512_160k", "mmsegmentation",
               "configs/convnext/convnext-small_upernet_8xb2-amp-160k_ade20k-512x512.py",
               "upernet_convnext_small_fp16_512x512_160k_ade20k_20220227_131208-1b1e394f.pth", 48.56, 49.02, 82, 1027,
-              stats_source=CONVNEXT_PAPER),
+              stats_source=CONVNEXT_PAPER, hub_id="openmmlab/upernet-convnext-small"),
     Published("upernet_convnext_base_ade20k_512x512_160k", "mmsegmentation",
               "configs/convnext/convnext-base_upernet_8xb2-amp-160k_ade20k-512x512.py",
               "upernet_convnext_base_fp16_512x512_160k_ade20k_20220227_181227-02a24fc6.pth", 48.71, 49.54, 122, 1170,
-              stats_source=CONVNEXT_PAPER),
+              stats_source=CONVNEXT_PAPER, hub_id="openmmlab/upernet-convnext-base"),
     Published("upernet_convnext_base_ade20k_640x640_160k", "mmsegmentation",
               "configs/convnext/convnext-base_upernet_8xb2-amp-160k_ade20k-640x640.py",
               "upernet_convnext_base_fp16_640x640_160k_ade20k_20220227_182859-9280e39b.pth", 52.13, 52.66, 122, 1828,
@@ -178,11 +193,11 @@ PUBLISHED: list[Published] = [
     Published("upernet_convnext_large_ade20k_640x640_160k", "mmsegmentation",
               "configs/convnext/convnext-large_upernet_8xb2-amp-160k_ade20k-640x640.py",
               "upernet_convnext_large_fp16_640x640_160k_ade20k_20220226_040532-e57aa54d.pth", 53.16, 53.38, 235, 2458,
-              (640, 2560), CONVNEXT_PAPER),
+              (640, 2560), CONVNEXT_PAPER, hub_id="openmmlab/upernet-convnext-large"),
     Published("upernet_convnext_xlarge_ade20k_640x640_160k", "mmsegmentation",
               "configs/convnext/convnext-xlarge_upernet_8xb2-amp-160k_ade20k-640x640.py",
               "upernet_convnext_xlarge_fp16_640x640_160k_ade20k_20220226_080344-95fc38c2.pth", 53.58, 54.11, 391, 3335,
-              (640, 2560), CONVNEXT_PAPER),
+              (640, 2560), CONVNEXT_PAPER, hub_id="openmmlab/upernet-convnext-xlarge"),
     # InternImage's ADE20K table
     Published("upernet_internimage_t_ade20k_512x512_160k", "InternImage",
               "segmentation/configs/ade20k/upernet_internimage_t_512_160k_ade20k.py",
@@ -200,12 +215,12 @@ PUBLISHED: list[Published] = [
               "segmentation/configs/ade20k/upernet_internimage_xl_640_160k_ade20k.py",
               "upernet_internimage_xl_640_160k_ade20k.pth", 55.0, 55.3, 368, 3142, (640, 2560), INTERNIMAGE),
 ]
-SOURCES = {"sssegmentation": SSSEG, "mmsegmentation": MMSEG + " (and configs/swin, configs/convnext)",
+SOURCES = {"sssegmentation": SSSEG, "mmsegmentation": MMSEG + " (and configs/swin, configs/convnext: it publishes no "
+           "ConvNeXt-B ImageNet-22K row at 512x512)",
            "InternImage": INTERNIMAGE}
-# Hugging Face folders converted from mmsegmentation's checkpoints: `upernet convert` reads them too.
-HUGGING_FACE = ["openmmlab/upernet-convnext-tiny", "openmmlab/upernet-convnext-small", "openmmlab/upernet-convnext-base",
-                "openmmlab/upernet-convnext-large", "openmmlab/upernet-convnext-xlarge", "openmmlab/upernet-swin-tiny",
-                "openmmlab/upernet-swin-small", "openmmlab/upernet-swin-base", "openmmlab/upernet-swin-large"]
+# The openmmlab/upernet-* Hub repos (transformers' conversions of mmsegmentation's checkpoints) are each the
+# `hub_id` of the row whose file they converted; these have no row.
+HUB_WITHOUT_ROW: list[str] = []
 
 
 @dataclass
@@ -252,8 +267,14 @@ def build_row(published: Published) -> Row:
     return Row(published, config, params_m, macs_g, shape)
 
 
-def convert_command(row: Row) -> str:
-    return f"upernet convert {row.published.checkpoint} models/{row.published.recipe}"
+def convert_command(row: Row, source: str = "") -> str:
+    """`upernet convert` of the published file, or of `source` (a Hub id) into the same folder."""
+    return f"upernet convert {source or row.published.checkpoint} models/{row.published.recipe}"
+
+
+def hub_commands(row: Row) -> list[str]:
+    """The row checked from its Hugging Face Hub repo: download and convert in one step, then the same evals."""
+    return [convert_command(row, row.published.hub_id), *eval_commands(row)] if row.published.hub_id else []
 
 
 def eval_commands(row: Row) -> list[str]:
@@ -305,8 +326,9 @@ def render(rows: list[Row], others: list[str]) -> str:
     ]
     for row in rows:
         p = row.published
+        source = f"{p.source} (Hub `{p.hub_id}`)" if p.hub_id else p.source
         lines.append(
-            f"| `{p.recipe}` | {p.source} | {p.miou:.2f} / {number(p.miou_ms, 2)} | {protocol(row.config)} "
+            f"| `{p.recipe}` | {source} | {p.miou:.2f} / {number(p.miou_ms, 2)} | {protocol(row.config)} "
             f"| {row.params_m:.1f} / {number(p.params_m, 0)} | {row.macs_g:.0f} / {number(p.flops_g, 0)} "
             f"at {row.shape[0]}x{row.shape[1]} |")
     lines += ["", "## Commands per row", ""]
@@ -316,12 +338,22 @@ def render(rows: list[Row], others: list[str]) -> str:
                   f"{p.source} `{p.config}`; checkpoint `{p.checkpoint}`: mIoU {p.miou:.2f}"
                   + (f" (multi-scale + flip {p.miou_ms:.2f})" if p.miou_ms is not None else "") + ".", "",
                   "```bash", convert_command(row), *eval_commands(row), "```", ""]
+        if p.hub_id:
+            lines += [f"The same weights from the Hugging Face Hub (`{p.hub_id}`, transformers' conversion of this "
+                      "file): `upernet convert` downloads the Hub id itself.", "",
+                      "```bash", *hub_commands(row), "```", ""]
         if p.note:
             lines += [p.note, ""]
+    hub_rows = [row.published for row in rows if row.published.hub_id]
     lines += ["## Hugging Face checkpoints", "",
-              "The `openmmlab/upernet-*` folders on the Hugging Face Hub hold mmsegmentation's ConvNeXt and Swin",
-              "weights in the transformers layout; `upernet convert FOLDER OUT` reads a downloaded folder with",
-              "no option: " + ", ".join(f"`{name}`" for name in HUGGING_FACE) + ".", ""]
+              "The `openmmlab/upernet-*` repos on the Hugging Face Hub hold mmsegmentation's ConvNeXt and Swin",
+              "checkpoints converted by transformers' `convert_convnext_upernet_to_pytorch.py` and",
+              "`convert_swin_upernet_to_pytorch.py`; each is the published file of one row above (same architecture,",
+              "so the same params/MACs check). `upernet convert HUB_ID OUT` downloads and converts it with no option.",
+              "", "| Hub id | row | published checkpoint |", "|---|---|---|",
+              *[f"| `{p.hub_id}` | `{p.recipe}` | `{p.checkpoint}` |" for p in hub_rows], ""]
+    if HUB_WITHOUT_ROW:
+        lines += ["Without a row yet: " + ", ".join(f"`{name}`" for name in HUB_WITHOUT_ROW) + ".", ""]
     if others:
         lines += ["## Recipes without a published row", "",
                   "These recipes target no published number (e.g. mmsegmentation's schedule on an output-stride",

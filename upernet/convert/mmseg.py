@@ -158,6 +158,29 @@ def _config_output_stride(config_text: str) -> int | None:
     return {("2", "2"): 32, ("2", "1"): 16, ("1", "1"): 8}.get((match[1], match[2]))
 
 
+def _decode_head_text(config_text: str) -> str:
+    """The `decode_head=dict(...)` part of an mmsegmentation config text (also `"decode_head": {...}`), or ""."""
+    match = re.search(r"""\bdecode_head['"]?\s*[=:]\s*(?:dict\(|\{)""", config_text)
+    if not match:
+        return ""
+    depth = 0
+    for end in range(match.end() - 1, len(config_text)):
+        if config_text[end] in "([{":
+            depth += 1
+        elif config_text[end] in ")]}":
+            depth -= 1
+            if depth == 0:
+                return config_text[match.start():end + 1]
+    return config_text[match.start():]
+
+
+def _config_align_corners(config_text: str) -> bool:
+    """Whether the decode head of an mmsegmentation config resizes with align_corners=True (its 769x769
+    Cityscapes configs do, in the head and on the logits); False when the config does not say."""
+    setting = re.search(r"""\balign_corners['"]?\s*[=:]\s*true\b""", _decode_head_text(config_text), re.IGNORECASE)
+    return setting is not None
+
+
 def mmseg_head_args(state_dict: dict[str, torch.Tensor], level_channels: list[int], source: str) -> dict:
     """channels, aux head width/depth/level and dropout, read from the tensor shapes."""
     num_scales = len({k.split(".")[2] for k in state_dict if k.startswith("decode_head.psp_modules.")})
@@ -206,6 +229,9 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
         path: the `.pth` file.
         strict: fail on any key that does not fit; False loads what fits and logs the skipped keys.
         output_stride: of a ResNet backbone, when the checkpoint's meta has no config text (default 32).
+
+    The config text in the checkpoint's meta also gives `align_corners` (True in the decode head: the model
+    resizes with it in the head and on the logits).
     """
     source = str(path)
     unwrapped = unwrap_mmseg(load_torch_file(source))
@@ -232,6 +258,8 @@ def convert_mmseg(path: Path, strict: bool = True, output_stride: int | None = N
         raise UserError(f"{source}: output_stride applies to ResNet backbones only, this one is {name}")
     num_classes = state_dict["decode_head.conv_seg.weight"].shape[0]
     extra = {"backbone_args": backbone_args} if backbone_args else {}
+    if _config_align_corners(mmseg_config_text(meta)):  # mmseg's decode head uses it inside and on the logits
+        extra.update(align_corners=True, output_align_corners=True)
     model = build_model(name, num_classes=num_classes, **extra, **mmseg_head_args(state_dict, channels, source))
     load_converted(model, state_dict, rules + HEAD_RULES, source, strict, transform)
     model.meta.update(mmseg_class_meta(meta, num_classes))
