@@ -68,3 +68,15 @@ def tiny_model(name: str, num_classes: int = 5, seed: int = 0, **overrides):
             args["base"] = "upernet_r50"
         return upernet.build_model(name, **{**args, **overrides})
     return upernet.build_model(name, num_classes=num_classes, **{**small_args(name), **overrides})
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and do not spin-wait on a busy machine; a module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

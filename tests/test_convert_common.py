@@ -11,13 +11,7 @@ from upernet.convert import FORMATS, convert_checkpoint
 from upernet.convert.common import load_converted
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The converter tests run small inputs, where one thread is fastest, most so on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small inputs: one thread (conftest.py)
 
 
 def randomise(model: nn.Module, seed: int = 0) -> nn.Module:

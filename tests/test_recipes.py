@@ -4,7 +4,6 @@ layer decay, schedule, loss, validation mode, is the recipe's own)."""
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import SMALL_BACKBONE, small_args
@@ -14,13 +13,7 @@ RECIPES = sorted(p for p in (Path(__file__).resolve().parents[1] / "upernet" / "
                  if p.stem not in {"builtin", "multitask_builtin"})
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def synthetic_overrides(recipe: Path) -> list[str]:

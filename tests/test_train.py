@@ -25,13 +25,7 @@ TINY = ["model.args={model_name: test_convnext, channels: 16, aux_channels: 8}",
         "train.checkpoint_interval=2", "schedule.warmup_iters=2", "optim.lr=0.01"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and do not spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def tiny_config(*overrides: str):

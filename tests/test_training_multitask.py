@@ -16,12 +16,7 @@ SEGMENTATION = ["model.args={model_name: test_convnext, channels: 16, aux_channe
                 "data.batch_size=2", "data.workers=0", "val.interval=0", "schedule.iters=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest.py)
 
 
 def config(*overrides):
