@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
+from test_convert_common import randomise
 
 from upernet.convert import convert_checkpoint, detect_format
 
@@ -44,7 +44,7 @@ def mmseg_models():
     return registry.MODELS
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # mmseg deprecation notices
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("one_thread")]  # mmseg deprecation notices
 NUM_CLASSES = 5
 BN = dict(type="BN", requires_grad=True)
 LOSS = dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0)

@@ -5,11 +5,11 @@ import json
 
 import pytest
 import torch
-from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
+from test_convert_common import randomise
 
 from upernet.convert import convert_checkpoint, detect_format
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("one_thread")]  # one thread: small inputs
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_convert_common import one_thread, randomise  # noqa: F401 (one_thread: autouse fixture)
+from test_convert_common import randomise
 
 from upernet import load_model
 from upernet.convert import convert_checkpoint, detect_format
 
-pytestmark = pytest.mark.peers
+pytestmark = [pytest.mark.peers, pytest.mark.usefixtures("one_thread")]  # one thread: small inputs
 
 
 @pytest.fixture(autouse=True, scope="module")
