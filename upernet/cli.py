@@ -59,6 +59,11 @@ def add_runtime(p: argparse.ArgumentParser, device: bool = True) -> None:
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
 
 
+def add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
+
+
 def add_dcnv3_kernel(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dcnv3-kernel", choices=("torch", "compiled"), default="torch",
                    help="InternImage models on CPU: 'compiled' samples DCNv3 with a C++ kernel built on first use "
@@ -159,8 +164,7 @@ def add_predict(sub) -> None:
     p.add_argument("--save-probs", action="store_true", help="write <name>_probs.npy (float16, C x H x W)")
     p.add_argument("--batch-workers", type=int, metavar="N", help="image decoding processes (default: min(2, CPUs))")
     p.add_argument("--sample", action="store_true", help="also segment the sample images")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
+    add_precision(p)
     p.add_argument("--no-legend", action="store_true", help="no class legend beside the overlays")
     add_runtime(p)
     add_dcnv3_kernel(p)
@@ -254,8 +258,7 @@ def add_eval(sub) -> None:
     p.add_argument("--multi-scale", action="store_true", help="average scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
+    add_precision(p)
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     add_runtime(p)
     add_dcnv3_kernel(p)
@@ -267,14 +270,16 @@ def run_eval(args) -> None:
 
     from .config import config_from_dict, load_config
     from .evaluation.evaluate import default_out, evaluate_model, format_results, save_results
-    from .loading import stored_recipe
+    from .loading import load_with_recipe
 
     recipe, overrides = split_overrides(args.config, list(args.overrides))
     source = model_source(args)
     resolve_device(args.device)
-    model = open_model(source, onnx=True)
-    stored = stored_recipe(source) if recipe is None and not source.lower().endswith(".onnx") else None
-    if stored is not None:  # the recipe the model was trained with names its validation split
+    if source.lower().endswith(".onnx"):
+        model, stored = open_model(source, onnx=True), None
+    else:
+        model, stored = load_with_recipe(source)
+    if recipe is None and stored is not None:  # the recipe the model was trained with names its validation split
         config = config_from_dict(stored, overrides, source=f"{source} (its training recipe)")
     else:
         config = load_config(recipe, overrides)
@@ -458,8 +463,7 @@ def add_serve(sub) -> None:
     p.add_argument("--size", default=None,
                    help="resize before inference: 'none', a short side like 512, or a keep-ratio scale like "
                         "2048x512 (default: the model's test size, else 2048x512)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 where the CPU/GPU runs it natively, else fp32")
+    add_precision(p)
     add_runtime(p)
     add_dcnv3_kernel(p)
     p.set_defaults(handler=run_serve)

@@ -202,13 +202,24 @@ def run_record(source: str | os.PathLike) -> tuple[dict | None, dict | None]:
     """(training recipe, evaluation metrics) of the run a model comes from, each None when unknown:
     `stored_recipe(source)` and the run's `eval/metrics.json` (of `upernet eval RUN`)."""
     path = Path(source)
-    if not is_our_model(path):
+    recipe = stored_recipe(path)  # None for anything but a run of ours
+    if recipe is None:
         return None, None
-    recipe = stored_recipe(path)
     folders = [path, path.parent] if path.is_dir() else [path.parent.parent]  # run/, run/model/, run/checkpoints/x.pt
     found = next((f / "eval" / "metrics.json" for f in folders if (f / "eval" / "metrics.json").is_file()), None)
     metrics = read_json(found) if found else None
     return recipe, metrics if isinstance(metrics, dict) else None
+
+
+def load_with_recipe(source: str | os.PathLike) -> tuple[nn.Module, dict | None]:
+    """`load_model(source)` and `stored_recipe(source)`, reading a training checkpoint once."""
+    path = Path(source)
+    if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
+        content = load_torch_file(path)
+        if is_training_checkpoint(content):
+            return model_from_training_checkpoint(content, str(path)), content["config"]
+        return load_model(source), None
+    return load_model(source), stored_recipe(source)
 
 
 def stored_recipe(source: str | os.PathLike) -> dict | None:
@@ -227,4 +238,4 @@ def stored_recipe(source: str | os.PathLike) -> dict | None:
     return None
 
 
-__all__ = ["push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
+__all__ = ["load_with_recipe", "push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
