@@ -194,6 +194,8 @@ class TrainConfig:
         log_interval: write train loss and lr to metrics.jsonl every this many iterations.
         checkpoint_interval: save a checkpoint every this many iterations (and at the end).
         keep_last: periodic checkpoints kept on disk (the best one is kept apart).
+        losses: the loss terms, each {name, weight, ...options}, summed (segmentation task; see
+            upernet/training/losses.py and docs/training.md); default plain cross-entropy.
     """
 
     task: str = "segmentation"
@@ -204,6 +206,8 @@ class TrainConfig:
     log_interval: int = 50
     checkpoint_interval: int = 16000
     keep_last: int = 2
+    # the training loss: a list of {name, weight, ...options} (cross_entropy, focal, dice, lovasz, binary_cross_entropy)
+    losses: list[dict] = field(default_factory=lambda: [{"name": "cross_entropy", "weight": 1.0}])
 
 
 @dataclass

@@ -29,6 +29,7 @@ from ..evaluation.multitask import evaluate_multitask
 from ..models import build_model
 from ..models.multitask import multitask_loss
 from ..models.weights import load_state_dict_strict
+from .losses import build_loss, is_default
 from .sampling import InfiniteSampler, seeded_loader
 
 
@@ -89,6 +90,10 @@ class SegmentationTask:
                                 **d.options)
         self.val_set = first_images(val_set, self.config.val.max_images)
         self.ignore_index = int(self.train_set.ignore_index)
+        # None: plain cross-entropy, computed inside the model's forward without full-size logits
+        losses = self.config.train.losses
+        self.criterion = None if is_default(losses) else build_loss(
+            losses, len(self.train_set.classes), self.ignore_index, self.config.train.loss_average, self.train_set)
 
     def build_model(self, pretrained: bool) -> nn.Module:
         """The configured variant with `num_classes` and the meta (classes, palette, mean/std, test-time
@@ -96,8 +101,11 @@ class SegmentationTask:
         cfg = self.config
         args = dict(cfg.model.args)
         num_classes = len(self.train_set.classes)
-        if args.setdefault("num_classes", num_classes) != num_classes:
-            raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes")
+        binary = self.criterion is not None and self.criterion.binary
+        outputs = 1 if binary else num_classes  # binary mode: one foreground logit for the 2 classes
+        if args.setdefault("num_classes", outputs) != outputs:
+            raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes"
+                            + (" (binary_cross_entropy: 1 output channel)" if binary else ""))
         model = build_model(cfg.model.name, **args)
         if pretrained and cfg.model.backbone_checkpoint:
             load_backbone_checkpoint(model.backbone, cfg.model.backbone_checkpoint)
@@ -105,6 +113,8 @@ class SegmentationTask:
                       "palette": [list(c) for c in self.train_set.palette],
                       "mean": list(cfg.data.mean), "std": list(cfg.data.std), "ignore_index": self.ignore_index,
                       **test_time_meta(cfg)}
+        if binary:
+            model.meta["binary_threshold"] = self.criterion.binary_threshold
         return model
 
     def batches(self, position: dict | None, rank: int, world_size: int, pin_memory: bool) -> "SegmentationBatches":
@@ -126,9 +136,19 @@ class SegmentationTask:
         """The loss of one batch (computed inside forward: no image-size logits are kept) and extra log entries."""
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        loss = model(images, labels=labels, ignore_index=self.ignore_index,
-                     average=self.config.train.loss_average)["loss"]
-        return loss, {}
+        if self.criterion is None:
+            loss = model(images, labels=labels, ignore_index=self.ignore_index,
+                         average=self.config.train.loss_average)["loss"]
+            return loss, {}
+        # The recipe's losses on the logits at input size: the main head's, and the auxiliary head's
+        # times its weight (without OHEM, as mmsegmentation samples on the decode head only).
+        outputs = model(images)
+        loss, parts = self.criterion(outputs["out"], labels)
+        if "aux" in outputs:
+            aux_loss, _ = self.criterion(outputs["aux"], labels, sample=False)
+            loss = loss + getattr(model, "module", model).aux_loss_weight * aux_loss
+        extra = {f"loss/{name}": float(value.detach()) for name, value in parts.items()} if len(parts) > 1 else {}
+        return loss, extra
 
     def validate(self, model: nn.Module, distributed: bool, autocast_dtype) -> dict:
         """aAcc, mIoU, mAcc on the validation set (with `val.mode`, `val.max_images`)."""
@@ -163,6 +183,9 @@ class MultitaskTask:
 
     def __init__(self, config: Config):
         self.config = config
+        if not is_default(config.train.losses):
+            raise UserError("train.losses applies to train.task=segmentation; the multitask losses are fixed "
+                            "(weights in multitask.loss_weights)")
 
     def build_data(self) -> None:
         cfg = self.config
