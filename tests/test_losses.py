@@ -267,3 +267,65 @@ def test_two_steps_with_a_combined_loss(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [entry for entry in logged if entry.get("kind") == "train"]
     assert len(steps) == 2 and all({"loss/cross_entropy", "loss/lovasz", "loss/dice"} <= set(s) for s in steps)
+
+
+# ---- binary mode: one output channel, a threshold at inference --------------------------------
+def test_a_one_channel_model_predicts_labels_split_at_its_threshold():
+    import numpy as np
+    from conftest import tiny_model
+
+    from upernet.inference.modes import binary_probabilities, infer_outputs
+    from upernet.inference.segmenter import Segmenter
+
+    model = tiny_model("upernet_r50", num_classes=1).eval()
+    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    logit = None
+    for threshold in (0.3, 0.5, 0.7):
+        model.meta = {"class_names": ["background", "object"], "binary_threshold": threshold}
+        seg = Segmenter(model, precision="fp32", size="none")
+        result = seg(image)
+        if logit is None:  # the model's own foreground logit, at the image size
+            x = seg.preprocessor(image)[1]
+            logit = model(x)["out"][0, 0]
+        assert result.class_names == ["background", "object"]
+        expected = (torch.sigmoid(logit) > threshold).numpy()
+        assert (result.labels == expected).mean() > 0.999  # a pixel exactly at the threshold may differ
+    probs = binary_probabilities(torch.tensor([[[[-2.0, 0.0, 3.0]]]]))
+    assert torch.allclose(probs[0, 1, 0], torch.sigmoid(torch.tensor([-2.0, 0.0, 3.0])))
+    assert infer_outputs(model, torch.zeros(1, 3, 32, 32))["out"].shape[1] == 2
+
+
+def write_binary_folder(root):
+    """A 2-class folder dataset: 32x32 images with a bright square that is the foreground."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(2):
+            image = rng.integers(0, 80, (32, 32, 3), dtype=np.uint8)
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            y, x = rng.integers(0, 16, 2)
+            image[y:y + 12, x:x + 12] = 220
+            mask[y:y + 12, x:x + 12] = 1
+            mask[0, :4] = 255
+            Image.fromarray(image).save(root / "img_dir" / split / f"{i}.png")
+            Image.fromarray(mask).save(root / "ann_dir" / split / f"{i}.png")
+
+
+def test_binary_training_saves_a_one_channel_model_with_its_threshold(tmp_path):
+    import upernet
+    from upernet.training.loop import train
+
+    write_binary_folder(tmp_path / "data")
+    binary = [f"data.kind=folder", f"data.root={tmp_path / 'data'}", "data.options={classes: [background, object]}",
+              "train.losses=[{name: binary_cross_entropy, threshold: 0.4}, {name: lovasz, weight: 0.5}]",
+              "val.interval=2"]
+    result = train(load_config(None, TINY + binary), tmp_path / "run", progress=False)
+    assert math.isfinite(result["loss"]) and 0 <= result["val"]["mIoU"] <= 100
+    model = upernet.load_model(tmp_path / "run" / "model")
+    assert model.num_classes == 1 and model.meta["binary_threshold"] == 0.4
+    labels = upernet.Segmenter(model, precision="fp32")(tmp_path / "data" / "img_dir" / "val" / "0.png").labels
+    assert set(labels.reshape(-1).tolist()) <= {0, 1}

@@ -22,7 +22,7 @@ from ..data.multitask import MULTITASK_KINDS, build_sources
 from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed
 from ..errors import UserError
-from ..inference.modes import MS_RATIOS
+from ..inference.modes import MS_RATIOS, predicted_classes
 from ..inference.prepare import PRECISIONS
 from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json
@@ -109,7 +109,7 @@ def evaluate_confusion(
         The int64 (C, C) matrix (rows label, columns prediction), the same on every rank, and C names.
     """
     model = unwrap_model(model)
-    num_classes = int(model.num_classes)
+    num_classes = predicted_classes(model)
     names = _class_names(model, dataset, num_classes)
     if ignore_index is None:
         ignore_index = _ignore_index(model, dataset)
@@ -261,7 +261,7 @@ def evaluate_model(
                             f"{' or '.join(MULTITASK_KINDS)}, e.g. multitask_builtin), not {d.kind!r}")
         meta = dict(getattr(model, "meta", None) or {})
     else:
-        meta = resolve_meta(getattr(model, "meta", None), int(model.num_classes))
+        meta = resolve_meta(getattr(model, "meta", None), predicted_classes(model))
     own = meta.get("inference") or {}
     info = init_distributed(wanted.type)
     try:
@@ -279,8 +279,8 @@ def evaluate_model(
                 meta["std"] if "std" in (model.meta or {}) else d.std
             dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(segmenter.size, mean, std),
                                     **d.options)
-            names = _class_names(model, dataset, int(model.num_classes))
-            metrics = SegmentationMetrics(int(model.num_classes), names, _ignore_index(model, dataset), info.device)
+            names = _class_names(model, dataset, predicted_classes(model))
+            metrics = SegmentationMetrics(predicted_classes(model), names, _ignore_index(model, dataset), info.device)
         if max_images:
             dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
         evaluate_dataset(segmenter.runner, dataset, metrics, info.distributed, progress, **segmenter.options())

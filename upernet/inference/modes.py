@@ -17,6 +17,7 @@ by `data.transforms.preprocess` (resize rule, normalisation), the same function 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -54,6 +55,21 @@ def _outputs(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype
         out = model(images)
     out = out if isinstance(out, dict) else {"out": out}
     return {name: value.float() for name, value in out.items()}
+
+
+def predicted_classes(model) -> int:
+    """Classes a segmentation model predicts: its `num_classes`, or 2 (background, foreground) for a
+    sigmoid model with one output channel (trained with `binary_cross_entropy`)."""
+    num_classes = int(model.num_classes)
+    return 2 if num_classes == 1 else num_classes
+
+
+def binary_probabilities(logit: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """One foreground logit (N, 1, H, W) -> (N, 2, H, W) probabilities (background, foreground) whose
+    argmax is foreground exactly where sigmoid(logit) > `threshold`: the logit is shifted by
+    logit(threshold), so at the default 0.5 they are (1 - sigmoid, sigmoid)."""
+    foreground = torch.sigmoid(logit - math.log(threshold / (1 - threshold)))
+    return torch.cat([1 - foreground, foreground], dim=1)
 
 
 def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
@@ -140,6 +156,8 @@ def infer_outputs(
     out_size: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Softmax probabilities of every output of the model, by name ("out" for a segmentation model).
+    A one-channel pixel output (a sigmoid model) becomes (background, foreground) probabilities
+    split at the model's `meta["binary_threshold"]` (see `binary_probabilities`).
 
     Pixel outputs come back as (N, C, H, W) at the input size (or `out_size`), image-level outputs
     as (N, C). Each pass's logits are resized to the output size before the softmax,
@@ -176,6 +194,7 @@ def infer_outputs(
             return slide_outputs(model, x, crop_size, stride, autocast_dtype)
         return _outputs(model, x, autocast_dtype)
 
+    threshold = float((getattr(model, "meta", None) or {}).get("binary_threshold", 0.5))
     probs: dict[str, torch.Tensor] = {}
     passes = 0
     with _eval_mode(model), torch.no_grad():
@@ -188,7 +207,8 @@ def infer_outputs(
                     if logits.dim() == 4:
                         logits = logits.flip(-1) if flipped else logits
                         logits = resize(logits, size)
-                    p = logits.softmax(dim=1)
+                    # a 1-channel pixel output is a sigmoid model's foreground logit
+                    p = binary_probabilities(logits, threshold) if logits.shape[1] == 1 else logits.softmax(dim=1)
                     probs[name] = p if name not in probs else probs[name] + p
                 passes += 1
     return {name: p / passes for name, p in probs.items()}

@@ -29,7 +29,7 @@ from ..io import atomic_write
 from ..loading import load_model
 from ..models.multitask import part_map
 from ..ops.resize import resize_in_stripes
-from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, load_image
+from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, load_image, predicted_classes
 from .prepare import autocast_dtype_for, prepare_for_inference
 
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio), for models whose meta has none
@@ -271,7 +271,7 @@ class Segmenter:
             self.names = multitask_names(model)
             self.meta = {**raw, "mean": raw.get("mean", list(IMAGENET_MEAN)), "std": raw.get("std", list(IMAGENET_STD))}
         else:
-            self.meta = resolve_meta(raw, int(model.num_classes))
+            self.meta = resolve_meta(raw, predicted_classes(model))
         settings = self.meta.get("inference") or {}
         self.mode = mode or settings.get("mode", "whole")
         if self.mode not in ("whole", "slide"):
@@ -331,7 +331,7 @@ class Segmenter:
         if self.multitask:
             return self._multitask(picture, image, probs)
         size = tuple(original.shape[-2:])
-        num_classes = int(self.model.num_classes)
+        num_classes = predicted_classes(self.model)
         x = image.to(self.device)
         kept = None
         if num_classes * size[0] * size[1] <= self.max_full_size:
