@@ -48,6 +48,7 @@ class ModelConfig:
     sync_bn: bool = True
     norm_eval: bool = False
     backbone_checkpoint: Optional[str] = None
+    init_from: Optional[str] = None  # a model to start from (folder, HF folder, checkpoint, Hub id); see docs/finetune.md
 
 
 @dataclass
@@ -483,6 +484,12 @@ def validate(config: Config) -> None:
     if config.data.kind not in kinds:
         raise UserError(f"data.kind={config.data.kind} is not a dataset of train.task={config.train.task}; "
                         f"use one of {', '.join(kinds)}")
+    if config.model.init_from and config.train.task != "segmentation":
+        raise UserError(f"model.init_from={config.model.init_from} is for train.task=segmentation; use "
+                        f"model.backbone_checkpoint for train.task={config.train.task}")
+    if config.model.init_from and config.model.backbone_checkpoint:
+        raise UserError("model.init_from and model.backbone_checkpoint both set: the whole model of init_from already "
+                        "holds a backbone; keep one of them")
 
 
 

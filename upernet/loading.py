@@ -20,10 +20,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from .errors import MissingFile, UserError
 from .io import load_torch_file, read_json
+from .models.init_from import FittedWeights, copy_fitting_weights
 from .models.registry import build_model, list_models
 from .models.weights import build_from_config, load_folder, load_state_dict_strict, push_to_hub, save_model
 
@@ -238,4 +240,42 @@ def stored_recipe(source: str | os.PathLike) -> dict | None:
     return None
 
 
-__all__ = ["load_with_recipe", "push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]
+# ---- fine-tuning: start from any model, keep what fits ----------------------------------------------
+def merged_args(base: dict, changes: dict) -> dict:
+    """`base` constructor arguments with `changes` laid over them, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged_args(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def init_from(source: str | os.PathLike, num_classes: int, args: dict | None = None,
+              name: str | None = None) -> tuple[nn.Module, FittedWeights, dict]:
+    """A model of `source`'s architecture with `num_classes` outputs, starting from every tensor of
+    `source` that fits (`models.init_from.copy_fitting_weights`): what `model.init_from` trains.
+
+    Args:
+        source: anything `load_model` reads (our folder, a Hugging Face UperNet folder, a training
+            checkpoint, a run folder, a format `upernet convert` reads, a Hub id).
+        num_classes: the class count of the new data.
+        args: constructor arguments laid over the source's (e.g. `{"backbone_args": {"drop_path_rate": 0.2}}`),
+            when `name` is None or the source's variant (the arguments of another variant do not apply).
+        name: the variant `args` belong to.
+
+    Returns:
+        (the model in train mode, what was copied and re-initialised, the source model's meta).
+    """
+    with torch.random.fork_rng():  # building the source must not shift the seeded initialisation of the new model
+        origin = load_model(source)
+    if not getattr(origin, "config", None) or hasattr(origin, "tasks"):
+        raise UserError(f"{source}: model.init_from takes a single-task UPerNet (this model cannot describe its "
+                        f"architecture for a new class count)")
+    base = {k: v for k, v in origin.config["args"].items() if k != "num_classes"}
+    own_args = name is None or name == origin.config["name"]
+    changes = {k: v for k, v in (args or {}).items() if k != "num_classes"} if own_args else {}
+    model = build_model(origin.config["name"], **merged_args(base, changes), num_classes=num_classes)
+    fitted = copy_fitting_weights(model, origin.state_dict(), str(source))
+    return model.train(), fitted, dict(getattr(origin, "meta", None) or {})
+
+
+__all__ = ["init_from", "load_with_recipe", "push_to_hub", "save_huggingface", "run_record", "stored_recipe", "load_model", "hub_id", "download_from_hub", "load_from_hub", "save_model", "build_from_config", "is_training_checkpoint", "run_checkpoint"]

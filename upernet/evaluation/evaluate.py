@@ -19,6 +19,7 @@ from ..config import Config
 from ..data.classes import resolve_meta
 from ..data.build import build_dataset
 from ..data.multitask import MULTITASK_KINDS, build_sources
+from ..data.protocol import protocol_options
 from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed
 from ..errors import UserError
@@ -278,7 +279,7 @@ def evaluate_model(
             mean, std = meta["mean"] if "mean" in (model.meta or {}) else d.mean, \
                 meta["std"] if "std" in (model.meta or {}) else d.std
             dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(segmenter.size, mean, std),
-                                    **d.options)
+                                    **protocol_options(d.kind, d.options, getattr(model, "meta", None)))
             names = _class_names(model, dataset, predicted_classes(model))
             metrics = SegmentationMetrics(predicted_classes(model), names, _ignore_index(model, dataset), info.device)
         if max_images:

@@ -72,7 +72,9 @@ def model_card(model: nn.Module, layout: str = "upernet", recipe: dict | None = 
              "## Classes", "", ", ".join(f"{i}: {c}" for i, c in enumerate(classes)), "",
              "## Protocol", ""]
     dataset = meta.get("dataset", "")
-    lines.append(f"- Labels: {LABEL_PROTOCOLS.get(dataset, 'output channel i is class i of the list above.')}")
+    labels = ("mask value 0 is unlabelled (ignored), value v is class v-1 of the list above (reduce_zero_label)."
+              if meta.get("reduce_zero_label") else "output channel i is class i of the list above.")
+    lines.append(f"- Labels: {LABEL_PROTOCOLS.get(dataset, labels)}")
     lines.append(f"- Test-time resize: {meta.get('test_size', '2048x512 (keep ratio, the default)')}; "
                  f"normalisation mean {meta.get('mean', 'ImageNet')}, std {meta.get('std', 'ImageNet')} (0-255 scale).")
     if meta.get("inference"):

@@ -20,12 +20,13 @@ from torch import nn
 from torch.utils.data import Subset
 
 from ..errors import MissingFile, UserError
-from ..config import Config
+from ..config import Config, note
 from ..data.multitask import SourceSampler, build_sources, collate, tasks_of
 from ..data.build import build_dataset
 from ..data.transforms import IGNORE_INDEX, build_eval_transform, build_train_transform
 from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
+from ..loading import init_from
 from ..models import build_model
 from ..models.multitask import multitask_loss
 from ..models.weights import load_state_dict_strict
@@ -62,6 +63,27 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
     load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
+
+
+def start_from(config: Config, num_classes: int) -> nn.Module:
+    """The model of `model.init_from` with `num_classes` outputs (`loading.init_from`). The recipe's
+    `model.name` and `model.args` become the source's architecture (with the recipe's args laid over
+    it when the recipe names the same variant), so that the run's config rebuilds the model on resume; the re-initialised tensors are noted."""
+    model, fitted, source_meta = init_from(config.model.init_from, num_classes, config.model.args, config.model.name)
+    if config.model.name != model.config["name"]:
+        note(f"model.name={config.model.name} and its model.args replaced by {model.config['name']}, the "
+             f"architecture of model.init_from={config.model.init_from}")
+    config.model.name = model.config["name"]
+    config.model.args = {k: v for k, v in model.config["args"].items() if k != "num_classes"}
+    reinitialised = ", ".join(fitted.reinitialised) or "none"
+    note(f"model.init_from={config.model.init_from}: {len(fitted.copied)} tensors copied; re-initialised "
+         f"(new class count {num_classes}): {reinitialised}"
+         + (f"; dropped (no auxiliary head): {', '.join(fitted.dropped)}" if fitted.dropped else ""))
+    for key, ours in (("mean", config.data.mean), ("std", config.data.std)):
+        theirs = source_meta.get(key)
+        if theirs is not None and [round(float(v), 3) for v in theirs] != [round(float(v), 3) for v in ours]:
+            note(f"data.{key}={list(ours)} differs from the {key} {list(theirs)} model.init_from was trained with")
+    return model
 
 
 def first_images(dataset, count: int):
@@ -106,12 +128,16 @@ class SegmentationTask:
         if args.setdefault("num_classes", outputs) != outputs:
             raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes"
                             + (" (binary_cross_entropy: 1 output channel)" if binary else ""))
-        model = build_model(cfg.model.name, **args)
+        if pretrained and cfg.model.init_from:
+            model = start_from(cfg, outputs)
+        else:
+            model = build_model(cfg.model.name, **args)
         if pretrained and cfg.model.backbone_checkpoint:
             load_backbone_checkpoint(model.backbone, cfg.model.backbone_checkpoint)
         model.meta = {"class_names": list(self.train_set.classes),
                       "palette": [list(c) for c in self.train_set.palette],
                       "mean": list(cfg.data.mean), "std": list(cfg.data.std), "ignore_index": self.ignore_index,
+                      "reduce_zero_label": bool(getattr(self.train_set, "reduce_zero_label", False)),
                       **test_time_meta(cfg)}
         if binary:
             model.meta["binary_threshold"] = self.criterion.binary_threshold
