@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "upernet"
 
 # Bottom to top. A module may import modules of its own layer or of lower layers.
 LAYERS = [
-    {"upernet.errors", "upernet.io", "upernet.config", "upernet.distributed"},
+    {"upernet.errors", "upernet.io", "upernet.config", "upernet.distributed", "upernet.labelsets"},
     {"upernet.ops"},
     {"upernet.models", "upernet.data", "upernet.convert"},
     {"upernet.loading"},

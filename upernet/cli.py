@@ -354,7 +354,8 @@ def run_convert(args) -> None:
         save_model(model, out, recipe=recipe, metrics=metrics)
     params = sum(p.numel() for p in model.parameters())
     print(f"converted {src} ({fmt} format) -> {out}" + (" (transformers UperNet folder)" if args.to == "huggingface" else ""))
-    print(f"model: {model.config['name']}, {model.num_classes} classes, {params / 1e6:.2f} M parameters")
+    classes = f"{model.num_classes} classes" if hasattr(model, "num_classes") else f"tasks {', '.join(model.tasks)}"
+    print(f"model: {model.config['name']}, {classes}, {params / 1e6:.2f} M parameters")
 
 
 # ---- export ---------------------------------------------------------------------------------

@@ -8,6 +8,15 @@ Where each head reads (Xiao et al. 2018, Fig. 3):
     part     <- fused FPN features: 3x3 ConvBNReLU -> 1x1, one channel per (object, part) pair
     material <- P2, the stride-4 FPN level: 3x3 ConvBNReLU -> 1x1 classifier
     texture  <- C2, the stride-4 backbone level, gradient stopped: a few convs -> pool -> linear
+
+Two head layouts read the same levels:
+    "paper" (the default when tasks are given): mmsegmentation's UPerHead, adaptive average pooling
+        in the PPM, the object classifier a 1x1 conv after dropout.
+    "csail": the network the authors released (CSAILVision/unifiedparsing `models/models.py`), whose
+        trained Broden+ weights `upernet convert` reads: the PPM pools with Precise RoI Pooling over
+        the whole map, resizes, then 1x1 conv (512 wide whatever the FPN width); the object head is a
+        3x3 ConvBNReLU -> 1x1 conv like the part and material heads; no dropout. Their network has
+        no texture head; ours keeps the paper's when the tasks include texture.
 """
 from __future__ import annotations
 
@@ -17,10 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..labelsets import broden_plus_meta, broden_plus_tasks
+from ..ops.prroi_pool import prroi_pool2d_whole
 from .registry import register_alias, register_model
 from .upernet import ConvBNReLU, UPerHead, resize
 
 TASKS = ("scene", "object", "part", "material", "texture")
+LAYOUTS = ("paper", "csail")
+# The authors' input: BGR 0-255 minus (102.9801, 115.9465, 122.7717), std 1. Converted weights take RGB
+# (their first conv's input channels are reversed), so the mean is given in RGB order.
+CSAIL_MEAN = (122.7717, 115.9465, 102.9801)
+CSAIL_STD = (1.0, 1.0, 1.0)
 
 
 class PartLayout:
@@ -65,6 +81,37 @@ class _ImageHead(nn.Module):
         return self.classifier(self.convs(x).mean(dim=(2, 3)))
 
 
+class CsailUPerHead(UPerHead):
+    """UPerHead with the authors' PPM and object head (layout "csail").
+
+    Args:
+        in_channels: channels of each backbone level, finest (stride 4) first.
+        num_classes: object classes.
+        channels: FPN width (`fpn_dim`: 512 for their `upernet`, 256 for `upernet_lite`).
+        pool_scales: output sizes of the Precise RoI Pooling of the PPM.
+        ppm_channels: width of each PPM branch's 1x1 conv (512 in both of their decoders).
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
+                 pool_scales: Sequence[int] = (1, 2, 3, 6), ppm_channels: int = 512):
+        super().__init__(in_channels, num_classes, channels, pool_scales, dropout=0.0, ppm_upsample_first=True)
+        top = in_channels[-1]
+        if ppm_channels != channels:  # UPerHead has one width; theirs differ in upernet_lite
+            self.ppm = nn.ModuleList(ConvBNReLU(top, ppm_channels, 1) for _ in self.pool_scales)
+            self.ppm_bottleneck = ConvBNReLU(top + len(self.pool_scales) * ppm_channels, channels, 3)
+        # Their object head: 3x3 ConvBNReLU -> 1x1 conv (with bias), in place of UPerHead's bare 1x1.
+        self.classifier = nn.Sequential(ConvBNReLU(channels, channels, 3), nn.Conv2d(channels, num_classes, 1))
+
+    def pyramid_pooling(self, x: torch.Tensor) -> torch.Tensor:
+        """PPM on the stride-32 map: Precise RoI Pooling of the whole map to each scale, resize back,
+        1x1 conv, concat with the map, 3x3 conv."""
+        size = x.shape[-2:]
+        branches = [x]
+        for scale, conv in zip(self.pool_scales, self.ppm):
+            branches.append(conv(resize(prroi_pool2d_whole(x, scale), size, self.align_corners)))
+        return self.concat_conv(self.ppm_bottleneck, branches, size)
+
+
 class MultiTaskUPerNet(nn.Module):
     """Multi-task UPerNet. Heads exist only for the tasks given.
 
@@ -76,6 +123,8 @@ class MultiTaskUPerNet(nn.Module):
         pool_scales: PPM pooling sizes.
         dropout: Dropout2d before the object classifier.
         texture_convs: number of 3x3 convs of the texture head.
+        layout: "paper" or "csail" (the authors' released network, see the module docstring).
+        ppm_channels: width of the PPM branches in the "csail" layout (None: 512).
     """
 
     def __init__(
@@ -86,8 +135,14 @@ class MultiTaskUPerNet(nn.Module):
         pool_scales: Sequence[int] = (1, 2, 3, 6),
         dropout: float = 0.1,
         texture_convs: int = 2,
+        layout: str = "paper",
+        ppm_channels: int | None = None,
     ):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if ppm_channels is not None and layout != "csail":
+            raise ValueError("ppm_channels is an option of the csail layout")
         unknown = set(tasks) - set(TASKS)
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of {TASKS}, got {sorted(tasks)}")
@@ -95,8 +150,13 @@ class MultiTaskUPerNet(nn.Module):
             raise ValueError("the part task needs the object task (parts are classified within objects)")
         self.backbone = backbone
         self.tasks = dict(tasks)
+        self.layout = layout
         # The UPerHead's classifier is the object classifier (a 1-class stub when there is no object task).
-        self.decode_head = UPerHead(backbone.channels, tasks.get("object", 1), channels, pool_scales, dropout)
+        if layout == "csail":
+            self.decode_head = CsailUPerHead(backbone.channels, tasks.get("object", 1), channels, pool_scales,
+                                             512 if ppm_channels is None else ppm_channels)
+        else:
+            self.decode_head = UPerHead(backbone.channels, tasks.get("object", 1), channels, pool_scales, dropout)
         self.part_layout = PartLayout(**tasks["part"]) if "part" in tasks else None
         self.heads = nn.ModuleDict()
         if "scene" in tasks:
@@ -146,22 +206,46 @@ def _backbone_of(base: str, base_args: dict | None) -> nn.Module:
     return build_model(base, num_classes=1, aux_head=False, channels=8, **(base_args or {})).backbone
 
 
-@register_model
-def upernet_multitask(tasks: dict, base: str = "upernet_r50", base_args: dict | None = None,
-                      **head_args) -> MultiTaskUPerNet:
-    """Multi-task UPerNet on the backbone of any registered variant `base`."""
-    return MultiTaskUPerNet(_backbone_of(base, base_args), tasks, **head_args)
+def _broden_plus_defaults(tasks: dict | None, layout: str | None) -> tuple[dict, str, dict]:
+    """(tasks, layout, meta): no tasks means the authors' Broden+ network (layout "csail", class names,
+    part hierarchy and their input normalisation in the meta); given tasks keep the "paper" layout."""
+    if tasks is not None:
+        return tasks, layout or "paper", {}
+    meta = {"tasks_meta": broden_plus_meta(), "mean": list(CSAIL_MEAN), "std": list(CSAIL_STD)}
+    return broden_plus_tasks(), layout or "csail", meta
 
 
 @register_model
-def upernet_multitask_r50(tasks: dict, base_args: dict | None = None, **head_args) -> MultiTaskUPerNet:
-    """The paper's UPerNet-50 multi-task network (ResNet-50 V1c, output stride 32)."""
-    return upernet_multitask(tasks, "upernet_r50", base_args, **head_args)
+def upernet_multitask(tasks: dict | None = None, base: str = "upernet_r50", base_args: dict | None = None,
+                      layout: str | None = None, **head_args) -> MultiTaskUPerNet:
+    """Multi-task UPerNet on the backbone of any registered variant `base` (no tasks: Broden+, layout csail)."""
+    tasks, layout, meta = _broden_plus_defaults(tasks, layout)
+    model = MultiTaskUPerNet(_backbone_of(base, base_args), tasks, layout=layout, **head_args)
+    model.meta.update(meta)
+    return model
+
+
+def _csail_resnet_args(layout: str | None, tasks: dict | None, base_args: dict | None) -> dict | None:
+    """The csail layout's ResNet has the authors' deep stem, 3x3 convs 64-64-128 (ours: 32-32-64)."""
+    if (layout or ("paper" if tasks is not None else "csail")) == "csail":
+        base_args = dict(base_args or {})
+        base_args["backbone_args"] = {"stem_width": 64, **(base_args.get("backbone_args") or {})}
+    return base_args
 
 
 @register_model
-def upernet_multitask_r101(tasks: dict, base_args: dict | None = None, **head_args) -> MultiTaskUPerNet:
-    return upernet_multitask(tasks, "upernet_r101", base_args, **head_args)
+def upernet_multitask_r50(tasks: dict | None = None, base_args: dict | None = None, layout: str | None = None,
+                          **head_args) -> MultiTaskUPerNet:
+    """The paper's UPerNet-50 multi-task network (ResNet-50, output stride 32); no arguments: the
+    authors' released Broden+ network (`upernet convert` reads their weights)."""
+    return upernet_multitask(tasks, "upernet_r50", _csail_resnet_args(layout, tasks, base_args), layout, **head_args)
+
+
+@register_model
+def upernet_multitask_r101(tasks: dict | None = None, base_args: dict | None = None, layout: str | None = None,
+                           **head_args) -> MultiTaskUPerNet:
+    """UPerNet-101 multi-task network; no arguments: the authors' released Broden+ network."""
+    return upernet_multitask(tasks, "upernet_r101", _csail_resnet_args(layout, tasks, base_args), layout, **head_args)
 
 
 # names used before the rename; checkpoints store them in config.json and model_config.name
