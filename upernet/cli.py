@@ -589,14 +589,19 @@ def add_data(sub) -> None:
     p = sub.add_parser("data", help="check a dataset's files and label protocol, or convert it to index PNGs",
                        description="`upernet data check DIR` reports what a dataset holds and its label protocol; "
                                    "`upernet data convert DIR OUT` writes a clean folder dataset and OUT/recipe.yaml.")
-    verbs = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = verbs.add_parser("check", help="report images, masks, classes and the label protocol")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="check or convert")
+    check = verbs.add_parser("check", help="report images, masks, classes and the label protocol",
+                             description="Read a dataset (folder, ADE20K, Cityscapes, VOC or Hugging Face layout) and "
+                                         "print images per split, sizes, modes, mask kinds, class pixel frequencies, "
+                                         "problems and the label protocol (exit 0 even when not clean).")
     check.add_argument("root", metavar="DIR", help="dataset folder (or, with --layout hf, a Hub dataset name)")
     check.add_argument("--out", metavar="REPORT_DIR", help="write report.json and class_frequencies.png here")
     check.add_argument("--max-images", type=positive_int, metavar="N", help="read at most N pairs per split (evenly spaced)")
     add_data_options(check)
     check.set_defaults(handler=run_data_check)
-    convert = verbs.add_parser("convert", help="write index PNG masks, the images and OUT/recipe.yaml")
+    convert = verbs.add_parser("convert", help="write index PNG masks, the images and OUT/recipe.yaml",
+                               description="Write OUT as a folder dataset with index PNG masks (0..N-1, 255 = ignore), "
+                                           "the images (hard links or copies) and OUT/recipe.yaml for `upernet train`.")
     convert.add_argument("root", metavar="DIR", help="dataset folder (or, with --layout hf, a Hub dataset name)")
     convert.add_argument("out", metavar="OUT", help="output folder (outside DIR; DIR is only read)")
     convert.add_argument("--copy", action="store_true", help="copy images (default: hard links where possible)")
