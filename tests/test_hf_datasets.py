@@ -1,4 +1,5 @@
 """`data.kind: hf`: Hugging Face `datasets` folders (save_to_disk, parquet) as training data, and the same checks."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,23 @@ def test_parquet_layout_and_columns_found_or_given(tmp_path, monkeypatch):
     assert swapped.mask_column == "seg_map"
     with pytest.raises(UserError, match="no column 'mask'"):
         build_dataset("hf", tmp_path / "pq", "train", classes=7, mask_column="mask")
+
+
+def test_an_imagefolder_with_mask_file_names_in_its_metadata(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    images, labels = scenes("train", count=2)
+    folder = tmp_path / "imagefolder" / "train"
+    folder.mkdir(parents=True)
+    lines = []
+    for i, (image, label) in enumerate(zip(images, labels)):
+        image.save(folder / f"img{i}.png")
+        Image.fromarray(label).save(folder / f"mask{i}.png")
+        lines.append(json.dumps({"file_name": f"img{i}.png", "annotation_file_name": f"mask{i}.png"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    report = check_dataset(tmp_path / "imagefolder", classes=7)
+    assert report.layout == "hf" and report.stats["train"].checked == 2 and report.clean
+    dataset = build_dataset("hf", tmp_path / "imagefolder", "train", classes=7)
+    np.testing.assert_array_equal(dataset[1]["label"].numpy(), labels[1])
 
 
 def test_colour_masks_are_reported_and_converted_to_a_folder(tmp_path):

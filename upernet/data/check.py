@@ -106,8 +106,9 @@ def detect_layout(root: Path) -> str:
         return "voc"
     if (root / "img_dir").is_dir() or (root / "ann_dir").is_dir():
         return "folder"
-    if any((root / m).is_file() for m in ("dataset_dict.json", "state.json")) or next(root.rglob("*.parquet"), None):
-        return "hf"
+    if any((root / m).is_file() for m in ("dataset_dict.json", "state.json")) or any(
+            next(root.rglob(pattern), None) for pattern in ("*.parquet", "metadata.jsonl", "metadata.csv")):
+        return "hf"  # saved with save_to_disk, parquet files, or an imagefolder with its metadata file
     raise UserError(f"{root}: cannot tell its layout (no img_dir/ann_dir, ADE20K, Cityscapes, VOC or Hugging Face "
                     f"folders); pass --layout folder|ade20k|cityscapes|voc|hf")
 
