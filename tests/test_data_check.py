@@ -264,3 +264,18 @@ def test_cli_check_and_convert(scenes, tmp_path, capsys):
     assert "upernet train" in capsys.readouterr().out
     assert cli.main(["data", "check", str(tmp_path / "out")]) == 0
     assert "clean: ready to train" in capsys.readouterr().out
+
+
+def test_voc_layout_lists_its_ids_and_reports_missing_files(tmp_path):
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / folder).mkdir(parents=True)
+    for key in ("a", "b"):
+        Image.new("RGB", (32, 32)).save(voc / "JPEGImages" / f"{key}.jpg")
+        as_palette(np.where(np.eye(32, dtype=bool), 255, 15)).save(voc / "SegmentationClass" / f"{key}.png")
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("a\nb\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("a\nc\n")
+    report = check_dataset(tmp_path)
+    assert report.layout == "voc" and report.protocol.num_classes == 21
+    assert report.stats["train"].mask_kinds == {"palette": 2}
+    assert len(report.problems) == 1 and "c.jpg (listed in" in report.problems[0] and "val.txt" in report.problems[0]

@@ -19,7 +19,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import yaml
@@ -60,6 +60,7 @@ class SplitListing:
     images_without_mask: list[str] = field(default_factory=list)
     masks_without_image: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    missing_listed: list[str] = field(default_factory=list)
     hf_data: Any = None
     hf_columns: tuple[str, str] | None = None
 
@@ -165,7 +166,8 @@ def list_splits(root: str | Path, layout: str, options: dict | None = None) -> d
                 key = line.split()[0]
                 image, mask = root / "JPEGImages" / f"{key}.jpg", root / "SegmentationClass" / f"{key}.png"
                 if not image.is_file():
-                    listing.images_without_mask.append(f"{image} (listed in {list_file.name}) does not exist")
+                    listing.missing_listed.append(f"{image} (listed in {list_file}) does not exist; restore it or "
+                                                  f"remove {key} from the list")
                 elif not mask.is_file():
                     listing.images_without_mask.append(str(image))
                 else:
@@ -182,13 +184,13 @@ def sample_indices(count: int, max_images: int | None) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, max_images).round().astype(int).tolist()))
 
 
-def open_pair(listing: SplitListing, pair: Pair) -> Iterator[tuple[str, Image.Image | None, str, Image.Image | None]]:
-    """(image name, decoded image, mask name, decoded mask) of a pair; unreadable files raise UserError."""
+def read_pair(listing: SplitListing, pair: Pair) -> tuple[str, Image.Image | None, str, Image.Image | None]:
+    """(image name, decoded image, mask name, decoded mask) of a pair; unreadable files raise UserError.
+    Images get their EXIF orientation applied (as the datasets do), masks never."""
     if listing.hf_data is not None:
         row = listing.hf_data[pair.row]
         image_column, mask_column = listing.hf_columns
-        yield f"{pair.name}.{image_column}", row[image_column], f"{pair.name}.{mask_column}", row[mask_column]
-        return
+        return f"{pair.name}.{image_column}", row[image_column], f"{pair.name}.{mask_column}", row[mask_column]
     decoded = []
     for path, what in ((pair.image, "image"), (pair.mask, "mask")):
         try:
@@ -197,7 +199,7 @@ def open_pair(listing: SplitListing, pair: Pair) -> Iterator[tuple[str, Image.Im
                 decoded.append(ImageOps.exif_transpose(img) if what == "image" else img.copy())
         except (OSError, SyntaxError, ValueError) as err:
             raise UserError(f"{what} {path} cannot be read ({str(err).splitlines()[0]}); re-export or remove it") from None
-    yield str(pair.image), decoded[0], str(pair.mask), decoded[1]
+    return str(pair.image), decoded[0], str(pair.mask), decoded[1]
 
 
 # ---- reading everything -------------------------------------------------------------------------
@@ -222,29 +224,29 @@ def scan_split(listing: SplitListing, max_images: int | None, problems: list[str
     for index in sample_indices(len(listing.pairs), max_images):
         pair = listing.pairs[index]
         try:
-            for image_name, image, mask_name, mask in open_pair(listing, pair):
-                if image is None or mask is None:
-                    problems.append(f"{pair.name}: no {'image' if image is None else 'mask'}; fill it in or remove the row")
-                    continue
-                stats.image_modes[image.mode] += 1
-                stats.image_sizes[f"{image.width}x{image.height}"] += 1
-                facts: MaskFacts = inspect_mask(mask)
-                stats.checked += 1
-                stats.mask_kinds[facts.kind] += 1
-                stats.mask_modes[facts.mode] += 1
-                stats.example.setdefault(facts.kind, mask_name)
-                if facts.size != (image.height, image.width):
-                    problems.append(f"mask {mask_name} is {facts.size[1]}x{facts.size[0]} (WxH) but its image "
-                                    f"{image_name} is {image.width}x{image.height}; resize the mask (nearest) or "
-                                    f"re-export it at the image size")
-                    continue
-                if facts.kind == "rgb" and len(facts.counts) > MAX_COLOURS:
-                    problems.append(f"mask {mask_name} has {len(facts.counts)} colours: not a colour-coded mask "
-                                    f"(saved as JPEG, or a photo?); re-export it as a PNG with one colour per class")
-                    continue
-                stats.values.update(facts.counts)
-                for value, colour in facts.colours.items():
-                    colours.setdefault(value, colour)
+            image_name, image, mask_name, mask = read_pair(listing, pair)
+            if image is None or mask is None:
+                problems.append(f"{pair.name}: no {'image' if image is None else 'mask'}; fill it in or remove the row")
+                continue
+            stats.image_modes[image.mode] += 1
+            stats.image_sizes[f"{image.width}x{image.height}"] += 1
+            facts: MaskFacts = inspect_mask(mask)
+            stats.checked += 1
+            stats.mask_kinds[facts.kind] += 1
+            stats.mask_modes[facts.mode] += 1
+            stats.example.setdefault(facts.kind, mask_name)
+            if facts.size != (image.height, image.width):
+                problems.append(f"mask {mask_name} is {facts.size[1]}x{facts.size[0]} (WxH) but its image "
+                                f"{image_name} is {image.width}x{image.height}; resize the mask (nearest) or "
+                                f"re-export it at the image size")
+                continue
+            if facts.kind == "rgb" and len(facts.counts) > MAX_COLOURS:
+                problems.append(f"mask {mask_name} has {len(facts.counts)} colours: not a colour-coded mask "
+                                f"(saved as JPEG, or a photo?); re-export it as a PNG with one colour per class")
+                continue
+            stats.values.update(facts.counts)
+            for value, colour in facts.colours.items():
+                colours.setdefault(value, colour)
         except UserError as err:
             problems.append(str(err))
     return stats
@@ -539,8 +541,8 @@ def check_dataset(root: str | Path, layout: str = "auto", max_images: int | None
     if recipe.is_file() and classes is None and palette_file is None:  # a converted dataset: its own protocol
         stored = ((yaml.safe_load(recipe.read_text()) or {}).get("data") or {}).get("options") or {}
         classes, palette = stored.get("classes"), stored.get("palette")
-        if reduce_zero_label is None:
-            reduce_zero_label = stored.get("reduce_zero_label")
+        if reduce_zero_label is None and classes is not None:
+            reduce_zero_label = bool(stored.get("reduce_zero_label", False))
     listings = list_splits(root, layout, options)
     if not listings:
         raise UserError(f"{root}: no splits found in the {layout} layout; see docs/datasets.md for the folders")
@@ -549,6 +551,7 @@ def check_dataset(root: str | Path, layout: str = "auto", max_images: int | None
         problems += [f"image without mask: {p}" for p in listing.images_without_mask]
         problems += [f"mask without image: {p}" for p in listing.masks_without_image]
         problems += [f"duplicate name: {p}" for p in listing.duplicates]
+        problems += listing.missing_listed
         if not listing.pairs:
             problems.append(f"split {split}: no image/mask pairs")
     colours: dict[int, list[int]] = {}
@@ -646,17 +649,17 @@ def convert_dataset(root: str | Path, out: str | Path, layout: str = "auto", pal
     for split, listing in report.listings.items():
         img_dir, ann_dir = out_path / "img_dir" / split, out_path / "ann_dir" / split
         for pair in listing.pairs:
-            for image_name, image, mask_name, mask in open_pair(listing, pair):
-                labels = index_mask(mask, protocol, mask_name)
-                key = pair.name if pair.row is None else f"{pair.row:06d}"
-                (ann_dir / key).parent.mkdir(parents=True, exist_ok=True)
-                (img_dir / key).parent.mkdir(parents=True, exist_ok=True)
-                if pair.image is not None:
-                    copy_image(pair.image, img_dir / f"{key}{suffix_of(pair.image, image_name)}", link)
-                else:
-                    atomic_write(img_dir / f"{key}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-                write_index_png(labels, ann_dir / f"{key}.png")
-                masks, images = masks + 1, images + 1
+            image_name, image, mask_name, mask = read_pair(listing, pair)
+            labels = index_mask(mask, protocol, mask_name)
+            key = pair.name if pair.row is None else f"{pair.row:06d}"
+            (ann_dir / key).parent.mkdir(parents=True, exist_ok=True)
+            (img_dir / key).parent.mkdir(parents=True, exist_ok=True)
+            if pair.image is not None:
+                copy_image(pair.image, img_dir / f"{key}{suffix_of(pair.image, image_name)}", link)
+            else:
+                atomic_write(img_dir / f"{key}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+            write_index_png(labels, ann_dir / f"{key}.png")
+            masks, images = masks + 1, images + 1
         if progress:
             progress(f"{split}: {len(listing.pairs)} pairs written")
     data = report.recipe_data(str(out_path), converted=True)
