@@ -509,7 +509,12 @@ class CheckReport:
             lines += ["", f"{len(self.problems)} problem(s):"] + [f"  ! {p}" for p in self.problems[:LISTED]]
             if len(self.problems) > LISTED:
                 lines.append(f"  ... {len(self.problems) - LISTED} more in report.json")
-        lines += ["", "clean: ready to train" if self.clean else "not clean: see above"]
+        if not self.clean:
+            lines += ["", "not clean: see above"]
+        elif self.protocol.undecided:
+            lines += ["", "clean: ready to train (with the defaults of the ? lines)"]
+        else:
+            lines += ["", "clean: ready to train"]
         return "\n".join(lines)
 
 
