@@ -114,6 +114,17 @@ def test_colour_masks_are_reported_and_converted_to_a_folder(tmp_path):
     assert check_dataset(tmp_path / "out").clean
 
 
+def test_binary_255_masks_are_refused_on_open_and_converted(tmp_path):
+    data, labels = hf_split("train", encode=lambda a: Image.fromarray(np.where(a == 1, 255, 0).astype(np.uint8)))
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "binary"))
+    with pytest.raises(UserError, match="only 0 and 255.*upernet data convert"):
+        build_dataset("hf", tmp_path / "binary", "train", classes=2)
+    convert_dataset(tmp_path / "binary", tmp_path / "out")
+    for i, expected in enumerate(labels):
+        converted = np.asarray(Image.open(tmp_path / "out" / "ann_dir" / "train" / f"{i:06d}.png"))
+        np.testing.assert_array_equal(converted, (expected == 1).astype(np.uint8))
+
+
 def test_a_hub_name_goes_to_load_dataset(monkeypatch, saved):
     """The Hub path is only called, never reached: load_dataset is replaced."""
     root, _ = saved

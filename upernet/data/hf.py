@@ -103,8 +103,14 @@ class HFDataset(SegmentationDataset):
             raise UserError(f"{name}: the split is empty")
         self.data, self.image_column, self.mask_column = data, image_column, mask_column
         self.reduce_zero_label = reduce_zero_label
+        stored: set[int] = set()
         for index in sorted(set(np.linspace(0, len(data) - 1, min(len(data), 4)).astype(int).tolist())):
             self.load(index)
+            stored.update(np.unique(mask_values(data[index][mask_column])[1]).tolist())
+        if stored and stored <= {0, self.ignore_index} and self.ignore_index in stored:
+            raise UserError(f"{name}: the masks hold only 0 and {self.ignore_index}, and {self.ignore_index} is the "
+                            f"ignore index, so every foreground pixel would be ignored; binary masks: convert them "
+                            f"with `upernet data convert SOURCE OUT --layout hf` (0/255 -> 0/1, 2 classes)")
 
     def __len__(self) -> int:
         return len(self.data)
