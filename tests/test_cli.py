@@ -46,7 +46,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 def test_verbs_in_readme_order_and_all_documented():
     verbs = subparsers()
-    assert list(verbs) == ["predict", "train", "eval", "convert", "export", "bench", "serve", "info", "plot"]
+    assert list(verbs) == ["predict", "train", "eval", "convert", "export", "bench", "serve", "info", "plot", "data"]
     for name, parser in verbs.items():
         assert parser.description, f"upernet {name} has no description"
         for action in parser._actions:

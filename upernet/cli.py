@@ -1,4 +1,4 @@
-"""`upernet predict | train | eval | convert | export | bench | serve | info | plot`.
+"""`upernet predict | train | eval | convert | export | bench | serve | info | plot | data`.
 
 The command line only turns arguments into objects, calls the library and prints. Every verb that
 takes a model takes it the same way: `--model MODEL` (a registered name, a model folder, a Hugging
@@ -557,8 +557,79 @@ def run_plot(args) -> None:
         print(path)
 
 
+# ---- data check / convert (issue 16: your own data) ----------------------------------------------
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=("auto", "folder", "ade20k", "cityscapes", "voc", "hf"), default="auto",
+                   help="dataset layout (default: found from the folder names)")
+    p.add_argument("--classes", metavar="NAMES", help="class names in index order, comma-separated (or their number)")
+    p.add_argument("--palette", metavar="FILE", help="colour table of RGB colour masks (YAML/JSON: {classes: [...], "
+                                                      "palette: [[r, g, b], ...], ignore: [[r, g, b]]})")
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="stored 0 means 'unlabelled' (every other value minus 1); default: decided from the data")
+    p.add_argument("--ignore-value", type=int, metavar="V", help="stored value of unlabelled pixels (default 255 when present)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="layout option: folder img_dir, ann_dir, img_suffix, seg_suffix; hf image_column, mask_column, revision")
+
+
+def data_arguments(args) -> dict:
+    """The keyword arguments `check_dataset` and `convert_dataset` share."""
+    classes = None
+    if args.classes:
+        classes = int(args.classes) if args.classes.isdigit() else [c.strip() for c in args.classes.split(",")]
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--option {item!r}: expected KEY=VALUE, e.g. --option img_dir=images")
+        options[key.strip()] = value.strip()
+    return {"layout": args.layout, "classes": classes, "palette_file": args.palette,
+            "reduce_zero_label": args.reduce_zero_label, "ignore_value": args.ignore_value, "options": options}
+
+
+def add_data(sub) -> None:
+    p = sub.add_parser("data", help="check a dataset's files and label protocol, or convert it to index PNGs",
+                       description="`upernet data check DIR` reports what a dataset holds and its label protocol; "
+                                   "`upernet data convert DIR OUT` writes a clean folder dataset and OUT/recipe.yaml.")
+    verbs = p.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="check or convert")
+    check = verbs.add_parser("check", help="report images, masks, classes and the label protocol",
+                             description="Read a dataset (folder, ADE20K, Cityscapes, VOC or Hugging Face layout) and "
+                                         "print images per split, sizes, modes, mask kinds, class pixel frequencies, "
+                                         "problems and the label protocol (exit 0 even when not clean).")
+    check.add_argument("root", metavar="DIR", help="dataset folder (or, with --layout hf, a Hub dataset name)")
+    check.add_argument("--out", metavar="REPORT_DIR", help="write report.json and class_frequencies.png here")
+    check.add_argument("--max-images", type=positive_int, metavar="N", help="read at most N pairs per split (evenly spaced)")
+    add_data_options(check)
+    check.set_defaults(handler=run_data_check)
+    convert = verbs.add_parser("convert", help="write index PNG masks, the images and OUT/recipe.yaml",
+                               description="Write OUT as a folder dataset with index PNG masks (0..N-1, 255 = ignore), "
+                                           "the images (hard links or copies) and OUT/recipe.yaml for `upernet train`.")
+    convert.add_argument("root", metavar="DIR", help="dataset folder (or, with --layout hf, a Hub dataset name)")
+    convert.add_argument("out", metavar="OUT", help="output folder (outside DIR; DIR is only read)")
+    convert.add_argument("--copy", action="store_true", help="copy images (default: hard links where possible)")
+    add_data_options(convert)
+    convert.set_defaults(handler=run_data_convert)
+
+
+def run_data_check(args) -> None:
+    from .data.check import check_dataset, write_report
+
+    report = check_dataset(args.root, max_images=args.max_images, **data_arguments(args))
+    print(report.table())
+    if args.out:
+        for path in write_report(report, args.out).values():
+            print(f"wrote {path}")
+
+
+def run_data_convert(args) -> None:
+    from .data.check import convert_dataset
+
+    result = convert_dataset(args.root, args.out, link=not args.copy, progress=say, **data_arguments(args))
+    print(f"wrote {result['masks']} masks and {result['images']} images to {result['out']}")
+    print(f"train with: upernet train {result['recipe']}")
+
+
 # In the README's order.
-COMMANDS = [add_predict, add_train, add_eval, add_convert, add_export, add_bench, add_serve, add_info, add_plot]
+COMMANDS = [add_predict, add_train, add_eval, add_convert, add_export, add_bench, add_serve, add_info, add_plot, add_data]
 
 
 def build_parser() -> argparse.ArgumentParser:

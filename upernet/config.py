@@ -56,7 +56,7 @@ class DataConfig:
     """The dataset and its mmsegmentation-style augmentation.
 
     Attributes:
-        kind: ade20k, cityscapes, voc, folder or synthetic (see `upernet.data.build_dataset`); for
+        kind: ade20k, cityscapes, voc, folder, synthetic or hf (see `upernet.data.build_dataset`); for
             `train.task=multitask`: multitask_synthetic (built-in, old name upp_builtin) or broden.
         root: dataset folder (unused by `synthetic` and `multitask_synthetic`).
         train_split: split name used for training.
@@ -224,7 +224,7 @@ class Config:
     multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
 
 
-SEGMENTATION_KINDS = ("ade20k", "cityscapes", "voc", "folder", "synthetic")
+SEGMENTATION_KINDS = ("ade20k", "cityscapes", "voc", "folder", "synthetic", "hf")
 MULTITASK_DATA_KINDS = ("multitask_synthetic", "broden")
 ROOTLESS_KINDS = ("synthetic", "multitask_synthetic")
 CHOICES = {
