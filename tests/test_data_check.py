@@ -256,7 +256,7 @@ def test_bad_input_is_one_line_naming_the_file(scenes, tmp_path, capsys):
 
 def test_cli_check_and_convert(scenes, tmp_path, capsys):
     rgb = rewrite_masks(scenes, tmp_path / "rgb", ENCODINGS["rgb"][0])
-    assert cli.main(["data", "check", str(rgb), "--out", str(tmp_path / "report")]) == 0
+    assert cli.main(["data", "check", str(rgb), "--out", str(tmp_path / "report")]) == 1  # not clean: exit 1
     out = capsys.readouterr().out
     assert "mask kinds" in out and "rgb x3" in out and "upernet data convert" in out and "not clean" in out
     assert (tmp_path / "report" / "report.json").is_file() and (tmp_path / "report" / "class_frequencies.png").is_file()

@@ -594,7 +594,7 @@ def add_data(sub) -> None:
     check = verbs.add_parser("check", help="report images, masks, classes and the label protocol",
                              description="Read a dataset (folder, ADE20K, Cityscapes, VOC or Hugging Face layout) and "
                                          "print images per split, sizes, modes, mask kinds, class pixel frequencies, "
-                                         "problems and the label protocol (exit 0 even when not clean).")
+                                         "problems and the label protocol (exit status 1 when it found problems).")
     check.add_argument("root", metavar="DIR", help="dataset folder (or, with --layout hf, a Hub dataset name)")
     check.add_argument("--out", metavar="REPORT_DIR", help="write report.json and class_frequencies.png here")
     check.add_argument("--max-images", type=positive_int, metavar="N", help="read at most N pairs per split (evenly spaced)")
@@ -610,7 +610,7 @@ def add_data(sub) -> None:
     convert.set_defaults(handler=run_data_convert)
 
 
-def run_data_check(args) -> None:
+def run_data_check(args) -> int:
     from .data.check import check_dataset, write_report
 
     report = check_dataset(args.root, max_images=args.max_images, **data_arguments(args))
@@ -618,6 +618,7 @@ def run_data_check(args) -> None:
     if args.out:
         for path in write_report(report, args.out).values():
             print(f"wrote {path}")
+    return 0 if report.clean else 1
 
 
 def run_data_convert(args) -> None:
@@ -666,13 +667,13 @@ def main(argv: list[str] | None = None) -> int:
             else previous(message, category, *rest))
         try:
             apply_runtime(args)
-            args.handler(args)
+            status = args.handler(args)
         except UserError as e:
             print(f"upernet {args.command}: error: {e}", file=sys.stderr)
             return 2
         finally:
             warnings.showwarning = previous
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
