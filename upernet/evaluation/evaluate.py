@@ -278,7 +278,7 @@ def evaluate_model(
             mean, std = meta["mean"] if "mean" in (model.meta or {}) else d.mean, \
                 meta["std"] if "std" in (model.meta or {}) else d.std
             dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(segmenter.size, mean, std),
-                                    **d.options)
+                                    channels=len(segmenter.preprocessor.mean), **d.options)
             names = _class_names(model, dataset, int(model.num_classes))
             metrics = SegmentationMetrics(int(model.num_classes), names, _ignore_index(model, dataset), info.device)
         if max_images:

@@ -28,7 +28,7 @@ from ..evaluation.evaluate import evaluate
 from ..evaluation.multitask import evaluate_multitask
 from ..models import build_model
 from ..models.multitask import multitask_loss
-from ..models.weights import load_state_dict_strict
+from ..models.weights import adapt_input_channels, load_state_dict_strict
 from .sampling import InfiniteSampler, seeded_loader
 
 
@@ -60,7 +60,9 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
-    load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
+    state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    adapt_input_channels(state, backbone)  # RGB weights for a backbone of other model.in_channels
+    load_state_dict_strict(backbone, state, path)
 
 
 def first_images(dataset, count: int):
@@ -84,9 +86,10 @@ class SegmentationTask:
         d = self.config.data
         train_tf = build_train_transform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
                                          d.photometric, d.mean, d.std)
-        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, **d.options)
+        channels = self.config.model.in_channels
+        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, channels=channels, **d.options)
         val_set = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
-                                **d.options)
+                                channels=channels, **d.options)
         self.val_set = first_images(val_set, self.config.val.max_images)
         self.ignore_index = int(self.train_set.ignore_index)
 
@@ -98,6 +101,8 @@ class SegmentationTask:
         num_classes = len(self.train_set.classes)
         if args.setdefault("num_classes", num_classes) != num_classes:
             raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes")
+        if cfg.model.in_channels != 3:  # left out at 3: saved models keep the arguments they had
+            args["in_channels"] = cfg.model.in_channels
         model = build_model(cfg.model.name, **args)
         if pretrained and cfg.model.backbone_checkpoint:
             load_backbone_checkpoint(model.backbone, cfg.model.backbone_checkpoint)
