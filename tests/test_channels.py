@@ -242,3 +242,13 @@ def test_photometric_distortion_on_multi_band_images():
     image = torch.randint(0, 256, (4, 16, 16), dtype=torch.uint8)
     out = transforms.photometric_distortion(image, generator=torch.Generator().manual_seed(0))
     assert out.shape == image.shape and out.dtype == torch.uint8
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_four_channel_model(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from upernet.inference.export import check_onnx, export_onnx
+
+    model = tiny_model("upernet_convnext_tiny", in_channels=4).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", shape=(32, 32))
+    assert max(check_onnx(model, path, [(32, 32)])) < 1e-4
