@@ -252,3 +252,29 @@ def test_onnx_export_of_a_four_channel_model(tmp_path):
     model = tiny_model("upernet_convnext_tiny", in_channels=4).eval()
     path = export_onnx(model, tmp_path / "m.onnx", shape=(32, 32))
     assert max(check_onnx(model, path, [(32, 32)])) < 1e-4
+
+
+def test_train_on_four_band_tiffs_from_an_rgb_backbone_checkpoint(tmp_path):
+    """The whole path: recipe -> folder of 4-band TIFFs -> RGB backbone weights adapted -> saved model
+    that predicts a TIFF."""
+    from upernet.training.loop import train
+
+    def write(stem, rng):
+        tifffile.imwrite(stem.with_suffix(".tif"), rng.integers(0, 256, (24, 32, 4), dtype=np.uint8),
+                         planarconfig="contig")
+
+    _folder(tmp_path / "data", write, count=4)
+    rgb = upernet.build_model("upernet_timm", model_name="test_convnext", num_classes=3, channels=16, aux_channels=8)
+    torch.save(rgb.backbone.state_dict(), tmp_path / "backbone.pt")
+    config = load_config(None, [
+        "model.args={model_name: test_convnext, channels: 16, aux_channels: 8}", "model.in_channels=4",
+        f"model.backbone_checkpoint={tmp_path / 'backbone.pt'}", "data.kind=folder", f"data.root={tmp_path / 'data'}",
+        "data.options={classes: 3}", "data.mean=[100,100,100,100]", "data.std=[50,50,50,50]",
+        "data.crop_size=[16,16]", "data.scale=[32,24]", "data.batch_size=2", "data.workers=0", "schedule.iters=1",
+        "val.interval=0", "val.max_images=1", "train.log_interval=1", "train.checkpoint_interval=1"])
+    assert config.model.name == "upernet_timm"
+    train(config, tmp_path / "run", progress=False)
+    model = upernet.load_model(tmp_path / "run" / "model")
+    assert model.in_channels == 4 and len(model.meta["mean"]) == 4
+    labels = upernet.Segmenter(model, device="cpu", precision="fp32")(tmp_path / "data" / "img_dir" / "val" / "0.tif").labels
+    assert labels.shape == (24, 32)
