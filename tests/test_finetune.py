@@ -14,7 +14,8 @@ from upernet.config import ConfigNote, load_config
 from upernet.data.protocol import protocol_options
 from upernet.errors import UserError
 from upernet.loading import init_from
-from upernet.models.init_from import copy_fitting_weights, input_conv_key
+from upernet.models.init_from import copy_fitting_weights
+from upernet.models.weights import input_convs
 from upernet.training.loop import build_datasets, build_training_model, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,14 +91,25 @@ def test_an_auxiliary_head_the_model_leaves_out_is_dropped_and_listed():
     assert fitted.dropped and all(k.startswith("aux_head.") for k in fitted.dropped)
 
 
-def test_another_input_channel_count_names_model_in_channels():
-    model = tiny_model("upernet_convnext_tiny")
-    key = input_conv_key(model)
-    assert key.startswith("backbone.") and model.state_dict()[key].shape[1] == 3
-    state = dict(model.state_dict())
-    state[key] = torch.zeros(state[key].shape[0], 4, *state[key].shape[2:])
-    with pytest.raises(UserError, match=r"model.in_channels differs .* takes 4 channels, the model 3"):
-        copy_fitting_weights(tiny_model("upernet_convnext_tiny"), state, "src")
+def test_an_rgb_source_starts_a_four_band_model_with_its_input_conv_adapted():
+    from timm.models import adapt_input_conv
+
+    source = tiny_model("upernet_convnext_tiny").state_dict()
+    model = tiny_model("upernet_convnext_tiny", in_channels=4, num_classes=7)
+    (key, channels), = input_convs(model).items()
+    assert key.startswith("backbone.") and channels == 4
+    fitted = copy_fitting_weights(model, source, "src")
+    assert fitted.adapted == [key] and fitted.reinitialised == CLASSIFIERS
+    assert torch.equal(model.state_dict()[key], adapt_input_conv(4, source[key]))  # timm's repeat-and-rescale
+    assert source[key].shape[1] == 3  # the source's tensors are left as they were
+    rest = [k for k in fitted.copied if k != key]
+    assert rest and all(torch.equal(model.state_dict()[k], source[k]) for k in rest)
+
+
+def test_a_source_with_other_than_rgb_input_names_in_channels():
+    source = tiny_model("upernet_convnext_tiny", in_channels=4).state_dict()
+    with pytest.raises(UserError, match=r"takes 4 channels and the model 3.*in_channels=4"):
+        copy_fitting_weights(tiny_model("upernet_convnext_tiny"), source, "src")
 
 
 def test_init_from_takes_the_source_architecture_and_the_recipe_args_of_the_same_variant(tmp_path):
@@ -145,7 +157,7 @@ def test_training_from_a_folder_lists_the_reinitialised_tensors_saves_the_archit
     assert result["iteration"] == 2
     model = upernet.load_model(tmp_path / "run")
     assert model.meta["class_names"][0] == "sky" and model.meta["reduce_zero_label"] is False
-    first_conv = input_conv_key(model)
+    (first_conv, _), = input_convs(model).items()
     assert not torch.equal(model.state_dict()[first_conv], source[first_conv])  # trained from the source's
 
 

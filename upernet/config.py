@@ -41,6 +41,8 @@ class ModelConfig:
             before training (not when resuming): an official InternImage ImageNet checkpoint for the
             InternImage variants (e.g. `internimage_t_1k_224.pth`), otherwise a state dict of the
             backbone alone (keys as in `model.backbone.state_dict()`, optionally under "backbone.").
+        in_channels: channels of the input images (3: RGB; 1: grey; N: multi-band TIFFs); the backbone's
+            first conv takes that many, adapted from RGB weights (`models.weights.adapt_input_channels`).
     """
 
     name: str = "upernet_r50"
@@ -49,6 +51,7 @@ class ModelConfig:
     norm_eval: bool = False
     backbone_checkpoint: Optional[str] = None
     init_from: Optional[str] = None  # a model to start from (folder, HF folder, checkpoint, Hub id); see docs/finetune.md
+    in_channels: int = 3  # channels of the input images; data.mean/std need as many entries
 
 
 @dataclass
@@ -69,8 +72,8 @@ class DataConfig:
         cat_max_ratio: largest share one class may take in a crop (RandomCrop retries up to 10 times).
         flip_prob: probability of a horizontal flip.
         photometric: apply PhotoMetricDistortion.
-        mean: per-channel mean of the normalisation, 0-255 scale.
-        std: per-channel std of the normalisation, 0-255 scale.
+        mean: per-channel mean of the normalisation, 0-255 scale (`model.in_channels` entries).
+        std: per-channel std of the normalisation, 0-255 scale (`model.in_channels` entries).
         batch_size: images per process per step (the total batch is this x processes x accumulate).
         workers: DataLoader worker processes per training process.
     """
@@ -86,8 +89,8 @@ class DataConfig:
     cat_max_ratio: float = 0.75
     flip_prob: float = 0.5
     photometric: bool = True
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
     batch_size: int = 2
     workers: int = 2
 
@@ -322,6 +325,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return numbers_in(dict(value))
     elif origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, (list, tuple)):  # any length
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     elif origin is list:
@@ -480,6 +485,13 @@ def validate(config: Config) -> None:
         raise UserError(f"optim.lr must be positive, got {config.optim.lr}")
     if config.multitask.texture_iters < 0:
         raise UserError(f"multitask.texture_iters must be at least 0, got {config.multitask.texture_iters}")
+    if config.model.in_channels < 1:
+        raise UserError(f"model.in_channels must be at least 1, got {config.model.in_channels}")
+    for key in ("mean", "std"):
+        values = getattr(config.data, key)
+        if len(values) != config.model.in_channels:
+            raise UserError(f"data.{key} has {len(values)} entries but model.in_channels={config.model.in_channels}: "
+                            f"give one per input channel, e.g. data.{key}=[{', '.join(['...'] * config.model.in_channels)}]")
     kinds = MULTITASK_DATA_KINDS if config.train.task == "multitask" else SEGMENTATION_KINDS
     if config.data.kind not in kinds:
         raise UserError(f"data.kind={config.data.kind} is not a dataset of train.task={config.train.task}; "

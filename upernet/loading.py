@@ -250,7 +250,7 @@ def merged_args(base: dict, changes: dict) -> dict:
 
 
 def init_from(source: str | os.PathLike, num_classes: int, args: dict | None = None,
-              name: str | None = None) -> tuple[nn.Module, FittedWeights, dict]:
+              name: str | None = None, in_channels: int = 3) -> tuple[nn.Module, FittedWeights, dict]:
     """A model of `source`'s architecture with `num_classes` outputs, starting from every tensor of
     `source` that fits (`models.init_from.copy_fitting_weights`): what `model.init_from` trains.
 
@@ -261,6 +261,7 @@ def init_from(source: str | os.PathLike, num_classes: int, args: dict | None = N
         args: constructor arguments laid over the source's (e.g. `{"backbone_args": {"drop_path_rate": 0.2}}`),
             when `name` is None or the source's variant (the arguments of another variant do not apply).
         name: the variant `args` belong to.
+        in_channels: input channels of the new model; an RGB source's input conv is adapted to them.
 
     Returns:
         (the model in train mode, what was copied and re-initialised, the source model's meta).
@@ -273,6 +274,8 @@ def init_from(source: str | os.PathLike, num_classes: int, args: dict | None = N
     base = {k: v for k, v in origin.config["args"].items() if k != "num_classes"}
     own_args = name is None or name == origin.config["name"]
     changes = {k: v for k, v in (args or {}).items() if k != "num_classes"} if own_args else {}
+    if in_channels != 3:
+        changes["in_channels"] = in_channels
     model = build_model(origin.config["name"], **merged_args(base, changes), num_classes=num_classes)
     fitted = copy_fitting_weights(model, origin.state_dict(), str(source))
     return model.train(), fitted, dict(getattr(origin, "meta", None) or {})

@@ -24,7 +24,7 @@ NAMED_ROOT_KINDS = {"hf"}
 
 
 def build_dataset(kind: str, root: str | Path | None, split: str, transform: Callable | None = None,
-                  **options: Any) -> SegmentationDataset:
+                  channels: int = 3, **options: Any) -> SegmentationDataset:
     """Open a dataset by kind; `options` are the keyword arguments of that kind's function.
 
     Args:
@@ -32,6 +32,7 @@ def build_dataset(kind: str, root: str | Path | None, split: str, transform: Cal
         root: the dataset folder (unused by "synthetic"; for "hf" also a Hub dataset name).
         split: "train", "val", ... (see each kind).
         transform: callable (image, label) -> (image, label), e.g. `build_train_transform()`.
+        channels: channels of the images, `model.in_channels`; other than 3 only for "folder".
         **options: voc: aug; folder: classes, palette, reduce_zero_label, img_dir, ann_dir,
             img_suffix, seg_suffix; synthetic: num_samples, image_size, seed; hf: classes, palette, reduce_zero_label,
             image_column, mask_column, revision; ade20k/cityscapes/voc/folder: verify.
@@ -49,4 +50,9 @@ def build_dataset(kind: str, root: str | Path | None, split: str, transform: Cal
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"unknown option(s) {unknown} for dataset {kind!r}; known: {sorted(known)}")
+    if channels != 3:
+        if "channels" not in known:
+            raise UserError(f"dataset {kind!r} has RGB images; model.in_channels={channels} needs data.kind=folder "
+                            f"(grey or multi-band images)")
+        options["channels"] = channels
     return DATASETS[kind](root, split, transform, **options)

@@ -153,8 +153,8 @@ def resolve_meta(meta: dict | None, num_classes: int) -> dict[str, Any]:
     for key in ("class_names", "palette"):
         if len(out[key]) != num_classes:
             raise UserError(f"model meta {key!r} has {len(out[key])} entries but the model has {num_classes} classes")
-    if len(out["mean"]) != 3 or len(out["std"]) != 3:
-        raise UserError(f"model meta mean/std need 3 values each, got {out['mean']} and {out['std']}")
+    if not len(out["mean"]) == len(out["std"]) >= 1:  # one per input channel (`model.in_channels`)
+        raise UserError(f"model meta mean/std need one value per input channel each, got {out['mean']} and {out['std']}")
     return out
 
 

@@ -46,7 +46,7 @@ def _open(path: Path, what: str) -> Image.Image:
         return Image.open(path)
     except FileNotFoundError:
         raise MissingFile(f"{what} {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise UserError(f"{what} {path} cannot be read as an image ({err}); re-export or remove it") from None
 
 
@@ -66,8 +66,41 @@ def _check_mask_mode(img: Image.Image, path: Path) -> None:
             f"the result as a single-channel PNG; if its channels are equal, save it with .convert('L').")
 
 
+def is_tiff(path: str | Path) -> bool:
+    """TIFFs are read with tifffile: PIL reads neither multi-band nor 16-bit RGB TIFFs (it truncates the latter)."""
+    return Path(path).suffix.lower() in (".tif", ".tiff")
+
+
+def _read_tiff(path: Path, header_only: bool = False) -> np.ndarray | tuple[int, int]:
+    """The (H, W) or (H, W, C) array of a TIFF's first image (planar band order moved last), or its (H, W)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            if header_only:
+                return series.shape[axes.index("Y")], series.shape[axes.index("X")]
+            array = series.asarray()
+    except FileNotFoundError:
+        raise MissingFile(f"image {path} does not exist") from None
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
+        raise UserError(f"image {path} cannot be read as a TIFF ({err}); re-export or remove it") from None
+    # Rows, columns, then whatever axis is left: the bands (S: samples per pixel; C, Q, I: bands stored
+    # as planes or pages). Axes of length 1 are dropped.
+    others = [i for i, name in enumerate(axes) if name not in "YX" and array.shape[i] > 1]
+    if "Y" not in axes or "X" not in axes or len(others) > 1:
+        raise UserError(f"image {path}: a TIFF with axes {axes} (shape {series.shape}); expected one image of "
+                        f"rows x columns (x bands)")
+    array = np.transpose(array, [axes.index("Y"), axes.index("X"), *others,
+                                 *[i for i, name in enumerate(axes) if name not in "YX" and i not in others]])
+    return array.reshape(array.shape[:2] + array.shape[2:3]) if others else array.reshape(array.shape[:2])
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image as displayed (EXIF orientation applied), from its header only."""
+    if is_tiff(path):
+        return _read_tiff(Path(path), header_only=True)
     with _open(Path(path), "image") as img:
         width, height = img.size
         if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
@@ -83,15 +116,29 @@ def mask_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An RGB image as a uint8 (3, H, W) tensor, EXIF orientation applied, 16-bit grey scaled to 8 bits."""
+def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+    """An image file as a uint8 (channels, H, W) tensor: the one reader of training, eval, predict.
+
+    PIL formats get their EXIF orientation applied; TIFFs are read with tifffile (any number of bands,
+    8 or 16 bits; orientation tags are not applied). 16-bit values are scaled to 8 bits (0..65535 ->
+    0..255); grey becomes RGB when 3 channels are wanted, an alpha channel is dropped (said once);
+    see `transforms.select_channels`.
+
+    Args:
+        path: the image file.
+        channels: the channels the model takes (`model.in_channels`).
+    """
     path = Path(path)
-    with _open(path, "image") as img:
-        _decode(img, path, "image")
-        try:
-            return to_image_tensor(ImageOps.exif_transpose(img))
-        except UserError as err:
-            raise UserError(f"image {path}: {err}") from None
+    try:
+        if is_tiff(path):
+            return to_image_tensor(_read_tiff(path), channels)
+        with _open(path, "image") as img:
+            _decode(img, path, "image")
+            return to_image_tensor(ImageOps.exif_transpose(img), channels)
+    except UserError as err:
+        if str(path) in str(err):
+            raise
+        raise UserError(f"image {path}: {err}") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -124,10 +171,12 @@ class SegmentationDataset(Dataset):
         transform: callable (image, label) -> (image, label); default: normalise only.
         ignore_index: label value of unlabelled pixels.
         name: how errors name this dataset.
+        channels: channels of the images (`model.in_channels`).
     """
 
     def __init__(self, classes: Sequence[str], palette: Sequence[Sequence[int]] | None = None,
-                 transform: Callable | None = None, ignore_index: int = IGNORE_INDEX, name: str = "dataset"):
+                 transform: Callable | None = None, ignore_index: int = IGNORE_INDEX, name: str = "dataset",
+                 channels: int = 3):
         self.classes = [str(c) for c in classes]
         self.palette = [list(map(int, c)) for c in (palette or default_palette(len(self.classes)))]
         if len(self.palette) != len(self.classes):
@@ -135,13 +184,14 @@ class SegmentationDataset(Dataset):
         self.transform = transform if transform is not None else build_eval_transform(scale=None)
         self.ignore_index = ignore_index
         self.name = name
+        self.channels = channels
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Sample `index` before the transform: uint8 (3, H, W) image, int64 (H, W) label, path."""
+        """Sample `index` before the transform: uint8 (channels, H, W) image, int64 (H, W) label, path."""
         raise NotImplementedError
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -168,13 +218,14 @@ class FileDataset(SegmentationDataset):
             mask modes) and decodes a sample of 16 pairs; "sample" only decodes the sample;
             "auto" is full up to 100 pairs, headers up to 5000, sample beyond.
         name: how errors name this dataset.
+        channels: channels of the images (`model.in_channels`; see `read_image`).
     """
 
     def __init__(self, images: Sequence[str | Path], masks: Sequence[str | Path], classes: Sequence[str],
                  palette: Sequence[Sequence[int]] | None = None, transform: Callable | None = None,
                  reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX, verify: str = "auto",
-                 name: str = "dataset"):
-        super().__init__(classes, palette, transform, ignore_index, name)
+                 name: str = "dataset", channels: int = 3):
+        super().__init__(classes, palette, transform, ignore_index, name, channels)
         if len(images) != len(masks):
             raise UserError(f"{name}: {len(images)} images but {len(masks)} masks")
         if not images:
@@ -208,7 +259,7 @@ class FileDataset(SegmentationDataset):
         return label
 
     def _read_pair(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
-        image = read_image(self.images[index])
+        image = read_image(self.images[index], self.channels)
         raw = read_mask(self.masks[index])
         if tuple(image.shape[-2:]) != raw.shape:
             self._size_error(index, tuple(image.shape[-2:]), raw.shape)
@@ -216,8 +267,10 @@ class FileDataset(SegmentationDataset):
 
     def _size_error(self, index: int, image_hw: tuple[int, int], mask_hw: tuple[int, int]):
         img, msk = self.images[index], self.masks[index]
-        with _open(img, "image") as handle:
-            rotated = handle.getexif().get(EXIF_ORIENTATION, 1) != 1
+        rotated = False
+        if not is_tiff(img):
+            with _open(img, "image") as handle:
+                rotated = handle.getexif().get(EXIF_ORIENTATION, 1) != 1
         note = (" The image has an EXIF orientation, which is applied to images (never to masks): the mask "
                 "must match the image as displayed.") if rotated else ""
         raise UserError(f"mask {msk} is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {img} is "
@@ -430,7 +483,7 @@ def voc(root: str | Path, split: str, transform: Callable | None = None, aug: bo
 def folder(root: str | Path, split: str, transform: Callable | None = None, classes: Sequence[str] | int | None = None,
            palette: Sequence[Sequence[int]] | None = None, reduce_zero_label: bool = False,
            img_dir: str = "img_dir", ann_dir: str = "ann_dir", img_suffix: str | None = None,
-           seg_suffix: str = ".png", verify: str = "auto") -> FileDataset:
+           seg_suffix: str = ".png", verify: str = "auto", channels: int = 3) -> FileDataset:
     """Your own data: `root/img_dir/<split>/**/<name><img_suffix>` with `root/ann_dir/<split>/**/<name><seg_suffix>`.
 
     Args:
@@ -445,6 +498,7 @@ def folder(root: str | Path, split: str, transform: Callable | None = None, clas
         img_suffix: image file ending; None accepts .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp.
         seg_suffix: mask file ending.
         verify: checks on open, see `FileDataset`.
+        channels: channels of the images, `model.in_channels` (grey 1, RGB 3, multi-band TIFFs N).
     """
     if classes is None:
         raise UserError(f"folder dataset {root}: no classes; give the class names in index order, e.g. "
@@ -456,4 +510,4 @@ def folder(root: str | Path, split: str, transform: Callable | None = None, clas
     name = f"folder {split} ({root})"
     images, masks = pair_files(root / img_dir / split, root / ann_dir / split, img_suffix, seg_suffix, name)
     return FileDataset(images, masks, classes, palette, transform, reduce_zero_label=reduce_zero_label,
-                       verify=verify, name=name)
+                       verify=verify, name=name, channels=channels)

@@ -6,7 +6,8 @@ Normalize -> pad to the crop size (image 0 after normalisation, mask 255). Test 
 predict and `Segmenter` alike, one function: `preprocess`): decode -> resize rule -> normalise; the
 label stays at its original size, the metric is computed there.
 
-Images are uint8 tensors (3, H, W) between steps, masks int64 `tv_tensors.Mask` (1, H, W), so
+Images are uint8 tensors (C, H, W) between steps (C = 3, or `model.in_channels`: as many as the
+normalisation's mean has entries), masks int64 `tv_tensors.Mask` (1, H, W), so
 torchvision.transforms.v2 resizes masks with nearest. Every random draw comes from the
 `generator` passed to `__call__`, or from the global torch RNG when it is None; in DataLoader
 workers that RNG is seeded from the loader's base seed, so restoring the loader's generator
@@ -14,6 +15,7 @@ restores the augmentations.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence, Union
 
 import numpy as np
@@ -22,6 +24,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import ConfigNote
 from ..errors import UserError
 from ..ops.resize import resize
 from .classes import IMAGENET_MEAN, IMAGENET_STD
@@ -36,41 +39,102 @@ WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 # ---- conversions --------------------------------------------------------------------------------
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit RGB PIL image; 16-bit grey (modes I;16, I) is scaled from 0..65535 to 0..255.
-
-    PIL's own `convert("RGB")` clips 16-bit values at 255, which turns nearly every pixel white.
-    Float images (mode F) have no agreed range and are refused.
-    """
-    if image.mode in WIDE_GREY_MODES:
-        values = np.asarray(image).astype(np.int64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
-            raise UserError(f"a {image.mode} image with values {values.min()}..{values.max()} outside 0..65535; "
-                            f"save it as an 8- or 16-bit image")
-        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)  # rounded: 65535 -> 255, 257 -> 1
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "F":
-        raise UserError("a floating-point (mode F) image has no known value range; save it as an 8- or 16-bit image")
-    return image if image.mode == "RGB" else image.convert("RGB")
+# Said once per process (`note_once`), not once per image.
+NOTES_GIVEN: set[str] = set()
+ALPHA_NOTE = ("the images have an alpha channel, which is dropped (the model takes {channels} channel(s); "
+              "set model.in_channels=4 to keep RGBA as 4 bands)")
 
 
-def to_image_tensor(image: Image.Image | np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A uint8 (3, H, W) tensor from a PIL image (16-bit grey scaled, see `to_rgb`), an (H, W, 3)
-    uint8 array or a (3, H, W) uint8 tensor."""
+def note_once(message: str) -> None:
+    """A `ConfigNote` the first time `message` comes up in this process (the CLI prints it as one line)."""
+    if message not in NOTES_GIVEN:
+        NOTES_GIVEN.add(message)
+        warnings.warn(message, ConfigNote, stacklevel=3)
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    """8-bit values of an integer array: uint8 as it is, 16-bit (0..65535) scaled to 0..255, rounded
+    (65535 -> 255, 257 -> 1). Floats have no agreed range and are refused."""
+    if values.dtype == np.uint8:
+        return values
+    if values.dtype == bool:
+        return values.astype(np.uint8) * 255
+    if not np.issubdtype(values.dtype, np.integer):
+        raise UserError(f"a {values.dtype} image has no known value range; save it as an 8- or 16-bit image")
+    wide = values.astype(np.int64)
+    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+        raise UserError(f"a {values.dtype} image with values {wide.min()}..{wide.max()} outside 0..65535; "
+                        f"save it as an 8- or 16-bit image")
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def image_bands(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The uint8 (H, W, C) bands of a decoded image, all it stores: grey 1, grey+alpha 2, RGB 3,
+    RGBA 4, multi-band arrays C. 16-bit values are scaled to 8 bits (`to_uint8`); palette, CMYK and
+    other colour modes become RGB. PIL's own `convert("RGB")` would clip 16-bit values at 255,
+    which turns nearly every pixel white. Float images (mode F) are refused."""
     if isinstance(image, Image.Image):
-        return TF.pil_to_tensor(to_rgb(image))
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise UserError(f"expected an (H, W, 3) image array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise UserError(f"expected a uint8 image array (0-255), got {image.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        if image.mode == "F":
+            raise UserError("a floating-point (mode F) image has no known value range; save it as an 8- or 16-bit "
+                            "image")
+        if image.mode in WIDE_GREY_MODES:
+            image = np.asarray(image)
+        elif image.mode == "1":
+            image = np.asarray(image.convert("L"))
+        elif image.mode == "PA":
+            image = np.asarray(image.convert("RGBA"))
+        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+            image = np.asarray(image.convert("RGB"))
+        else:
+            image = np.asarray(image)
+    bands = to_uint8(np.asarray(image))
+    if bands.ndim == 2:
+        bands = bands[:, :, None]
+    if bands.ndim != 3:
+        raise UserError(f"expected an (H, W) or (H, W, C) image, got shape {bands.shape}")
+    return bands
+
+
+def select_channels(bands: np.ndarray, channels: int = 3) -> np.ndarray:
+    """(H, W, C) bands -> (H, W, `channels`): grey repeated to RGB, an alpha channel dropped (said once);
+    any other difference is a UserError naming `model.in_channels`."""
+    stored = bands.shape[2]
+    if stored == channels:
+        return bands
+    if (stored == 2 and channels in (1, 3)) or (stored == 4 and channels == 3):  # grey+alpha, RGBA
+        note_once(ALPHA_NOTE.format(channels=channels))
+        bands = bands[:, :, :stored - 1]
+        stored -= 1
+    if stored == 1 and channels == 3:
+        return np.repeat(bands, 3, axis=2)
+    if stored == channels:
+        return bands
+    kind = {1: "a grey", 3: "an RGB"}.get(stored, f"a {stored}-band")
+    raise UserError(f"{kind} image, but the model takes {channels} channel(s) (model.in_channels={channels}); "
+                    f"use images with {channels} band(s) or a model built with in_channels={stored}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB PIL image (see `image_bands`: 16-bit grey scaled from 0..65535 to 0..255, alpha dropped)."""
+    if image.mode == "RGB":
+        return image
+    return Image.fromarray(np.ascontiguousarray(select_channels(image_bands(image), 3)), mode="RGB")
+
+
+def to_image_tensor(image: Image.Image | np.ndarray | torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """A uint8 (channels, H, W) tensor from a PIL image or an (H, W) / (H, W, C) array (`image_bands`,
+    `select_channels`), or a (channels, H, W) uint8 tensor."""
     if isinstance(image, torch.Tensor):
-        if image.ndim != 3 or image.shape[0] != 3:
-            raise UserError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+        if image.ndim != 3 or image.shape[0] != channels:
+            raise UserError(f"expected a ({channels}, H, W) image tensor, got shape {tuple(image.shape)}")
         if image.dtype != torch.uint8:
             raise UserError(f"expected a uint8 image tensor (0-255), got {image.dtype}")
         return image.as_subclass(torch.Tensor)
+    if isinstance(image, np.ndarray) and image.dtype.kind not in "uib":
+        raise UserError(f"expected a uint8 image array (0-255), got {image.dtype}")
+    if isinstance(image, (Image.Image, np.ndarray)):
+        bands = select_channels(image_bands(image), channels)
+        return torch.from_numpy(np.require(bands, requirements=["C", "W"])).permute(2, 0, 1).contiguous()
     raise TypeError(f"unsupported image type {type(image).__name__}")
 
 
@@ -129,8 +193,9 @@ def resize_image(image: torch.Tensor, size: SizeRule) -> torch.Tensor:
 
 def preprocess(image: Image.Image | np.ndarray | torch.Tensor, size: SizeRule,
                mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """The one test-time pre-processing: decoded image -> resize rule -> normalised float32 (3, h, w)."""
-    return normalize(resize_image(to_image_tensor(image), size), mean, std)
+    """The one test-time pre-processing: decoded image -> resize rule -> normalised float32 (C, h, w),
+    C = len(mean) channels."""
+    return normalize(resize_image(to_image_tensor(image, len(mean)), size), mean, std)
 
 
 # ---- steps, in pipeline order -----------------------------------------------------------------
@@ -225,6 +290,7 @@ def photometric_distortion(image: torch.Tensor, brightness_delta: int = 32,
 
     Order: brightness (+delta), then contrast (x alpha) either second or last (a coin decides),
     saturation (x alpha in HSV), hue (+delta on OpenCV's 0-180 uint8 hue scale, i.e. +-36 degrees).
+    Images of other than 3 channels get brightness and contrast only (same random draws).
     """
     if _coin(generator):
         image = _affine(image, beta=_uniform(-brightness_delta, brightness_delta, generator))
@@ -237,11 +303,13 @@ def photometric_distortion(image: torch.Tensor, brightness_delta: int = 32,
 
     if contrast_first:
         image = contrast(image)
+    colour = image.shape[-3] == 3  # saturation and hue mean nothing for grey or multi-band images
     if _coin(generator):
-        image = _scale_saturation(image, _uniform(*saturation_range, generator))
+        alpha = _uniform(*saturation_range, generator)
+        image = _scale_saturation(image, alpha) if colour else image
     if _coin(generator):
         shift = int(torch.randint(-hue_delta, hue_delta + 1, (), generator=generator))
-        image = TF.adjust_hue(image, shift / 180.0)
+        image = TF.adjust_hue(image, shift / 180.0) if colour else image
     if not contrast_first:
         image = contrast(image)
     return image
@@ -249,6 +317,9 @@ def photometric_distortion(image: torch.Tensor, brightness_delta: int = 32,
 
 def normalize(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(image - mean) / std per channel, with mean/std on the 0-255 scale; returns float32."""
+    if not len(mean) == len(std) == image.shape[-3]:
+        raise UserError(f"normalisation mean {list(mean)} / std {list(std)} for a {image.shape[-3]}-channel image: "
+                        f"give one value per channel (data.mean, data.std)")
     return TF.normalize(image.float(), list(mean), list(std))
 
 
@@ -280,7 +351,7 @@ class TrainTransform:
 
     def __call__(self, image, mask, generator: torch.Generator | None = None):
         """(image, mask) -> (float32 (3, h, w) normalised image, int64 (h, w) label)."""
-        image, mask = to_image_tensor(image), to_mask(mask)
+        image, mask = to_image_tensor(image, len(self.mean)), to_mask(mask)
         if image.shape[-2:] != mask.shape[-2:]:
             raise UserError(f"image {tuple(image.shape[-2:])} and mask {tuple(mask.shape[-2:])} sizes differ")
         if self.scale:

@@ -279,6 +279,7 @@ def evaluate_model(
             mean, std = meta["mean"] if "mean" in (model.meta or {}) else d.mean, \
                 meta["std"] if "std" in (model.meta or {}) else d.std
             dataset = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(segmenter.size, mean, std),
+                                    channels=len(segmenter.preprocessor.mean),
                                     **protocol_options(d.kind, d.options, getattr(model, "meta", None)))
             names = _class_names(model, dataset, predicted_classes(model))
             metrics = SegmentationMetrics(predicted_classes(model), names, _ignore_index(model, dataset), info.device)

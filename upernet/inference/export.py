@@ -46,7 +46,7 @@ def export_onnx(
     if path.parent and not path.parent.exists():
         raise MissingFile(f"{path}: the folder {path.parent} does not exist")
     fast = prepare_for_inference(model.cpu(), "fp32", channels_last=False)
-    images = torch.randn(1, 3, *shape)
+    images = torch.randn(1, getattr(model, "in_channels", 3), *shape)
     axes = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer and deprecation notes about the shape arithmetic
@@ -125,7 +125,7 @@ def check_onnx(model: UPerNet, path: str | os.PathLike, shapes: Sequence[Sequenc
     diffs = []
     model = model.eval()
     for shape in shapes:
-        images = torch.randn(batch, 3, *shape)
+        images = torch.randn(batch, getattr(model, "in_channels", 3), *shape)
         with torch.no_grad():
             expected = model(images)["out"].numpy()
         diffs.append(float(np.abs(onnx_model(images)["out"].numpy() - expected).max()))

@@ -26,6 +26,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from ..errors import MissingFile, UserError
+from ..data.datasets import read_image
 from ..data.transforms import SizeRule, parse_size, resize_image, resized_shape, to_rgb  # noqa: F401 (re-exported)
 from ..ops.resize import resize
 
@@ -182,8 +183,9 @@ def infer_outputs(
         raise UserError(f"scales must be positive ratios, got {tuple(scales)}")
     if image.dim() == 3:
         image = image.unsqueeze(0)
-    if image.dim() != 4 or image.shape[1] != 3:
-        raise ValueError(f"expected a normalised image (N, 3, H, W) or (3, H, W), got shape {tuple(image.shape)}")
+    if image.dim() != 4 or image.shape[1] != getattr(model, "in_channels", 3):
+        raise ValueError(f"expected a normalised image (N, C, H, W) or (C, H, W), C = the model's in_channels, "
+                         f"got shape {tuple(image.shape)}")
     crop_size = tuple(crop_size or DEFAULT_CROP)
     stride = tuple(stride or DEFAULT_STRIDE)
     height, width = image.shape[-2:]
@@ -252,20 +254,12 @@ def resize_probs(probs: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 # ---- images ----------------------------------------------------------------------------------
 def load_image(path: str | Path) -> Image.Image:
-    """An 8-bit RGB image with its EXIF orientation applied, fully decoded (16-bit grey scaled, `to_rgb`).
+    """An 8-bit RGB image with its EXIF orientation applied, fully decoded: `data.datasets.read_image`.
 
     Raises FileNotFoundError for a missing file and ValueError naming the file when it is not an
     image, truncated or corrupt (PIL decodes lazily, so the pixels are decoded here, not later).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFile(f"{path}: no such image file")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read the image ({e})") from None
+    return Image.fromarray(read_image(path, 3).permute(1, 2, 0).numpy(), mode="RGB")
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

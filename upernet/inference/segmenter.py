@@ -23,13 +23,14 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 from ..data.classes import IMAGENET_MEAN, IMAGENET_STD, default_palette, resolve_meta
-from ..data.transforms import SizeRule, normalize, parse_size, resize_image, to_image_tensor, to_rgb
+from ..data.datasets import read_image
+from ..data.transforms import SizeRule, normalize, parse_size, resize_image, to_image_tensor
 from ..errors import UserError
 from ..io import atomic_write
 from ..loading import load_model
 from ..models.multitask import part_map
 from ..ops.resize import resize_in_stripes
-from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, load_image, predicted_classes
+from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, predicted_classes
 from .prepare import autocast_dtype_for, prepare_for_inference
 
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio), for models whose meta has none
@@ -154,28 +155,39 @@ class MultiTaskSegmentation:
         return self.tasks["object"].to_pipeline()
 
 
+def display_picture(image: torch.Tensor) -> np.ndarray:
+    """The (H, W, 3) uint8 picture overlays are drawn on: RGB as it is, a grey band repeated, the first
+    three bands of a multi-band image (there is no one true colour rendering of those)."""
+    bands = image.permute(1, 2, 0).numpy()
+    if bands.shape[2] < 3:
+        bands = np.repeat(bands[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(bands[:, :, :3])
+
+
 # ---- the pre-processing a worker process can run ----------------------------------------------
 @dataclass(frozen=True)
 class Preprocessor:
-    """Decode -> resize rule -> normalise; picklable, so that DataLoader workers can run it."""
+    """Decode -> resize rule -> normalise; picklable, so that DataLoader workers can run it.
+
+    Images get as many channels as `mean` has entries (the model's `in_channels`).
+    """
 
     size: SizeRule
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
     def decode(self, image: ImageInput | torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) of a path (EXIF applied), a PIL image, an (H, W, 3) uint8 array or tensor."""
+        """uint8 (C, H, W) of a path (`data.datasets.read_image`), a PIL image, an (H, W, C) array or tensor."""
+        channels = len(self.mean)
         if isinstance(image, (str, os.PathLike)):
-            return to_image_tensor(load_image(image))
-        if isinstance(image, Image.Image):
-            return to_image_tensor(to_rgb(image))
-        if isinstance(image, (np.ndarray, torch.Tensor)):
-            return to_image_tensor(image)
+            return read_image(image, channels)
+        if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
+            return to_image_tensor(image, channels)
         raise UserError(f"cannot segment a {type(image).__name__}: give a path, a PIL image or an (H, W, 3) "
                         f"uint8 array")
 
     def __call__(self, image: ImageInput | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(original uint8 (3, H, W), normalised float32 (1, 3, h, w) at the inference size)."""
+        """(original uint8 (C, H, W), normalised float32 (1, C, h, w) at the inference size)."""
         original = self.decode(image)
         return original, normalize(resize_image(original, self.size), self.mean, self.std)[None]
 
@@ -288,6 +300,11 @@ class Segmenter:
         # folded BNs, Winograd head convs; bf16 as real bf16 weights rather than autocast
         self.runner = prepare_for_inference(self.model, "bf16" if dtype == torch.bfloat16 else "fp32")
         self.autocast_dtype = None if dtype == torch.bfloat16 else dtype
+        channels = int(getattr(model, "in_channels", len(self.meta["mean"])))
+        if not len(self.meta["mean"]) == len(self.meta["std"]) == channels:
+            raise UserError(f"the model takes {channels} input channel(s) but its normalisation has mean "
+                            f"{list(self.meta['mean'])} and std {list(self.meta['std'])}: set model.meta['mean'] "
+                            f"and ['std'] to one value per channel (training with data.mean/data.std does)")
         self.preprocessor = Preprocessor(self.size, tuple(self.meta["mean"]), tuple(self.meta["std"]))
 
     @property
@@ -322,12 +339,12 @@ class Segmenter:
         """The result for a pre-processed image (see `Preprocessor`), labels at `original`'s size.
 
         Args:
-            original: the decoded image, uint8 (3, H, W).
-            image: the normalised image at the inference size, float (1, 3, h, w).
+            original: the decoded image, uint8 (C, H, W).
+            image: the normalised image at the inference size, float (1, C, h, w).
             probs: keep the probabilities in the result.
             probs_file: also write them there as float16 (C, H, W) .npy (memory-bounded for large images).
         """
-        picture = original.permute(1, 2, 0).numpy()
+        picture = display_picture(original)
         if self.multitask:
             return self._multitask(picture, image, probs)
         size = tuple(original.shape[-2:])

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .weights import adapt_input_channels
 
 # The tensors a different class count changes: the classifiers of the decode and auxiliary heads.
 CLASSIFIER = re.compile(r"(decode_head|aux_head)\.classifier\.(weight|bias)")
@@ -28,28 +29,13 @@ class FittedWeights:
         copied: names of the tensors taken from the source.
         reinitialised: classifier tensors left at their fresh initialisation (another class count).
         dropped: source tensors the model has no place for (only an auxiliary head the model leaves out).
+        adapted: RGB input convs fitted to the model's `in_channels` (`weights.adapt_input_channels`).
     """
 
     copied: list[str] = field(default_factory=list)
     reinitialised: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
-
-
-def input_conv_key(model: nn.Module) -> str | None:
-    """The weight of the backbone's first convolution (the one the input channel count shapes)."""
-    for name, module in model.named_modules():
-        if name.startswith("backbone") and isinstance(module, nn.Conv2d):
-            return f"{name}.weight"
-    return None
-
-
-def adapt_input_conv(weight: torch.Tensor, shape: torch.Size, key: str, source: str) -> torch.Tensor:
-    """The source's first-conv `weight` for a model whose first conv has `shape` (another input channel
-    count). Not supported yet: a clear error, so that a 3-channel checkpoint never meets 4-band images
-    unnoticed."""
-    raise UserError(f"{source}: model.in_channels differs from the source's: its first conv {key} takes "
-                    f"{weight.shape[1]} channels, the model {shape[1]}; start from a checkpoint with "
-                    f"{shape[1]} input channels, or give the images {weight.shape[1]} channels")
+    adapted: list[str] = field(default_factory=list)
 
 
 def listing(names: list[str]) -> str:
@@ -66,8 +52,9 @@ def copy_fitting_weights(model: nn.Module, state: dict[str, torch.Tensor], sourc
         source: what `state` comes from, for messages.
     """
     own = model.state_dict()
-    first_conv = input_conv_key(model)
     result, fitted, mismatched = FittedWeights(), {}, []
+    state = dict(state)  # the input conv is adapted in this copy, never in the source's tensors
+    result.adapted = adapt_input_channels(state, model)
     for key, tensor in own.items():
         theirs = state.get(key)
         if theirs is None:
@@ -76,8 +63,6 @@ def copy_fitting_weights(model: nn.Module, state: dict[str, torch.Tensor], sourc
             fitted[key] = theirs
         elif CLASSIFIER.fullmatch(key) and theirs.shape[1:] == tensor.shape[1:]:
             result.reinitialised.append(key)
-        elif key == first_conv and theirs.shape[0] == tensor.shape[0] and theirs.shape[2:] == tensor.shape[2:]:
-            fitted[key] = adapt_input_conv(theirs, tensor.shape, key, source)
         else:
             mismatched.append(f"{key} (source {tuple(theirs.shape)}, model {tuple(tensor.shape)})")
     missing = [k for k in own if k not in state]

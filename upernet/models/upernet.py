@@ -200,7 +200,7 @@ class FCNHead(nn.Module):
 class UPerNet(nn.Module):
     """UPerNet on any backbone that exposes `channels` and `strides` for its 4 feature levels.
 
-    Input: normalised images (N, 3, H, W) of any H and W. Convolutions and poolings floor odd sizes
+    Input: normalised images (N, in_channels, H, W) of any H and W. Convolutions and poolings floor odd sizes
     (backbones that need it, like Swin, pad internally); the head resizes every level to the size of
     the stride-4 map, and the logits are resized bilinearly to exactly (H, W), so any size works.
     A side shorter than 32 pixels (the coarsest stride) is zero-padded to 32 at the bottom/right and
@@ -255,6 +255,11 @@ class UPerNet(nn.Module):
         )
         self.config: dict = {}  # set by build_model: the name and arguments that rebuild this model
         self.meta: dict = {}  # class names, palette, normalisation: what predict needs besides weights
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input images (the backbone's; 3 unless built with `in_channels`)."""
+        return int(getattr(self.backbone, "in_channels", 3))
 
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = 255, average: str = "valid"

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
+from timm.models import adapt_input_conv
 
 from ..errors import UserError
 from ..io import atomic_write, read_json, write_text
@@ -144,6 +145,42 @@ def build_from_config(config: dict) -> nn.Module:
     model = build_model(config["model"], **config.get("model_args", {}))
     model.meta = dict(config.get("meta", {}))
     return model
+
+
+def input_convs(model: nn.Module) -> dict[str, int]:
+    """State-dict names of the conv weights that meet the image, with the channels each takes.
+
+    Every backbone names its input conv (`backbone.input_conv`, a module path inside it), so this
+    finds them in a UPerNet, a multi-task model or a bare backbone alike.
+    """
+    found = {}
+    for prefix, module in model.named_modules():
+        name = getattr(module, "input_conv", None)
+        if isinstance(name, str) and hasattr(module, "in_channels"):
+            found[f"{prefix}.{name}.weight" if prefix else f"{name}.weight"] = int(module.in_channels)
+    return found
+
+
+def adapt_input_channels(state_dict: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Fit the input conv weights of `state_dict` (keys as in `model.state_dict()`) to `model`'s
+    input channels, in place; returns the names of the adapted tensors.
+
+    A 3-channel (RGB) checkpoint meets a model built with `in_channels` N: timm's `adapt_input_conv`
+    rule, as timm does for its own pretrained weights: N = 1 sums the RGB filters; otherwise they are
+    repeated to N channels and scaled by 3 / N, so that the response to a grey image is kept.
+    """
+    adapted = []
+    for key, channels in input_convs(model).items():
+        weight = state_dict.get(key)
+        if weight is None or weight.ndim != 4 or weight.shape[1] == channels:
+            continue
+        if weight.shape[1] != 3:
+            raise UserError(f"{key}: the checkpoint's input conv takes {weight.shape[1]} channels and the model "
+                            f"{channels}; only 3-channel (RGB) weights are adapted: build the model with "
+                            f"in_channels={weight.shape[1]}")
+        state_dict[key] = adapt_input_conv(channels, weight)
+        adapted.append(key)
+    return adapted
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str) -> None:

@@ -1,6 +1,7 @@
 """Named UPerNet variants: each sets architecture arguments and calls one creator.
 
-Every variant takes `num_classes`, `backbone_args` (overrides of the backbone's arguments, e.g.
+Every variant takes `num_classes`, `in_channels` (channels of the input images, default 3; the
+backbone's first conv takes that many), `backbone_args` (overrides of the backbone's arguments, e.g.
 smaller `depths` for tests), `pretrained_backbone` where timm provides ImageNet weights, and any
 `UPerNet` head argument (`channels`, `aux_head`, ...).
 """
@@ -20,7 +21,10 @@ def _create(backbone: nn.Module, num_classes: int, **head_args: Any) -> UPerNet:
     return UPerNet(backbone, num_classes, **head_args)
 
 
-def _timm(model_name: str, defaults: dict, backbone_args: dict | None, pretrained: bool, **kw: Any) -> TimmBackbone:
+def _timm(model_name: str, defaults: dict, backbone_args: dict | None, pretrained: bool, in_channels: int = 3,
+          **kw: Any) -> TimmBackbone:
+    if in_channels != 3:  # timm's name; left out at 3 so that timm's defaults stay untouched
+        kw["in_chans"] = in_channels
     return TimmBackbone(model_name, pretrained=pretrained, **{**defaults, **kw, **(backbone_args or {})})
 
 
@@ -32,17 +36,19 @@ def upernet_timm(
     backbone_args: dict | None = None,
     pretrained_backbone: bool = False,
     output_norms: bool = False,
+    in_channels: int = 3,
     **head_args: Any,
 ) -> UPerNet:
     """UPerNet on the last 4 feature levels of any timm model (`model_name`)."""
-    backbone = _timm(model_name, {}, backbone_args, pretrained_backbone, output_norms=output_norms)
+    backbone = _timm(model_name, {}, backbone_args, pretrained_backbone, in_channels, output_norms=output_norms)
     return _create(backbone, num_classes, **head_args)
 
 
 # ---- ConvNeXt (timm's, plus the per-level output LayerNorms of the UPerNet checkpoints) ------
-def _convnext(model_name: str, drop_path_rate: float, num_classes: int, backbone_args, pretrained_backbone, **head_args):
+def _convnext(model_name: str, drop_path_rate: float, num_classes: int, backbone_args, pretrained_backbone,
+              in_channels: int = 3, **head_args):
     defaults = {"drop_path_rate": drop_path_rate, "output_norms": True}
-    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone), num_classes, **head_args)
+    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone, in_channels), num_classes, **head_args)
 
 
 @register_model
@@ -73,9 +79,10 @@ def upernet_convnext_xlarge(num_classes: int = 150, backbone_args=None, pretrain
 # ---- ResNet V1c (deep 3x3 stem 32-32-64), output stride 32, 16 (D16) or 8 (D8) -----------------
 # timm dilates a stage's first block with the previous stage's dilation, which is exactly
 # mmsegmentation's `contract_dilation=True` (D8: strides 1,2,1,1 dilations 1,1,2,4).
-def _resnet(model_name: str, output_stride: int, num_classes: int, backbone_args, pretrained_backbone, **head_args):
+def _resnet(model_name: str, output_stride: int, num_classes: int, backbone_args, pretrained_backbone,
+            in_channels: int = 3, **head_args):
     defaults = {"out_indices": (1, 2, 3, 4), "output_stride": output_stride}
-    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone), num_classes, **head_args)
+    return _create(_timm(model_name, defaults, backbone_args, pretrained_backbone, in_channels), num_classes, **head_args)
 
 
 @register_model
@@ -113,14 +120,14 @@ def upernet_r101_d16(num_classes: int = 150, backbone_args=None, pretrained_back
 # as the Hugging Face checkpoints openmmlab/upernet-swin-{base,large} do. No ImageNet weights here:
 # start from a converted checkpoint (`upernet convert`) instead.
 def _swin(embed_dim: int, depths, num_heads, window_size: int, num_classes: int, backbone_args, pretrained_backbone,
-          **head_args):
+          in_channels: int = 3, **head_args):
     if pretrained_backbone:
         raise UserError("pretrained_backbone is not available for Swin; convert a Hugging Face checkpoint "
                          "(`upernet convert`) and load it with `upernet.load_model` instead")
     from .backbones import SwinTransformer
 
     defaults = {"embed_dim": embed_dim, "depths": depths, "num_heads": num_heads, "window_size": window_size,
-                "drop_path_rate": 0.3}
+                "drop_path_rate": 0.3, "in_chans": in_channels}
     return _create(SwinTransformer(**{**defaults, **(backbone_args or {})}), num_classes, **head_args)
 
 
@@ -151,14 +158,14 @@ def upernet_swin_large(num_classes: int = 150, backbone_args=None, pretrained_ba
 # ---- InternImage (DCNv3 in plain PyTorch; the published ADE20K UPerNet settings) ---------------
 # Every variant has layer scale 1.0 (the T classification checkpoint has none: load it non-strictly).
 def _internimage(width: int, depths, groups, drop_path_rate: float, post_norm: bool, offset_scale: float,
-                 num_classes: int, backbone_args, pretrained_backbone, **head_args):
+                 num_classes: int, backbone_args, pretrained_backbone, in_channels: int = 3, **head_args):
     if pretrained_backbone:
         raise UserError("pretrained_backbone is not available for InternImage; convert an official checkpoint "
                          "(`upernet convert`) and load it with `upernet.load_model` instead")
     from .backbones import InternImage
 
     defaults = {"channels": width, "depths": depths, "groups": groups, "drop_path_rate": drop_path_rate,
-                "post_norm": post_norm, "offset_scale": offset_scale, "layer_scale": 1.0}
+                "post_norm": post_norm, "offset_scale": offset_scale, "layer_scale": 1.0, "in_chans": in_channels}
     return _create(InternImage(**{**defaults, **(backbone_args or {})}), num_classes, **head_args)
 
 

@@ -29,7 +29,7 @@ from ..evaluation.multitask import evaluate_multitask
 from ..loading import init_from
 from ..models import build_model
 from ..models.multitask import multitask_loss
-from ..models.weights import load_state_dict_strict
+from ..models.weights import adapt_input_channels, load_state_dict_strict
 from .losses import build_loss, is_default
 from .sampling import InfiniteSampler, seeded_loader
 
@@ -62,14 +62,17 @@ def load_backbone_checkpoint(backbone: nn.Module, path: str) -> None:
         state = state.get("state_dict", state.get("model", state))
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a state dict of the backbone (model.backbone_checkpoint)")
-    load_state_dict_strict(backbone, {k.removeprefix("backbone."): v for k, v in state.items()}, path)
+    state = {k.removeprefix("backbone."): v for k, v in state.items()}
+    adapt_input_channels(state, backbone)  # RGB weights for a backbone of other model.in_channels
+    load_state_dict_strict(backbone, state, path)
 
 
 def start_from(config: Config, num_classes: int) -> nn.Module:
     """The model of `model.init_from` with `num_classes` outputs (`loading.init_from`). The recipe's
     `model.name` and `model.args` become the source's architecture (with the recipe's args laid over
     it when the recipe names the same variant), so that the run's config rebuilds the model on resume; the re-initialised tensors are noted."""
-    model, fitted, source_meta = init_from(config.model.init_from, num_classes, config.model.args, config.model.name)
+    model, fitted, source_meta = init_from(config.model.init_from, num_classes, config.model.args, config.model.name,
+                                           config.model.in_channels)
     if config.model.name != model.config["name"]:
         note(f"model.name={config.model.name} and its model.args replaced by {model.config['name']}, the "
              f"architecture of model.init_from={config.model.init_from}")
@@ -78,7 +81,9 @@ def start_from(config: Config, num_classes: int) -> nn.Module:
     reinitialised = ", ".join(fitted.reinitialised) or "none"
     note(f"model.init_from={config.model.init_from}: {len(fitted.copied)} tensors copied; re-initialised "
          f"(new class count {num_classes}): {reinitialised}"
-         + (f"; dropped (no auxiliary head): {', '.join(fitted.dropped)}" if fitted.dropped else ""))
+         + (f"; dropped (no auxiliary head): {', '.join(fitted.dropped)}" if fitted.dropped else "")
+         + (f"; adapted to model.in_channels={config.model.in_channels}: {', '.join(fitted.adapted)}"
+            if fitted.adapted else ""))
     for key, ours in (("mean", config.data.mean), ("std", config.data.std)):
         theirs = source_meta.get(key)
         if theirs is not None and [round(float(v), 3) for v in theirs] != [round(float(v), 3) for v in ours]:
@@ -107,9 +112,10 @@ class SegmentationTask:
         d = self.config.data
         train_tf = build_train_transform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
                                          d.photometric, d.mean, d.std)
-        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, **d.options)
+        channels = self.config.model.in_channels
+        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, channels=channels, **d.options)
         val_set = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
-                                **d.options)
+                                channels=channels, **d.options)
         self.val_set = first_images(val_set, self.config.val.max_images)
         self.ignore_index = int(self.train_set.ignore_index)
         # None: plain cross-entropy, computed inside the model's forward without full-size logits
@@ -128,6 +134,8 @@ class SegmentationTask:
         if args.setdefault("num_classes", outputs) != outputs:
             raise UserError(f"model.args.num_classes={args['num_classes']} but the dataset has {num_classes} classes"
                             + (" (binary_cross_entropy: 1 output channel)" if binary else ""))
+        if cfg.model.in_channels != 3:  # left out at 3: saved models keep the arguments they had
+            args["in_channels"] = cfg.model.in_channels
         if pretrained and cfg.model.init_from:
             model = start_from(cfg, outputs)
         else:

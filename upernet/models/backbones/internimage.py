@@ -36,7 +36,7 @@ def _layer_norm(channels: int, channels_first_in: bool = False, channels_first_o
 
 
 class StemLayer(nn.Module):
-    """Two stride-2 3x3 convs (3 -> C/2 -> C) with LayerNorm and GELU: (N, 3, H, W) -> (N, H/4, W/4, C)."""
+    """Two stride-2 3x3 convs (in -> C/2 -> C) with LayerNorm and GELU: (N, in, H, W) -> (N, H/4, W/4, C)."""
 
     def __init__(self, in_chans: int = 3, out_chans: int = 64):
         super().__init__()
@@ -213,6 +213,7 @@ class InternImage(nn.Module):
         res_post_norm: LayerNorm on each branch output of pre-norm layers (InternImage-H/G).
         center_feature_scale: DCNv3 centre-feature gate (InternImage-H/G).
         with_cp: gradient checkpointing of every layer (saves memory in training).
+        in_chans: channels of the input images.
     """
 
     def __init__(
@@ -233,6 +234,7 @@ class InternImage(nn.Module):
         res_post_norm: bool = False,
         center_feature_scale: bool = False,
         with_cp: bool = False,
+        in_chans: int = 3,
     ):
         super().__init__()
         if len(depths) != 4 or len(groups) != 4:
@@ -242,7 +244,9 @@ class InternImage(nn.Module):
         self.depths = list(depths)
         self.channels = [channels * 2**i for i in range(4)]
         self.strides = [4, 8, 16, 32]
-        self.patch_embed = StemLayer(3, channels)
+        self.patch_embed = StemLayer(in_chans, channels)
+        self.in_channels = in_chans
+        self.input_conv = "patch_embed.conv1"  # the conv that meets the image (see `adapt_input_channels`)
         self.pos_drop = nn.Dropout(drop_rate)
         if drop_path_type == "linear":
             rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
@@ -274,7 +278,7 @@ class InternImage(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """(N, 3, H, W) -> 4 maps (N, C_i, H / s_i, W / s_i), s_i = 4, 8, 16, 32 (sizes rounded up)."""
+        """(N, in_chans, H, W) -> 4 maps (N, C_i, H / s_i, W / s_i), s_i = 4, 8, 16, 32 (sizes rounded up)."""
         x = self.pos_drop(self.patch_embed(images))
         features = []
         for level in self.levels:
@@ -289,11 +293,12 @@ def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> l
 
     The published segmentation runs start from these. Their classifier keys (`conv_head`, `head`,
     ...) are skipped; layer scales the checkpoint lacks (InternImage-T has none) keep their initial
-    value. Returns the names of those left at their initial value; anything else that does not fit
-    is an error naming the file.
+    value. The stem's first conv is adapted to the backbone's `in_chans` (`adapt_input_channels`).
+    Returns the names of those left at their initial value; anything else that does not fit is an
+    error naming the file.
     """
     from ...io import load_torch_file
-    from ..weights import load_state_dict_strict
+    from ..weights import adapt_input_channels, load_state_dict_strict
 
     source = str(path)
     if not Path(source).is_file():
@@ -304,6 +309,7 @@ def load_classification_checkpoint(backbone: InternImage, path: str | Path) -> l
         raise UserError(f"{source}: not an InternImage checkpoint (expected a dict of tensors under 'model')")
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
     weights = {k: v for k, v in state.items() if k.startswith(("patch_embed.", "levels."))}
+    adapt_input_channels(weights, backbone)  # an RGB checkpoint for a backbone of other `in_chans`
     own = backbone.state_dict()
     kept = [k for k in own if k not in weights and k.rsplit(".", 1)[-1] in ("gamma1", "gamma2")]
     load_state_dict_strict(backbone, {**weights, **{k: own[k] for k in kept}}, source)

@@ -227,6 +227,8 @@ class SwinTransformer(nn.Module):
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.patch_embed.norm = nn.LayerNorm(embed_dim)
+        self.in_channels = in_chans
+        self.input_conv = "patch_embed.proj"  # the conv that meets the image (see `adapt_input_channels`)
         total = sum(depths)
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         starts = [sum(depths[:i]) for i in range(len(depths))]

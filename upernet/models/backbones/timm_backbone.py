@@ -11,6 +11,23 @@ from torch import nn
 from ...errors import UserError
 
 
+def input_conv_name(model: nn.Module, in_channels: int) -> str:
+    """Module name of the conv that meets the image in a timm model (features_only or not).
+
+    timm names it in `pretrained_cfg["first_conv"]` (e.g. "stem.0"); `features_only` wrappers flatten
+    the first dot of such names ("stem_0"). Models without it: the first conv taking `in_channels`.
+    """
+    modules = dict(model.named_modules())
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    for name in ([first, first.replace(".", "_", 1)] if isinstance(first, str) else []):
+        if isinstance(modules.get(name), nn.Conv2d):
+            return name
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d) and module.in_channels == in_channels:
+            return name
+    raise ValueError(f"no input conv found in {type(model).__name__}")
+
+
 class TimmBackbone(nn.Module):
     """The last 4 feature levels of a timm model, optionally each followed by a LayerNorm.
 
@@ -19,8 +36,10 @@ class TimmBackbone(nn.Module):
         out_indices: which of timm's feature levels to return; default: its last 4.
         output_norms: add a channels-first LayerNorm (eps 1e-6) per level, as UPerNet ConvNeXt
             checkpoints carry them.
-        pretrained: load timm's pretrained weights (downloads them; needs a network).
-        model_args: passed to `timm.create_model` (e.g. `drop_path_rate`, `output_stride`, `depths`).
+        pretrained: load timm's pretrained weights (downloads them; needs a network); with `in_chans`
+            other than 3, timm adapts their first conv (`timm.models.adapt_input_conv`).
+        model_args: passed to `timm.create_model` (e.g. `drop_path_rate`, `output_stride`, `depths`,
+            `in_chans`: channels of the input images).
     """
 
     def __init__(
@@ -42,6 +61,8 @@ class TimmBackbone(nn.Module):
         self.channels = [channels[i] for i in self.levels]
         self.strides = [strides[i] for i in self.levels]
         self.output_norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.channels) if output_norms else None
+        self.in_channels = int(model_args.get("in_chans", 3))
+        self.input_conv = "body." + input_conv_name(self.body, self.in_channels)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         all_levels = self.body(images)
