@@ -29,8 +29,8 @@ from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json
 from .loop import device_of, evaluate_dataset, prepared_for_evaluation, unwrap_model
 from .metrics import PER_CLASS, confusion_matrix, image_miou, reduce, summarize
-from .report import EvalReport, WorstImage, WorstImages, image_at_label_size
 from .multitask import MultiTaskMetrics, format_multitask
+from .report import EvalReport, WorstImage, WorstImages, image_at_label_size
 
 DEFAULT_WORST = 8  # worst images kept by `upernet eval` unless --worst says otherwise
 
@@ -97,6 +97,8 @@ class SegmentationMetrics:
         except ValueError as e:
             raise UserError(f"{sample.get('path', 'a sample')}: {e}") from None
         self.confusion += confusion
+        if self.worst.k == 0:
+            return
         index, miou = int(sample.get("index", 0)), 100 * image_miou(confusion)
         self.worst.offer(miou, index, lambda: WorstImage(
             index=index, path=str(sample.get("path", "")), miou=miou,
