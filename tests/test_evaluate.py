@@ -149,9 +149,21 @@ def _worker(rank: int, world: int, port: int, n: int, out_dir: str) -> None:
     try:
         confusion, _ = evaluate_confusion(EncodedClassModel(), TinySplit(n), distributed=True, progress=False)
         results = evaluate(EncodedClassModel(), TinySplit(n), distributed=True, progress=False)
-        torch.save({"confusion": confusion, "results": results}, os.path.join(out_dir, f"rank{rank}.pt"))
+        worst = _worst_of(TinySplit(n), distributed=True)
+        torch.save({"confusion": confusion, "results": results, "worst": worst}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _worst_of(split, distributed=False) -> list:
+    """The worst list of one evaluation pass, as plain (index, path, mIoU, image, prediction, label) tuples."""
+    from upernet.evaluation.evaluate import SegmentationMetrics
+    from upernet.evaluation.loop import evaluate_dataset
+
+    metrics = SegmentationMetrics(C, TinySplit.classes, worst=3)
+    evaluate_dataset(EncodedClassModel(), split, metrics, distributed, progress=False)
+    return [(r.index, r.path, r.miou, torch.from_numpy(r.image), torch.from_numpy(r.prediction),
+             torch.from_numpy(r.label)) for r in metrics.worst.sorted()]
 
 
 @pytest.mark.distributed
@@ -160,10 +172,14 @@ def test_two_processes_match_one(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), n, str(tmp_path)), nprocs=2, join=True)
     single, _ = evaluate_confusion(EncodedClassModel(), TinySplit(n), progress=False)
     single_results = evaluate(EncodedClassModel(), TinySplit(n), progress=False)
+    single_worst = _worst_of(TinySplit(n))
+    assert {w[0] % 2 for w in single_worst} == {0, 1}  # the worst come from both ranks' shares
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(saved["confusion"], single)
         assert _same(saved["results"], single_results)
+        assert [w[:3] for w in saved["worst"]] == [w[:3] for w in single_worst]  # gathered over the ranks
+        assert all(torch.equal(a, b) for w, v in zip(saved["worst"], single_worst) for a, b in zip(w[3:], v[3:]))
     assert int(single.sum()) == sum(int((s["label"] != 255).sum()) for s in TinySplit(n).samples)
 
 
@@ -235,6 +251,9 @@ def _direct_results(model, config_path):
 
 
 def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
     import upernet
     from upernet.cli import main
 
@@ -252,9 +271,24 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
     from upernet.inference.prepare import native_bf16
 
     assert saved["settings"]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # the "auto" default
+    # The error analysis: more metrics (old keys kept), the confusion matrix files, the worst images.
+    assert list(rows[0]) == ["class", "IoU", "Acc", "Dice", "Fscore", "Precision", "Recall"]
+    assert {"aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall"} <= set(saved)
+    out = tmp_path / "out"
+    for name in ("confusion_matrix.csv", "confusion_matrix_normalized.csv", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    counts = [list(map(int, r[1:])) for r in list(csv.reader((out / "confusion_matrix.csv").open()))[1:]]
+    masks = [np.asarray(Image.open(tmp_path / "data" / "ann_dir" / "val" / f"{i}.png")) for i in range(2)]
+    assert sum(map(sum, counts)) == sum(int((m != 255).sum()) for m in masks)  # every labelled pixel of 2 images
+    assert len(saved["worst"]) == 2 and saved["worst"][0]["mIoU"] <= saved["worst"][1]["mIoU"]
+    assert sorted(p.name for p in (out / "worst").iterdir()) == [w["file"].split("/")[1] for w in saved["worst"]]
+    assert "report" not in saved and "worst-image panels" in printed
     # Without --flip (and with the default --out) the CLI gives the numbers of evaluate() called directly.
-    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model"), "--precision", "fp32"]) == 0
+    assert main(["eval", str(config_path), "--checkpoint", str(tmp_path / "run" / "model"), "--precision", "fp32",
+                 "--worst", "0", "--nan-to-num", "0", "--beta", "2"]) == 0
     default = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())  # default --out: RUN_DIR/eval
+    assert not (tmp_path / "run" / "eval" / "worst").exists() and default["worst"] == []
+    assert default["settings"]["beta"] == 2.0 and default["settings"]["nan_to_num"] == 0.0
     direct = _direct_results(upernet.load_model(tmp_path / "run" / "model"), config_path)
     assert {k: default[k] for k in ("aAcc", "mIoU", "mAcc")} == {k: direct[k] for k in ("aAcc", "mIoU", "mAcc")}
 
@@ -295,7 +329,7 @@ def test_docstring_args_match_signatures():
     from upernet.evaluation import metrics
 
     for fn in [ev.evaluate, ev.evaluate_confusion, ev.evaluate_model,
-               metrics.confusion_matrix, metrics.summarize]:
+               metrics.confusion_matrix, metrics.summarize, metrics.per_class_ratios]:
         doc = inspect.getdoc(fn).split("Args:")[1].split("Returns:")[0]
         documented = re.findall(r"^    (?:\*\*)?(\w+):", doc, flags=re.M)
         assert documented == list(inspect.signature(fn).parameters), fn.__name__

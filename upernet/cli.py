@@ -244,11 +244,13 @@ def run_train(args) -> None:
 
 # ---- eval -----------------------------------------------------------------------------------
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="aAcc, mIoU, mAcc and per-class IoU/Acc on a validation split",
+    p = sub.add_parser("eval", help="aAcc, mIoU and per-class IoU/Acc/Dice/F-score/precision/recall on a validation "
+                                    "split, a confusion matrix and the worst images",
                        description="Evaluate a model on the validation split of a recipe (mmsegmentation's "
-                                   "IoUMetric rules); prints the per-class table, writes metrics.json and "
-                                   "per_class.csv. Under torchrun: `torchrun --nproc_per_node 2 -m upernet.cli eval "
-                                   "...` splits the images over the processes (same numbers as one process).")
+                                   "IoUMetric rules); prints the per-class table, writes metrics.json, "
+                                   "per_class.csv, confusion_matrix.csv / _normalized.csv / .png and "
+                                   "worst/NN_<image>.png (image | prediction | ground truth). Under torchrun: "
+                                   "`torchrun --nproc_per_node 2 -m upernet.cli eval ...` splits the images over the processes (same numbers as one process).")
     p.add_argument("config", nargs="?", metavar="RECIPE",
                    help="recipe YAML or built-in name (default: the recipe stored with a trained model, else the "
                         "built-in one; a key=value here is taken as an override)")
@@ -260,6 +262,13 @@ def add_eval(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
     add_precision(p)
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
+    # -- error analysis (evaluation/report.py) --
+    p.add_argument("--worst", type=int, default=8, metavar="K",
+                   help="write the K images of lowest per-image mIoU to OUT/worst (0: none; default 8)")
+    p.add_argument("--beta", type=float, default=1.0, help="F-score weight of recall, mmsegmentation's (default 1: F1)")
+    p.add_argument("--nan-to-num", type=float, metavar="V",
+                   help="percent value for undefined per-class numbers (absent classes), counted in the means "
+                        "(default: nan, left out of the means)")
     add_runtime(p)
     add_dcnv3_kernel(p)
     p.set_defaults(handler=run_eval)
@@ -270,6 +279,7 @@ def run_eval(args) -> None:
 
     from .config import config_from_dict, load_config
     from .evaluation.evaluate import default_out, evaluate_model, format_results, save_results
+    from .evaluation.report import write_report
     from .loading import load_with_recipe
 
     recipe, overrides = split_overrides(args.config, list(args.overrides))
@@ -284,12 +294,19 @@ def run_eval(args) -> None:
     else:
         config = load_config(recipe, overrides)
     results = evaluate_model(model, config, mode=args.mode, multi_scale=args.multi_scale, flip=args.flip,
-                             device=args.device, precision=args.precision, max_images=args.max_images)
+                             device=args.device, precision=args.precision, max_images=args.max_images,
+                             worst=args.worst, beta=args.beta, nan_to_num=args.nan_to_num)
     results["settings"]["checkpoint"] = source
+    report = results.pop("report", None)
     if results["settings"]["rank"] == 0:
         print(format_results(results))
-        json_path, csv_path = save_results(results, Path(args.out) if args.out else default_out(source))
+        out = Path(args.out) if args.out else default_out(source)
+        json_path, csv_path = save_results(results, out)
         print(f"wrote {json_path}" + (f" and {csv_path}" if csv_path else ""))
+        if report is not None:
+            write_report(report, out)
+            print(f"wrote the confusion matrix ({out / 'confusion_matrix.png'}, .csv) and "
+                  f"{len(report.worst)} worst-image panels ({out / 'worst'})")
 
 
 # ---- convert --------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import Config
-from ..data.classes import resolve_meta
+from ..data.classes import IMAGENET_MEAN, IMAGENET_STD, resolve_meta
 from ..data.build import build_dataset
 from ..data.multitask import MULTITASK_KINDS, build_sources
 from ..data.protocol import protocol_options
@@ -28,8 +29,11 @@ from ..inference.prepare import PRECISIONS
 from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json
 from .loop import device_of, evaluate_dataset, prepared_for_evaluation, unwrap_model
-from .metrics import confusion_matrix, reduce, summarize
+from .metrics import PER_CLASS, confusion_matrix, image_miou, reduce, summarize
 from .multitask import MultiTaskMetrics, format_multitask
+from .report import EvalReport, WorstImage, WorstImages, image_at_label_size
+
+DEFAULT_WORST = 8  # worst images kept by `upernet eval` unless --worst says otherwise
 
 
 def _base_dataset(dataset):
@@ -52,6 +56,12 @@ def _class_names(model: nn.Module, dataset, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+def _palette(meta: dict, dataset) -> list[list[int]]:
+    """The dataset's colours (they go with its class names), else the model's."""
+    palette = getattr(_base_dataset(dataset), "palette", None)
+    return [list(map(int, c)) for c in (palette if palette and len(palette) == len(meta["palette"]) else meta["palette"])]
+
+
 def _ignore_index(model: nn.Module, dataset) -> int:
     """The dataset's ignore index, else the model's meta one, else 255."""
     value = getattr(_base_dataset(dataset), "ignore_index", None)
@@ -61,12 +71,20 @@ def _ignore_index(model: nn.Module, dataset) -> int:
 
 
 class SegmentationMetrics:
-    """The metric accumulator of a segmentation model: one confusion matrix -> `summarize`."""
+    """The metric accumulator of a segmentation model: one confusion matrix -> `summarize`.
+
+    With `worst` > 0 it also keeps the `worst` images of lowest per-image mIoU (their image,
+    prediction and label, for `report.write_report`), from the per-image matrices of the same pass.
+    """
 
     def __init__(self, num_classes: int, class_names: Sequence[str], ignore_index: int = 255,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", worst: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, beta: float = 1.0, nan_to_num: float | None = None):
         self.num_classes, self.class_names, self.ignore_index = num_classes, list(class_names), ignore_index
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        self.worst = WorstImages(worst)
+        self.mean, self.std = tuple(mean), tuple(std)  # to show the network input as a picture
+        self.beta, self.nan_to_num = beta, nan_to_num
 
     def target_size(self, sample: dict) -> tuple[int, int]:
         """Where the prediction is scored: the label's size."""
@@ -74,16 +92,26 @@ class SegmentationMetrics:
 
     def add(self, probs: dict[str, torch.Tensor], sample: dict) -> None:
         label = torch.as_tensor(sample["label"]).to(self.confusion.device)
+        prediction = probs["out"].argmax(dim=1)[0]
         try:
-            self.confusion += confusion_matrix(probs["out"].argmax(dim=1)[0], label, self.num_classes, self.ignore_index)
+            confusion = confusion_matrix(prediction, label, self.num_classes, self.ignore_index)
         except ValueError as e:
             raise UserError(f"{sample.get('path', 'a sample')}: {e}") from None
+        self.confusion += confusion
+        if self.worst.k == 0:
+            return
+        index, miou = int(sample.get("index", 0)), 100 * image_miou(confusion)
+        self.worst.offer(miou, index, lambda: WorstImage(
+            index=index, path=str(sample.get("path", "")), miou=miou,
+            image=image_at_label_size(sample["image"], label.shape, self.mean, self.std),
+            prediction=prediction.cpu().numpy().astype(np.int32), label=label.cpu().numpy().astype(np.int32)))
 
     def reduce(self) -> None:
         self.confusion = reduce(self.confusion)
+        self.worst.gather()
 
     def summary(self) -> dict:
-        return summarize(self.confusion, self.class_names)
+        return summarize(self.confusion, self.class_names, self.beta, self.nan_to_num)
 
 
 def evaluate_confusion(
@@ -159,17 +187,19 @@ def evaluate(
 
 
 def format_table(results: dict) -> str:
-    """The per-class table (Class | IoU | Acc) followed by the summary line, as mmsegmentation logs them."""
-    rows = [(r["class"], f"{r['IoU']:.2f}", f"{r['Acc']:.2f}") for r in results["per_class"]]
-    header = ("Class", "IoU", "Acc")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    """The per-class table (Class | IoU | Acc | Dice | ...) followed by the summary line, as mmsegmentation logs them."""
+    columns = [key for key in PER_CLASS if key in results["per_class"][0]] if results["per_class"] else ["IoU", "Acc"]
+    rows = [(r["class"], *(f"{r[key]:.2f}" for key in columns)) for r in results["per_class"]]
+    header = ("Class", *columns)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells) -> str:
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
     table = [rule, line(header), rule, *(line(r) for r in rows), rule]
-    summary = "  ".join(f"{key}: {results[key]:.2f}" for key in ("aAcc", "mIoU", "mAcc"))
+    means = ["aAcc", *(f"m{key}" for key in columns)]
+    summary = "  ".join(f"{key}: {results[key]:.2f}" for key in means if key in results)
     return "\n".join(table) + "\n" + summary
 
 
@@ -185,22 +215,25 @@ def _json_safe(value):
 
 
 def save_results(results: dict, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `metrics.json` (everything; NaN as null) and `per_class.csv` (class, IoU, Acc; NaN as nan).
+    """Write `metrics.json` (everything but "report"; NaN as null) and `per_class.csv` (class, IoU, Acc,
+    Dice, Fscore, Precision, Recall; NaN as nan).
 
     Multi-task results (no per-class list) get `metrics.json` only; the second path is then None.
+    The confusion matrix and worst-image files are `report.write_report`'s.
     """
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    json_path = write_json(folder / "metrics.json", _json_safe(results))
+    json_path = write_json(folder / "metrics.json", _json_safe({k: v for k, v in results.items() if k != "report"}))
     if "per_class" not in results:
         return json_path, None
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["class", "IoU", "Acc"])
+            columns = [key for key in PER_CLASS if all(key in r for r in results["per_class"])]
+            writer.writerow(["class", *columns])
             for r in results["per_class"]:
-                writer.writerow([r["class"], r["IoU"], r["Acc"]])
+                writer.writerow([r["class"], *(r[key] for key in columns)])
 
     return json_path, atomic_write(folder / "per_class.csv", write_csv)
 
@@ -226,6 +259,9 @@ def evaluate_model(
     precision: str = "auto",
     max_images: int = 0,
     progress: bool = True,
+    worst: int = DEFAULT_WORST,
+    beta: float = 1.0,
+    nan_to_num: float | None = None,
 ) -> dict:
     """Evaluate `model` on the validation split of `config`; returns the results, prints and writes nothing.
 
@@ -244,15 +280,23 @@ def evaluate_model(
         precision: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16.
         max_images: evaluate the first N images of the split only (0: all).
         progress: show a progress bar on rank 0.
+        worst: keep the images of lowest per-image mIoU, this many (0: none), for `report.write_report`.
+        beta: weight of recall in the F-score (1: F1).
+        nan_to_num: percent value replacing undefined per-class values before the means (None: left out).
 
     Returns:
-        Segmentation: `metrics.summarize`'s dict; multi-task: {"<task>/<metric>": value}; both with
-        "settings" (what was run, including "rank": this process's rank).
+        Segmentation: `metrics.summarize`'s dict, "worst" (`EvalReport.worst_summary`) and "report"
+        (the `report.EvalReport` to write; not JSON); multi-task: {"<task>/<metric>": value}; both
+        with "settings" (what was run, including "rank": this process's rank).
     """
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if max_images < 0:
         raise UserError(f"max_images must be 0 (all) or positive, got {max_images}")
+    if worst < 0:
+        raise UserError(f"worst must be 0 (none) or positive, got {worst}")
+    if not beta > 0:
+        raise UserError(f"beta (the F-score's weight of recall) must be positive, got {beta}")
     wanted = resolve_device(device)
     d, v = config.data, config.val
     multitask = is_multitask(model)
@@ -282,11 +326,16 @@ def evaluate_model(
                                     channels=len(segmenter.preprocessor.mean),
                                     **protocol_options(d.kind, d.options, getattr(model, "meta", None)))
             names = _class_names(model, dataset, predicted_classes(model))
-            metrics = SegmentationMetrics(predicted_classes(model), names, _ignore_index(model, dataset), info.device)
+            metrics = SegmentationMetrics(predicted_classes(model), names, _ignore_index(model, dataset), info.device,
+                                          worst=worst, mean=mean, std=std, beta=beta, nan_to_num=nan_to_num)
         if max_images:
             dataset = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
         evaluate_dataset(segmenter.runner, dataset, metrics, info.distributed, progress, **segmenter.options())
         results = metrics.summary()
+        if not multitask:
+            report = EvalReport(metrics.confusion.cpu(), names, _palette(meta, dataset), metrics.ignore_index,
+                                metrics.worst.sorted())
+            results["worst"], results["report"] = report.worst_summary(), report
         results["settings"] = {
             "dataset": d.kind, "root": d.root, "split": d.val_split, "images": len(dataset),
             "mode": segmenter.mode, "size": segmenter.size, "crop_size": list(segmenter.crop_size),
@@ -294,6 +343,8 @@ def evaluate_model(
             "precision": _precision_of(segmenter),
             "processes": info.world_size, "rank": info.rank,
         }
+        if not multitask:
+            results["settings"].update(beta=beta, nan_to_num=nan_to_num)
     finally:
         cleanup()
     return results

@@ -45,7 +45,8 @@ def evaluate_dataset(model, dataset, metrics, distributed: bool = False, progres
         model: the model run (a DDP wrapper is unwrapped).
         dataset: indexable; its items are what `metrics` scores (a normalised "image" and the targets).
         metrics: the accumulator of the model kind (`SegmentationMetrics`, `multitask.MultiTaskMetrics`):
-            `target_size(sample)`, `add(probs, sample)`, `reduce()`.
+            `target_size(sample)`, `add(probs, sample)`, `reduce()`; the sample it gets also holds
+            "index", its position in `dataset` (the same whatever the number of processes).
         distributed: rank r takes samples r, r + world_size, ... (no padded duplicates); the counts are
             summed over the processes before any ratio is taken.
         progress: show a progress bar (on rank 0 only).
@@ -69,7 +70,7 @@ def evaluate_dataset(model, dataset, metrics, distributed: bool = False, progres
         indices = tqdm(indices, desc="eval", unit="img", dynamic_ncols=True)
     with torch.no_grad():
         for index in indices:
-            sample = dataset[index]
+            sample = {**dataset[index], "index": index}
             probs = infer_outputs(model, sample["image"].to(device), out_size=metrics.target_size(sample),
                                   **infer_options)
             metrics.add(probs, sample)

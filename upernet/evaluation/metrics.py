@@ -1,4 +1,5 @@
-"""Segmentation metrics from one confusion matrix: aAcc, mIoU, mAcc and per-class IoU/Acc.
+"""Segmentation metrics from one confusion matrix: aAcc and per class (and their means) IoU, Acc, Dice,
+F-score, precision and recall.
 
 The matrix is accumulated over the whole split (rows: label, columns: prediction), summed across
 processes, and only then turned into ratios, so the numbers do not depend on how the split was
@@ -8,8 +9,18 @@ divided. The rules are mmsegmentation's `IoUMetric`:
 - IoU(c) = intersect / (pred area + label area - intersect); NaN when class c is absent from both
   the predictions and the labels;
 - Acc(c) = intersect / label area; NaN when class c is absent from the labels;
-- mIoU and mAcc are means over the non-NaN classes; every number is in percent, rounded to 2
-  decimals after averaging.
+- Dice(c) = 2 intersect / (pred area + label area); NaN when class c is absent from both;
+- Precision(c) = intersect / pred area (NaN when c is never predicted), Recall(c) = intersect /
+  label area (= Acc(c));
+- Fscore(c) = (1 + beta^2) P R / (beta^2 P + R) (`IoUMetric`'s `beta`): NaN where P or R is NaN.
+  One difference from mmsegmentation: when c is labelled and predicted but never where labelled
+  (P = R = 0), mmsegmentation computes 0 / 0 = NaN and leaves the class out of mFscore; here it is
+  0, the limit, so that a class missed everywhere lowers the mean instead of leaving it;
+- `nan_to_num`, if given, replaces every NaN (aAcc and the per-class values) before the means, as
+  `IoUMetric(nan_to_num=...)` does, so with `nan_to_num=0` absent classes count as 0 in the means.
+  It is in percent, the unit printed (mmsegmentation's is a fraction: its 1 is our 100);
+- the means (mIoU, mAcc, mDice, mFscore, mPrecision, mRecall) are over the non-NaN classes; every
+  number is in percent, rounded to 2 decimals after averaging.
 """
 from __future__ import annotations
 
@@ -59,21 +70,76 @@ def reduce(confusion: torch.Tensor) -> torch.Tensor:
     return total.to(confusion.device)
 
 
+def gather(items: list) -> list:
+    """The lists of every process concatenated in rank order (`items` itself when torch.distributed is not initialised).
+
+    Items travel pickled (`all_gather_object`), so they may hold numpy arrays; every rank gets the whole list.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(items)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for part in gathered for item in part]
+
+
 def _percent(value: float) -> float:
     """mmsegmentation's presentation: percent, rounded to 2 decimals (NaN stays NaN)."""
     return float(np.round(value * 100, 2))
 
 
-def summarize(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> dict:
-    """aAcc, mIoU, mAcc and per-class IoU/Acc (percent, 2 decimals) from a (C, C) confusion matrix.
+PER_CLASS = ("IoU", "Acc", "Dice", "Fscore", "Precision", "Recall")  # per-class columns, in table order
+
+
+def per_class_ratios(confusion: torch.Tensor, beta: float = 1.0) -> dict[str, np.ndarray]:
+    """The per-class fractions of `PER_CLASS` and "aAcc" (a 0-d array), NaN where undefined (see the module docstring).
+
+    Args:
+        confusion: int64 (C, C) counts, rows label, columns prediction (see `confusion_matrix`).
+        beta: weight of recall in the F-score (1: F1).
+    """
+    counts = confusion.detach().cpu().to(torch.float64).numpy()
+    intersect = np.diag(counts)
+    area_label = counts.sum(axis=1)
+    area_pred = counts.sum(axis=0)
+    union = area_label + area_pred - intersect
+
+    def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+        out = np.full_like(numerator, np.nan)
+        np.divide(numerator, denominator, out=out, where=denominator > 0)
+        return out
+
+    precision, recall = ratio(intersect, area_pred), ratio(intersect, area_label)
+    b2 = beta * beta
+    fscore = ratio((1 + b2) * precision * recall, b2 * precision + recall)  # NaN propagates from P or R
+    fscore[(precision == 0) & (recall == 0)] = 0.0  # mmsegmentation: 0 / 0 = NaN
+    return {
+        "aAcc": ratio(intersect.sum(keepdims=True), area_label.sum(keepdims=True))[0],
+        "IoU": ratio(intersect, union), "Acc": recall, "Dice": ratio(2 * intersect, area_label + area_pred),
+        "Fscore": fscore, "Precision": precision, "Recall": recall,
+    }
+
+
+def image_miou(confusion: torch.Tensor) -> float:
+    """The mean IoU (fraction) over the classes present in one image's labels or prediction; NaN if none is."""
+    iou = per_class_ratios(confusion)["IoU"]
+    present = iou[~np.isnan(iou)]
+    return float(present.mean()) if present.size else math.nan
+
+
+def summarize(confusion: torch.Tensor, class_names: Sequence[str] | None = None, beta: float = 1.0,
+              nan_to_num: float | None = None) -> dict:
+    """aAcc, and per class and as means IoU, Acc, Dice, F-score, precision, recall (percent, 2 decimals).
 
     Args:
         confusion: int64 (C, C) counts, rows label, columns prediction (see `confusion_matrix`).
         class_names: C names for the per-class list; defaults to the class indices as strings.
+        beta: weight of recall in the F-score (mmsegmentation's `beta`; 1: F1).
+        nan_to_num: percent value replacing every NaN before the means (None: NaN stays, left out of the means).
 
     Returns:
-        {"aAcc", "mIoU", "mAcc": float, "per_class": [{"class", "IoU", "Acc"}, ...]}; undefined
-        values are NaN (see the module docstring).
+        {"aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall": float,
+        "per_class": [{"class", "IoU", "Acc", "Dice", "Fscore", "Precision", "Recall"}, ...]};
+        undefined values are NaN (see the module docstring).
     """
     if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"confusion matrix must be square (C, C), got shape {tuple(confusion.shape)}")
@@ -81,25 +147,16 @@ def summarize(confusion: torch.Tensor, class_names: Sequence[str] | None = None)
     names = [str(i) for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a confusion matrix of {num_classes} classes")
-    counts = confusion.detach().cpu().to(torch.float64).numpy()
-    intersect = np.diag(counts)
-    area_label = counts.sum(axis=1)
-    area_pred = counts.sum(axis=0)
-    union = area_label + area_pred - intersect
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = intersect / union  # 0 / 0 -> NaN: class absent from labels and predictions
-        acc = intersect / area_label  # x / 0 -> NaN: class absent from labels (intersect is 0 then)
-        acc[area_label == 0] = np.nan
-        iou[union == 0] = np.nan
-        all_acc = intersect.sum() / area_label.sum() if area_label.sum() > 0 else math.nan
+    ratios = per_class_ratios(confusion, beta)
+    if nan_to_num is not None:
+        ratios = {key: np.nan_to_num(value, nan=nan_to_num / 100) for key, value in ratios.items()}
 
     def nanmean(values: np.ndarray) -> float:
         present = values[~np.isnan(values)]
         return float(present.mean()) if present.size else math.nan
 
-    return {
-        "aAcc": _percent(all_acc),
-        "mIoU": _percent(nanmean(iou)),
-        "mAcc": _percent(nanmean(acc)),
-        "per_class": [{"class": name, "IoU": _percent(i), "Acc": _percent(a)} for name, i, a in zip(names, iou, acc)],
-    }
+    results = {"aAcc": _percent(float(ratios["aAcc"]))}
+    results.update({f"m{key}": _percent(nanmean(ratios[key])) for key in PER_CLASS})
+    results["per_class"] = [{"class": name, **{key: _percent(ratios[key][c]) for key in PER_CLASS}}
+                            for c, name in enumerate(names)]
+    return results
