@@ -105,7 +105,7 @@ def write_broden_plus(root: Path) -> Path:
     ade = [{"height": H, "width": W, "file_index": i, "nr_part": 1, "dataset": "ade20k"} for i in range(4)]
     opensurfaces = [{"file_index": i, "dataset": "os", "width": W, "height": H} for i in range(3)]
     write_records(joint / "broden_ade20k_pascal_train.json", ade[:3])
-    write_records(joint / "broden_ade20k_pascal_val.json", ade[2:])
+    write_records(joint / "broden_ade20k_pascal_val.json", ade[1:])
     write_records(joint / "broden_os_train.json", opensurfaces[:2])
     write_records(joint / "broden_os_val.json", opensurfaces[2:])
     # ADE20K: their index (meta_file/ade20k/index_ade20k.mat), scenes, images and *_seg.png / *_parts_1.png
@@ -189,7 +189,7 @@ def test_ade20k_records_read_as_their_code_resolves_them(broden):
     assert source[0]["targets"]["part"][20, 30] == 1  # the car, all wheel, counts (0 occurs outside it)
     assert (source[2]["targets"]["part"][20, :20] == IGNORE_INDEX).all()  # person without parts
     val = BrodenPlusSource(broden, "ade20k", "val")
-    assert (val[1]["targets"]["part"] == IGNORE_INDEX).all()  # no _parts_1.png
+    assert (val[2]["targets"]["part"] == IGNORE_INDEX).all()  # no _parts_1.png
 
 
 def test_opensurfaces_records_give_materials(broden):
@@ -199,7 +199,7 @@ def test_opensurfaces_records_give_materials(broden):
         expected = np.vectorize(lambda r: OS_MATERIAL.get(r, 0))(np.where(os_raw(i) >= 40, 50, os_raw(i)))
         assert source[i]["targets"]["material"].tolist() == np.where(expected == 0, IGNORE_INDEX, expected).tolist()
     sources, meta = broden_plus_sources(broden, "val")
-    assert [s.name for s in sources] == ["ade20k", "os"] and [len(s) for s in sources] == [2, 1]
+    assert [s.name for s in sources] == ["ade20k", "os"] and [len(s) for s in sources] == [3, 1]
     assert meta["objects"] == OBJECTS and meta["parts"] == {"person": ["-", "head", "leg"], "car": ["-", "wheel", "window"]}
     assert meta["scenes"] == SCENES and meta["materials"] == MATERIALS and meta["textures"] == []
 
