@@ -12,6 +12,8 @@ Two ways in:
       root/NAME/SPLIT/images/ID.jpg|png
       root/NAME/SPLIT/{object,part,material}/ID.png   (one per annotated pixel task; 255 = unlabelled)
       root/NAME/SPLIT/labels.json {"ID": {"scene": k, "texture": k}}  (image-level tasks)
+  - Broden+ as its authors lay it out (root = their repository after download_Broden+.sh):
+    `BrodenPlusSource(root, "ade20k" | "os", split)`, chosen by `build_sources` when root/meta_file exists.
 An item is {"image": float (3, H, W) normalised, "targets": {task: tensor}, "source": name}.
 """
 from __future__ import annotations
