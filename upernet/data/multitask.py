@@ -12,10 +12,14 @@ Two ways in:
       root/NAME/SPLIT/images/ID.jpg|png
       root/NAME/SPLIT/{object,part,material}/ID.png   (one per annotated pixel task; 255 = unlabelled)
       root/NAME/SPLIT/labels.json {"ID": {"scene": k, "texture": k}}  (image-level tasks)
+  - Broden+ as its authors lay it out (root = their repository after download_Broden+.sh):
+    `BrodenPlusSource(root, "ade20k" | "os", split)`, chosen by `build_sources` when root/meta_file exists.
 An item is {"image": float (3, H, W) normalised, "targets": {task: tensor}, "source": name}.
 """
 from __future__ import annotations
 
+import csv
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -336,6 +340,8 @@ def build_sources(config, split: str, train: bool = False) -> tuple[list[Dataset
             raise UserError(f"multitask.sources: no source {unknown} in the built-in data; it has "
                              f"{', '.join(BUILTIN_SOURCES)}")
         return [s for s in sources if not wanted or s.name in wanted], builtin_meta()
+    if d.kind == "broden" and is_broden_plus(d.root):
+        return broden_plus_sources(d.root, split, wanted or d.options.get("sources") or (), transform)
     if d.kind == "broden":
         meta = read_broden_meta(d.root)
         names = wanted or d.options.get("sources") or list(meta["sources"])
@@ -358,3 +364,243 @@ def collate(items: list[dict]) -> dict:
     return {"image": torch.stack([it["image"] for it in items]),
             "targets": {t: torch.stack([it["targets"][t] for it in items]) for t in tasks},
             "source": items[0]["source"]}
+
+
+# ---- Broden+ as its authors lay it out (CSAILVision/unifiedparsing) ----------------------------------
+# data.root is their repository after download_Broden+.sh: the records and label sets in meta_file/,
+# the images and annotations of each dataset in broden_dataset/. Labels are decoded as their
+# broden_dataset_utils do and mapped to Broden+ classes through label_assignment.csv; "-" (class 0 of
+# objects and materials) becomes IGNORE_INDEX, which their losses and metrics ignore.
+BRODEN_PLUS_SOURCES = {"ade20k": ("object", "part", "scene"), "pascal": ("object", "part"), "os": ("material",)}
+BRODEN_PLUS_RECORDS = {"ade20k": "broden_ade20k_pascal", "pascal": "broden_ade20k_pascal", "os": "broden_os"}
+BRODEN_PLUS_SPLITS = {"train": "train", "val": "val", "validation": "val"}
+BRODEN_PLUS_SCORING = "unifiedparsing"  # meta["scoring"]: evaluation follows their eval_multipro.py
+GET_BRODEN_PLUS = "clone CSAILVision/unifiedparsing and run download_Broden+.sh in it (data.root = that folder)"
+
+
+def is_broden_plus(root: str | Path) -> bool:
+    """True when `root` is laid out as the authors' repository (meta_file/joint_dataset/ exists)."""
+    return (Path(root) / "meta_file" / "joint_dataset").is_dir()
+
+
+def decode_class_mask(rgb: np.ndarray) -> np.ndarray:
+    """ADE20K's object/part PNG encoding: class = R // 10 * 256 + G (their `decodeClassMask`)."""
+    return (rgb[:, :, 0].astype(np.int64) // 10) * 256 + rgb[:, :, 1].astype(np.int64)
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header, as dicts; a missing file says how to get Broden+."""
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing; {GET_BRODEN_PLUS}")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_records(path: Path) -> list[dict]:
+    """Their record files: one JSON object per line ({"dataset", "file_index", "height", "width", ...})."""
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing; {GET_BRODEN_PLUS}")
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise UserError(f"{path}:{number}: not a JSON record; restore the file from their repository") from None
+    return records
+
+
+def read_label_image(path: Path) -> np.ndarray:
+    """An annotation PNG as (H, W, 3) uint8 RGB, as their `imread` reads it."""
+    if not path.is_file():
+        raise MissingFile(f"{path}: missing annotation; {GET_BRODEN_PLUS}")
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+class BrodenPlusLabels:
+    """The Broden+ label sets of their meta_file/joint_dataset: class names, the mapping of each
+    dataset's raw labels to Broden+ classes, and the object-part hierarchy.
+
+    Args:
+        meta_dir: their meta_file folder.
+    """
+
+    def __init__(self, meta_dir: str | Path):
+        joint = Path(meta_dir) / "joint_dataset"
+        self.names = {task: [row["name"] for row in read_csv_rows(joint / f"{task}.csv")]
+                      for task in ("object", "part", "scene", "material", "texture")}
+        assignment_file = joint / "label_assignment.csv"
+        pairs: dict[tuple[str, str], dict[int, int]] = {}
+        for row in read_csv_rows(assignment_file):
+            pairs.setdefault((row["dataset"], row["category"]), {})[int(row["raw_label"])] = int(row["broden_label"])
+        self.mapping = {}  # (dataset, category) -> array raw label -> Broden+ label (unlisted raw labels: 0)
+        for key, table in pairs.items():
+            self.mapping[key] = np.zeros(max(table) + 1, dtype=np.int64)
+            self.mapping[key][list(table)] = list(table.values())
+        self.assignment_file = assignment_file
+        self.object_part: dict[int, list[int]] = {}  # object label -> its part labels, 0 ("-") first
+        for row in read_csv_rows(joint / "object_part_hierarchy.csv"):
+            self.object_part[int(row["object_label"])] = [int(p) for p in row["part_labels"].split(";")]
+
+    def map(self, dataset: str, category: str, raw: np.ndarray, source_file: Path) -> np.ndarray:
+        """Broden+ labels of `raw` labels of `dataset`'s `category` (read from `source_file`)."""
+        table = self.mapping.get((dataset, category))
+        if table is None:
+            raise UserError(f"{self.assignment_file}: no {dataset} {category} rows; restore the file from their repository")
+        raw = np.asarray(raw, dtype=np.int64)
+        if raw.size and (raw.max() >= len(table) or raw.min() < 0):
+            raise UserError(f"{source_file}: raw {category} label {int(raw.max())} is not in {self.assignment_file} "
+                            f"(0-{len(table) - 1}); is it a Broden+ annotation?")
+        return table[raw]
+
+    def meta(self) -> dict:
+        """Class lists in our meta format; `scoring` selects their evaluation rules."""
+        objects = self.names["object"]
+        parts = {objects[obj]: [self.names["part"][p] for p in labels] for obj, labels in self.object_part.items()}
+        return {"objects": objects, "parts": parts, "materials": self.names["material"],
+                "scenes": self.names["scene"], "textures": [], "scoring": BRODEN_PLUS_SCORING}
+
+
+def broden_plus_part_map(objects: np.ndarray, parts: np.ndarray, object_part: dict[int, list[int]]) -> np.ndarray:
+    """One part map from Broden+ object and part labels, by their `resolve_record` rule: an object's
+    parts count in an image when at least two of its part labels (background 0 included) occur in
+    `parts * (objects == object)`; inside such an object a pixel holds the index of its part in the
+    object's list (0 for a part not in it), everywhere else IGNORE_INDEX."""
+    out = np.full(objects.shape, IGNORE_INDEX, dtype=np.int64)
+    for obj, labels in object_part.items():
+        inside = objects == obj
+        present = np.intersect1d(labels, np.unique(parts * inside))
+        if len(present) <= 1:
+            continue
+        out[inside] = 0
+        for label in present:
+            out[inside & (parts == label)] = labels.index(int(label))
+    return out
+
+
+class BrodenPlusSource(Dataset):
+    """One dataset of Broden+ (ade20k, pascal or os) as their repository lays it out; items as
+    `BrodenFolder`'s. Pascal records need the Pascal-Part .mat reader, which is not written yet.
+
+    Args:
+        root: their repository after download_Broden+.sh (holds meta_file/ and broden_dataset/).
+        source: "ade20k" (object, part, scene) or "os" (OpenSurfaces: material).
+        split: "train" or "val" ("validation").
+        transform: `(uint8 image, targets) -> (normalised image, targets)`, e.g. `MultiTaskTransform`;
+            None normalises with the ImageNet mean/std.
+        labels: the label sets, when already read (else from root/meta_file).
+    """
+
+    def __init__(self, root: str | Path, source: str, split: str = "train", transform=None,
+                 labels: BrodenPlusLabels | None = None):
+        self.root, self.name, self.transform = Path(root), source, transform
+        self.meta_dir, self.data_dir = self.root / "meta_file", self.root / "broden_dataset"
+        if source not in BRODEN_PLUS_SOURCES:
+            raise UserError(f"multitask.sources: Broden+ has no source {source!r}; it has {', '.join(BRODEN_PLUS_SOURCES)}")
+        if source == "pascal":
+            raise UserError("multitask.sources: reading Broden+'s pascal records (Pascal-Part .mat files) is not "
+                            "supported yet; train on [ade20k, os]")
+        if split not in BRODEN_PLUS_SPLITS:
+            raise UserError(f"data split {split!r}: Broden+ has the splits train and val (validation)")
+        if not self.data_dir.is_dir():
+            raise MissingFile(f"{self.data_dir}: missing; {GET_BRODEN_PLUS}")
+        self.tasks = BRODEN_PLUS_SOURCES[source]
+        self.labels = labels or BrodenPlusLabels(self.meta_dir)
+        records_file = self.meta_dir / "joint_dataset" / f"{BRODEN_PLUS_RECORDS[source]}_{BRODEN_PLUS_SPLITS[split]}.json"
+        self.records = [r for r in read_records(records_file) if r.get("dataset") == source]
+        if not self.records:
+            raise UserError(f"{records_file}: no {source} records")
+        self.files = self.ade20k_files() if source == "ade20k" else self.opensurfaces_files()
+        bad = [r["file_index"] for r in self.records if not 0 <= int(r["file_index"]) < len(self.files)]
+        if bad:
+            raise UserError(f"{records_file}: file_index {bad[:3]} outside the {len(self.files)} {source} images of "
+                            f"meta_file; restore meta_file from their repository")
+        missing = [self.files[int(r["file_index"])]["image"] for r in self.records
+                   if not self.files[int(r["file_index"])]["image"].is_file()]
+        if missing:
+            raise MissingFile(f"{missing[0]}: missing, and {len(missing) - 1} more {source} images of {records_file.name}; "
+                              f"{GET_BRODEN_PLUS}")
+
+    def ade20k_files(self) -> list[dict]:
+        """Image, object and part files and raw scene of every ADE20K image, in index_ade20k.mat's order."""
+        index_file = self.meta_dir / "ade20k" / "index_ade20k.mat"
+        if not index_file.is_file():
+            raise MissingFile(f"{index_file}: missing; {GET_BRODEN_PLUS}")
+        try:
+            from scipy.io import loadmat
+        except ImportError:
+            raise UserError("reading Broden+'s ADE20K index (.mat) needs scipy: pip install 'upernet[broden]'") from None
+        index = loadmat(index_file, squeeze_me=True)["index"]
+        filenames = [str(f) for f in np.atleast_1d(index["filename"][()])]
+        folders = [str(f) for f in np.atleast_1d(index["folder"][()])]
+        # their scene labels: ADE20K challenge categories, "misc" read as "-", listed "-" first then sorted
+        scene_file = self.meta_dir / "ade20k" / "scene_categories.txt"
+        if not scene_file.is_file():
+            raise MissingFile(f"{scene_file}: missing; {GET_BRODEN_PLUS}")
+        scene_names = [line.split()[1] for line in scene_file.read_text().splitlines() if line.strip()]
+        scene_names = ["-" if s == "misc" else s for s in scene_names]
+        if len(scene_names) != len(filenames):
+            raise UserError(f"{scene_file}: {len(scene_names)} lines for the {len(filenames)} images of {index_file}")
+        scenes = ["-"] + sorted(set(scene_names) - {"-"})
+        files = []
+        for folder, filename, scene in zip(folders, filenames, scene_names):
+            image = self.data_dir / "ade20k" / folder / filename
+            files.append({"image": image, "object": image.with_name(image.stem + "_seg.png"),
+                          "part": image.with_name(image.stem + "_parts_1.png"), "scene": scenes.index(scene)})
+        return files
+
+    def opensurfaces_files(self) -> list[dict]:
+        """Image and material files of every OpenSurfaces photo, in their photos.csv's order."""
+        folder = self.data_dir / "opensurfaces"
+        return [{"image": folder / "photos" / f"{int(row['photo_id'])}.jpg",
+                 "material": folder / "photos-labels" / f"{int(row['photo_id'])}.png"}
+                for row in read_csv_rows(self.meta_dir / "opensurfaces" / "photos.csv")]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def targets_of(self, files: dict, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The Broden+ labels of one image (unlabelled: IGNORE_INDEX; parts by `broden_plus_part_map`)."""
+        def checked(path: Path, labels: np.ndarray) -> np.ndarray:
+            if labels.shape != shape:
+                raise UserError(f"{path}: annotation {labels.shape} vs image {shape}; run their resize_images.py "
+                                f"on both or neither")
+            return labels
+
+        targets = {}
+        if self.name == "ade20k":
+            objects = self.labels.map("ade20k", "object", checked(files["object"], decode_class_mask(
+                read_label_image(files["object"]))), files["object"])
+            if files["part"].is_file():  # only the first level of parts (their choice)
+                raw = checked(files["part"], decode_class_mask(read_label_image(files["part"])))
+                parts = broden_plus_part_map(objects, self.labels.map("ade20k", "part", raw, files["part"]),
+                                             self.labels.object_part)
+            else:
+                parts = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+            scene = self.labels.map("ade20k", "scene", np.array([files["scene"]]), self.meta_dir / "ade20k")[0]
+            targets = {"object": np.where(objects == 0, IGNORE_INDEX, objects), "part": parts,
+                       "scene": torch.tensor(int(scene))}
+        else:
+            raw = checked(files["material"], read_label_image(files["material"])[:, :, 0])
+            material = self.labels.map("os", "material", raw, files["material"])
+            targets = {"material": np.where(material == 0, IGNORE_INDEX, material)}
+        return {t: torch.as_tensor(v).long() if isinstance(v, np.ndarray) else v for t, v in targets.items()}
+
+    def __getitem__(self, index: int) -> dict:
+        files = self.files[int(self.records[index]["file_index"])]
+        with Image.open(files["image"]) as img:
+            image = to_image_tensor(img.convert("RGB"))
+        targets = self.targets_of(files, tuple(image.shape[-2:]))
+        if self.transform is not None:
+            image, targets = self.transform(image, targets)
+            return {"image": image, "targets": targets, "source": self.name}
+        return {"image": normalize(image.float(), IMAGENET_MEAN, IMAGENET_STD), "targets": targets, "source": self.name}
+
+
+def broden_plus_sources(root: str | Path, split: str, names: Sequence[str] = (), transform=None) -> tuple[list, dict]:
+    """The Broden+ sources `names` (default: ade20k and os) of their layout, and the class lists."""
+    labels = BrodenPlusLabels(Path(root) / "meta_file")
+    sources = [BrodenPlusSource(root, name, split, transform, labels) for name in (names or ("ade20k", "os"))]
+    return sources, labels.meta()

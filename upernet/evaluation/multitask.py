@@ -1,5 +1,8 @@
 """Scoring the multi-task model as in the paper: object and material mIoU and pixel accuracy; part
 mIoU (background counted) averaged within each object, then across objects; scene and texture top-1.
+
+Data read in the authors' Broden+ layout (`meta["scoring"] == "unifiedparsing"`) are scored by the
+rules of their eval_multipro.py instead (`UnifiedParsingRules`).
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..data.multitask import PIXEL_TASKS
+from ..data.multitask import BRODEN_PLUS_SCORING, IGNORE_INDEX, PIXEL_TASKS
 from .loop import evaluate_dataset, prepared_for_evaluation
 from .metrics import confusion_matrix, reduce, summarize
 
@@ -24,8 +27,12 @@ class MultiTaskMetrics:
         layout = tasks.get("part")
         self.part_confusion = ([torch.zeros(n, n, dtype=torch.int64) for n in layout["num_parts"]] if layout else [])
         self.top1 = {t: torch.zeros(2, dtype=torch.int64) for t in ("scene", "texture") if t in tasks}
+        self.unifiedparsing = meta.get("scoring") == BRODEN_PLUS_SCORING
 
     def update(self, outputs: dict, targets: dict) -> None:
+        if self.unifiedparsing:
+            UnifiedParsingRules.update(self, outputs, targets)
+            return
         for task, conf in self.confusion.items():
             if task in targets:
                 conf += confusion_matrix(outputs[task].argmax(1).cpu(), targets[task].cpu(), self.tasks[task])
@@ -59,6 +66,8 @@ class MultiTaskMetrics:
             self.top1[task] = reduce(self.top1[task])
 
     def summary(self) -> dict:
+        if self.unifiedparsing:
+            return UnifiedParsingRules.summary(self)
         out: dict[str, float] = {}
         for task, conf in self.confusion.items():
             if conf.sum() > 0:
@@ -69,6 +78,74 @@ class MultiTaskMetrics:
         if per_object:
             out["part/mIoU"] = round(sum(per_object) / len(per_object), 2)
         for task, (correct, total) in self.top1.items():
+            if total > 0:
+                out[f"{task}/top1"] = round(100.0 * int(correct) / int(total), 2)
+        return out
+
+
+class UnifiedParsingRules:
+    """The counts and numbers of their eval_multipro.py, on our confusion matrices (rows: truth).
+
+    - object, material: class 0 ("-") and IGNORE_INDEX are unlabelled; pixel accuracy over labelled
+      pixels (a prediction of class 0 there is wrong); IoU of classes 1..N-1, each inter/(union+1e-8),
+      so a class absent from truth and prediction counts 0 in the mean.
+    - part, per object with parts, only on images where the object's parts count (the reader's
+      rule): truth = part index inside the true object, else 0; prediction = argmax of the object's
+      slice inside the predicted object, else 0; over every pixel of the image. Per object, IoU of
+      parts 1..n-1 as above and accuracy over truth > 0; objects with no truth part pixel in the
+      whole set are left out; part mIoU and pixel accuracy are the means over the other objects.
+    - scene: top-1 over the images with a scene label.
+    """
+
+    @staticmethod
+    def update(metrics: MultiTaskMetrics, outputs: dict, targets: dict) -> None:
+        objects = outputs["object"].argmax(1).cpu() if "object" in outputs else None
+        for task, conf in metrics.confusion.items():
+            if task in targets:
+                label = targets[task].cpu().clone()
+                label[label == 0] = IGNORE_INDEX
+                conf += confusion_matrix(outputs[task].argmax(1).cpu(), label, metrics.tasks[task])
+        for task, counts in metrics.top1.items():
+            if task in targets:
+                counts += torch.tensor([int((outputs[task].argmax(1).cpu() == targets[task].cpu()).sum()),
+                                        targets[task].numel()])
+        if not (metrics.part_confusion and "part" in targets):
+            return
+        layout = metrics.tasks["part"]
+        true_objects, true_parts = targets["object"].cpu(), targets["part"].cpu()
+        start = 0
+        for k, (obj, n) in enumerate(zip(layout["objects"], layout["num_parts"])):
+            predicted = outputs["part"][:, start:start + n].argmax(1).cpu()
+            start += n
+            for i in range(true_parts.shape[0]):
+                inside = true_objects[i] == obj
+                if not (inside & (true_parts[i] != IGNORE_INDEX)).any():
+                    continue  # this object's parts do not count on this image
+                truth = torch.where(inside, true_parts[i], 0)
+                guess = torch.where(objects[i] == obj, predicted[i], 0)
+                metrics.part_confusion[k] += torch.bincount(truth.flatten() * n + guess.flatten(),
+                                                            minlength=n * n).reshape(n, n)
+
+    @staticmethod
+    def scores(conf: torch.Tensor) -> tuple[float, float]:
+        """(mIoU over classes 1.., pixel accuracy over truth > 0), as fractions."""
+        conf = conf.double()
+        inter = conf.diagonal()[1:]
+        union = conf.sum(0)[1:] + conf.sum(1)[1:] - inter
+        return float((inter / (union + 1e-8)).mean()), float(inter.sum() / (conf[1:].sum() + 1e-8))
+
+    @staticmethod
+    def summary(metrics: MultiTaskMetrics) -> dict:
+        out: dict[str, float] = {}
+        for task, conf in metrics.confusion.items():
+            if conf[1:].sum() > 0:
+                miou, acc = UnifiedParsingRules.scores(conf)
+                out[f"{task}/mIoU"], out[f"{task}/pixel_acc"] = round(100 * miou, 2), round(100 * acc, 2)
+        per_object = [UnifiedParsingRules.scores(c) for c in metrics.part_confusion if c[1:].sum() > 0]
+        if per_object:
+            out["part/mIoU"] = round(100 * sum(m for m, _ in per_object) / len(per_object), 2)
+            out["part/pixel_acc"] = round(100 * sum(a for _, a in per_object) / len(per_object), 2)
+        for task, (correct, total) in metrics.top1.items():
             if total > 0:
                 out[f"{task}/top1"] = round(100.0 * int(correct) / int(total), 2)
         return out

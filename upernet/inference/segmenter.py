@@ -149,6 +149,7 @@ class MultiTaskSegmentation:
 
     tasks: dict[str, Segmentation] = field(default_factory=dict)
     image_labels: dict[str, str] = field(default_factory=dict)
+    image_top5: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # (class, probability), best first
 
     def to_pipeline(self) -> list[dict[str, Any]]:
         """The object task in the Hugging Face pipeline format (see `Segmentation.to_pipeline`)."""
@@ -392,4 +393,6 @@ class Segmenter:
         for task, _ in IMAGE_TASKS:
             if task in outputs:
                 result.image_labels[task] = self.names[task][int(outputs[task].argmax(1)[0])]
+                probs, best = outputs[task][0].float().softmax(0).topk(min(5, outputs[task].shape[1]))
+                result.image_top5[task] = [(self.names[task][int(c)], float(p)) for p, c in zip(probs, best)]
         return result
