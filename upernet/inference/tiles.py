@@ -345,14 +345,17 @@ def tiled_probabilities(
         x = ((crops - mean) / std).to(model.device)
         return {"out": forward_outputs(model.module, x, model.autocast_dtype)["out"].softmax(dim=1).cpu()}
 
-    was_training = model.module.training
-    model.module.eval()
+    module = model.module if isinstance(model.module, nn.Module) else None  # an ONNX runner has no modes
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
     try:
         with torch.no_grad():
             yield from blend_windows(forward, source.height, source.width, (tile, tile),
                                      (tile - overlap, tile - overlap), "cosine", window_batch)
     finally:
-        model.module.train(was_training)
+        if module is not None:
+            module.train(was_training)
 
 
 def predict_tiled(
@@ -392,3 +395,106 @@ def predict_tiled(
         writer.abort()
         raise
     return {int(c): int(n) for c, n in enumerate(counts) if n}
+
+
+# ---- files --------------------------------------------------------------------------------------
+AUTO_TILE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger images are predicted in tiles
+
+
+@contextlib.contextmanager
+def huge_images_allowed() -> Iterator[None]:
+    """Lift Pillow's decompression-bomb limit for the duration: the user asked for this image."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def image_pixels(path: str | os.PathLike) -> int:
+    """Pixels of an image from its header (0 when it cannot be read: the normal path reports that)."""
+    from PIL import Image
+
+    from .geotiff import is_geotiff
+
+    if is_geotiff(path):
+        try:
+            import rasterio
+
+            with rasterio.open(path) as ds:
+                return ds.width * ds.height
+        except (ImportError, OSError, rasterio.errors.RasterioError):
+            pass
+    try:
+        with huge_images_allowed(), Image.open(path) as img:
+            return img.width * img.height
+    except (OSError, SyntaxError, ValueError):
+        return 0
+
+
+def wants_tiles(path: str | os.PathLike) -> bool:
+    """Automatic tiling: images above `AUTO_TILE_PIXELS` and georeferenced GeoTIFFs."""
+    from .geotiff import is_geotiff, is_georeferenced
+
+    return image_pixels(path) > AUTO_TILE_PIXELS or (is_geotiff(path) and is_georeferenced(path))
+
+
+def read_picture(path: str | os.PathLike) -> ArraySource:
+    """A PNG/JPEG/... decoded whole (3 bytes a pixel), EXIF orientation applied, as an `ArraySource`."""
+    from PIL import Image, ImageOps
+
+    from ..data.transforms import to_rgb
+
+    try:
+        with huge_images_allowed(), Image.open(path) as img:
+            img.load()
+            return ArraySource(np.asarray(to_rgb(ImageOps.exif_transpose(img))))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+
+
+def predict_file(
+    model: TiledModel,
+    path: str | os.PathLike,
+    stem: str | os.PathLike,
+    palette: Sequence[Sequence[int]],
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    bands: Sequence[int] | None = None,
+    ignore_label: int = IGNORE_LABEL,
+) -> Path:
+    """Segment one image file in tiles; returns the label file written.
+
+    A .tif/.tiff is read window by window with rasterio and gives `<stem>_labels.tif`, a GeoTIFF
+    with the input's georeferencing and `ignore_label` where the input has no data; any other
+    image is decoded whole and gives the palette PNG `<stem>_labels.png`, written band by band.
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        path: the image file.
+        stem: output path without the `_labels` suffix.
+        palette: class colours.
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows.
+        bands: GeoTIFF bands to read (1-based); None for all.
+        ignore_label: the label of pixels without data.
+    """
+    from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff
+
+    stem = Path(stem)
+    if is_geotiff(path):
+        with GeoTiffSource(path, bands) as source:
+            out = stem.with_name(stem.name + "_labels.tif")
+            predict_tiled(model, source, GeoTiffLabelWriter(out, source, palette, ignore_label), tile, overlap,
+                          ignore_label=ignore_label)
+        return out
+    if bands:
+        raise UserError(f"{path}: --bands is for GeoTIFF inputs (.tif, .tiff)")
+    source = read_picture(path)
+    out = stem.with_name(stem.name + "_labels.png")
+    predict_tiled(model, source, PngLabelWriter(out, source.height, source.width, palette), tile, overlap,
+                  ignore_label=ignore_label)
+    return out
