@@ -47,8 +47,10 @@ def is_georeferenced(path: str | os.PathLike) -> bool:
     except ImportError:
         return False
     try:
-        with rasterio.open(path) as ds:
-            return has_georeferencing(ds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return has_georeferencing(ds)
     except rasterio.errors.RasterioError:
         return False
 
@@ -74,7 +76,9 @@ class GeoTiffSource:
         if not self.path.is_file():
             raise MissingFile(f"{self.path}: no such image file")
         try:
-            self.dataset = rasterio.open(self.path)
+            with warnings.catch_warnings():  # our own GeoWarning below says it in one line
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self.dataset = rasterio.open(self.path)
         except rasterio.errors.RasterioError as e:
             raise UserError(f"{self.path}: cannot read the raster ({e})") from None
         count = self.dataset.count
@@ -141,7 +145,9 @@ class GeoTiffLabelWriter:
         elif source.georeferenced:
             profile.update(crs=source.dataset.crs, transform=source.dataset.transform)
         try:
-            self.dataset = rasterio.open(self.tmp, "w", **profile)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self.dataset = rasterio.open(self.tmp, "w", **profile)
             if eight_bit:
                 self.dataset.write_colormap(1, {i: tuple(int(v) for v in c) for i, c in enumerate(palette)})
         except (rasterio.errors.RasterioError, OSError) as e:
