@@ -398,6 +398,7 @@ def predict_tiled(
 
 
 # ---- files --------------------------------------------------------------------------------------
+GDAL_CACHE_MB = 256  # GDAL's block cache while a GeoTIFF is predicted: a few rows of blocks
 AUTO_TILE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger images are predicted in tiles
 
 
@@ -482,11 +483,13 @@ def predict_file(
         bands: GeoTIFF bands to read (1-based); None for all.
         ignore_label: the label of pixels without data.
     """
-    from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff
+    from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff, rasterio_module
 
     stem = Path(stem)
     if is_geotiff(path):
-        with GeoTiffSource(path, bands) as source:
+        rasterio = rasterio_module()
+        # GDAL caches every block it reads (default: 5% of RAM): that would grow with the image
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), GeoTiffSource(path, bands) as source:
             out = stem.with_name(stem.name + "_labels.tif")
             predict_tiled(model, source, GeoTiffLabelWriter(out, source, palette, ignore_label), tile, overlap,
                           ignore_label=ignore_label)
