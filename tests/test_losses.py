@@ -275,7 +275,8 @@ def test_a_one_channel_model_predicts_labels_split_at_its_threshold():
     import numpy as np
     from conftest import tiny_model
 
-    from upernet.inference.modes import binary_probabilities, infer_outputs
+    from upernet.inference.modes import infer_outputs
+    from upernet.inference.probabilities import binary_probabilities
     from upernet.inference.segmenter import Segmenter
 
     model = tiny_model("upernet_r50", num_classes=1).eval()
@@ -294,6 +295,29 @@ def test_a_one_channel_model_predicts_labels_split_at_its_threshold():
     probs = binary_probabilities(torch.tensor([[[[-2.0, 0.0, 3.0]]]]))
     assert torch.allclose(probs[0, 1, 0], torch.sigmoid(torch.tensor([-2.0, 0.0, 3.0])))
     assert infer_outputs(model, torch.zeros(1, 3, 32, 32))["out"].shape[1] == 2
+
+
+def test_tiled_prediction_of_a_one_channel_model_splits_at_its_threshold():
+    import numpy as np
+    from conftest import tiny_model
+
+    from upernet.inference.segmenter import Segmenter
+    from upernet.inference.tiles import ArraySource, TiledModel, tiled_probabilities
+
+    model = tiny_model("upernet_r50", num_classes=1).eval()
+    model.meta = {"class_names": ["background", "object"], "binary_threshold": 0.7}
+    image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    tiled = TiledModel.from_segmenter(Segmenter(model, precision="fp32", size="none"))
+    assert tiled.num_classes == 2 and tiled.binary_threshold == 0.7
+    # one window covers the image: the tiled probabilities are the model's own, split at 0.7
+    probs = torch.cat([band.pixels["out"] for band in tiled_probabilities(tiled, ArraySource(image), 64, 8)], dim=-2)
+    assert probs.shape[-3:] == (2, 48, 64)  # (background, foreground), not a softmax over one channel
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (tiled.mean, tiled.std))
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - mean) / std
+    with torch.no_grad():
+        logit = model(x)["out"]
+    expected = torch.sigmoid(logit - math.log(0.7 / 0.3))[:, 0]
+    assert torch.allclose(probs[:, 1], expected, atol=1e-5) and torch.allclose(probs.sum(dim=1), torch.ones(1, 48, 64))
 
 
 def write_binary_folder(root):

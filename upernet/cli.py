@@ -168,6 +168,7 @@ def add_predict(sub) -> None:
     p.add_argument("--no-legend", action="store_true", help="no class legend beside the overlays")
     add_runtime(p)
     add_dcnv3_kernel(p)
+    add_tiles(p)
     p.set_defaults(handler=run_predict)
 
 
@@ -186,6 +187,9 @@ def run_predict(args) -> None:
     inputs = list(args.inputs) or [str(p) for p in default_inputs(model)]
     if args.sample:
         inputs.append(str(SAMPLE_IMAGE))
+    inputs = run_predict_tiles(args, model, inputs, device)
+    if not inputs:
+        return
     result = predict(
         model, inputs, args.out, mode=args.mode, crop_size=args.crop, stride=args.stride, size=args.size,
         scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
@@ -198,6 +202,56 @@ def run_predict(args) -> None:
         total = len(result.written) + len(result.failures)
         raise UserError(f"{len(result.failures)} of {total} image(s) could not be read: "
                         + "; ".join(message for _, message in result.failures))
+
+
+# ---- predict: huge images in tiles (inference/tiles.py, inference/geotiff.py) -----------------
+def add_tiles(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("huge images", "tiled prediction at the image's own resolution, in bounded memory: "
+                             "writes <name>_labels.png, or <name>_labels.tif (GeoTIFF) for .tif inputs. Used for "
+                             "every image with --tile, else automatically for images over 89 megapixels and "
+                             "georeferenced GeoTIFFs")
+    g.add_argument("--tile", type=positive_int, metavar="N", help="window side in pixels (automatic: 512)")
+    g.add_argument("--overlap", type=int, default=128, metavar="N",
+                   help="pixels shared by neighbouring windows, blended smoothly (default: %(default)s)")
+    g.add_argument("--bands", nargs="+", type=positive_int, metavar="B",
+                   help="GeoTIFF bands to read, 1-based, in the model's channel order (default: all)")
+
+
+def run_predict_tiles(args, model: Any, inputs: list[str], device: str) -> list[str]:
+    """Predict the images that go in tiles; returns the inputs left for the ordinary path."""
+    from pathlib import Path
+
+    from .inference.geotiff import GeoWarning
+    from .inference.modes import find_images
+    from .inference.predict import output_stems
+    from .inference.segmenter import Segmenter
+    from .inference.tiles import DEFAULT_TILE, TiledModel, predict_file, wants_tiles
+
+    files = find_images(inputs)
+    tiled = [i for i, (file, _) in enumerate(files) if args.tile or wants_tiles(file)]
+    if not tiled:
+        return inputs
+    if args.scales or args.multi_scale or args.flip or args.save_probs or args.mode == "slide":
+        raise UserError("tiled prediction (--tile, huge images, GeoTIFFs) runs single-scale without flip, "
+                        "--save-probs or --mode; drop those options for these images")
+    if args.size not in ("meta", "none"):
+        raise UserError(f"--size {args.size}: tiled prediction runs at the image's own resolution; drop --size")
+    segmenter = Segmenter(model, device=device, precision=args.precision)
+    tiled_model = TiledModel.from_segmenter(segmenter)
+    stems = output_stems(files, Path(args.out))
+    tile = args.tile or DEFAULT_TILE
+    for i in tiled:
+        if not args.tile:
+            say(f"{files[i][0]}: predicted in {tile} px tiles (huge image or GeoTIFF)")
+        stems[i].parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeoWarning)
+            out = predict_file(tiled_model, files[i][0], stems[i], segmenter.meta["palette"], tile, args.overlap,
+                               args.bands)
+        for warning in caught:
+            say(f"upernet predict: warning: {warning.message}")
+        print(f"wrote {out}")
+    return [str(file) for i, (file, _) in enumerate(files) if i not in set(tiled)]
 
 
 # ---- train ----------------------------------------------------------------------------------

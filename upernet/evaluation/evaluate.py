@@ -24,7 +24,8 @@ from ..data.protocol import protocol_options
 from ..data.transforms import build_eval_transform
 from ..distributed import cleanup, init_distributed
 from ..errors import UserError
-from ..inference.modes import MS_RATIOS, predicted_classes
+from ..inference.modes import MS_RATIOS
+from ..inference.probabilities import predicted_classes
 from ..inference.prepare import PRECISIONS
 from ..inference.segmenter import Segmenter, is_multitask, resolve_device
 from ..io import atomic_write, write_json

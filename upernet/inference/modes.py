@@ -4,7 +4,8 @@ Modes follow mmsegmentation's test-time semantics:
 
 - "whole": one forward pass over the (resized) image.
 - "slide": overlapping `crop_size` windows `stride` apart on mmsegmentation's grid; the logits of
-  each window are added into the full map and divided by how many windows covered each pixel.
+  each window are added into the full map and divided by how many windows covered each pixel
+  (`tiles.blend_windows`, the one implementation of windowed inference).
 - multi-scale + flip: the input is rescaled by each ratio (typically `MS_RATIOS`), each scale is
   predicted (whole or slide) and resized back to the input size, flipped predictions are flipped
   back, and the softmax probabilities of all passes are averaged.
@@ -17,7 +18,6 @@ by `data.transforms.preprocess` (resize rule, normalisation), the same function 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -29,6 +29,8 @@ from ..errors import MissingFile, UserError
 from ..data.datasets import read_image
 from ..data.transforms import SizeRule, parse_size, resize_image, resized_shape, to_rgb  # noqa: F401 (re-exported)
 from ..ops.resize import resize
+from .probabilities import class_probabilities
+from .tiles import blend_windows, forward_outputs, window_grid  # noqa: F401 (window_grid re-exported)
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 DEFAULT_CROP = (512, 512)
@@ -48,55 +50,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _outputs(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """One forward pass -> float32 outputs by name; a plain tensor is named "out"."""
-    context = (torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
-               if autocast_dtype is not None else contextlib.nullcontext())
-    with context:
-        out = model(images)
-    out = out if isinstance(out, dict) else {"out": out}
-    return {name: value.float() for name, value in out.items()}
-
-
-def predicted_classes(model) -> int:
-    """Classes a segmentation model predicts: its `num_classes`, or 2 (background, foreground) for a
-    sigmoid model with one output channel (trained with `binary_cross_entropy`)."""
-    num_classes = int(model.num_classes)
-    return 2 if num_classes == 1 else num_classes
-
-
-def binary_probabilities(logit: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """One foreground logit (N, 1, H, W) -> (N, 2, H, W) probabilities (background, foreground) whose
-    argmax is foreground exactly where sigmoid(logit) > `threshold`: the logit is shifted by
-    logit(threshold), so at the default 0.5 they are (1 - sigmoid, sigmoid)."""
-    foreground = torch.sigmoid(logit - math.log(threshold / (1 - threshold)))
-    return torch.cat([1 - foreground, foreground], dim=1)
-
-
-def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """The (y1, y2, x1, x2) windows of mmsegmentation's slide inference.
-
-    `max(H - crop + stride - 1, 0) // stride + 1` rows (and columns likewise); the last window is
-    moved back to end at the image border, and a window larger than the image becomes the image.
-    """
-    crop_h, crop_w = crop_size
-    stride_h, stride_w = stride
-    if min(crop_h, crop_w, stride_h, stride_w) <= 0:
-        raise UserError(f"crop size {tuple(crop_size)} and stride {tuple(stride)} must be positive")
-    if stride_h > crop_h or stride_w > crop_w:
-        raise UserError(f"stride {tuple(stride)} larger than the crop {tuple(crop_size)} would leave pixels "
-                         f"that no window covers; use a stride <= the crop size")
-    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
-    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
-    windows = []
-    for r in range(rows):
-        for c in range(cols):
-            y2 = min(r * stride_h + crop_h, height)
-            x2 = min(c * stride_w + crop_w, width)
-            windows.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
-    return windows
-
-
 def slide_outputs(
     model: nn.Module,
     images: torch.Tensor,
@@ -104,33 +57,38 @@ def slide_outputs(
     stride: Sequence[int] = DEFAULT_STRIDE,
     autocast_dtype: torch.dtype | None = None,
     window_batch: int = 4,
+    weight: str = "uniform",
 ) -> dict[str, torch.Tensor]:
-    """Sliding-window outputs by name: pixel logits (N, C, H, W) summed over windows and divided by
-    the counts map; image-level logits (N, C) averaged over the windows.
+    """Sliding-window outputs by name: pixel logits (N, C, H, W) blended over the windows (with
+    the default "uniform" weight: summed and divided by the counts map, mmsegmentation's slide);
+    image-level logits (N, C) averaged over the windows.
 
-    All windows have the same size (they are clipped to the image by moving, not cutting), so up
-    to `window_batch` of them run in one forward pass.
+    The windows and the blend are `tiles.blend_windows`, the code tiled prediction of huge images
+    streams; here its row bands are put together into the whole map. All windows have the same
+    size (they are clipped to the image by moving, not cutting), so up to `window_batch` of them
+    run in one forward pass.
+
+    Args:
+        model: a model returning logits, {"out": logits} or a dict of outputs by name.
+        images: normalised float images (N, 3, H, W).
+        crop_size: (h, w) of the windows.
+        stride: (h, w) step between windows.
+        autocast_dtype: run forward passes under autocast with this dtype.
+        window_batch: windows per forward pass.
+        weight: "uniform" (mmsegmentation) or "cosine" (smooth ramp, see `tiles`).
     """
-    n, _, height, width = images.shape
-    windows = window_grid(height, width, crop_size, stride)
-    totals: dict[str, torch.Tensor] = {}
-    counts = torch.zeros(1, 1, height, width, device=images.device)
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
-        outputs = _outputs(model, crops, autocast_dtype)
-        for name, logits in outputs.items():
-            if name not in totals:
-                shape = (n, logits.shape[1], height, width) if logits.dim() == 4 else (n, logits.shape[1])
-                totals[name] = logits.new_zeros(shape)
-            for i, (y1, y2, x1, x2) in enumerate(chunk):
-                if logits.dim() == 4:
-                    totals[name][:, :, y1:y2, x1:x2] += logits[i * n:(i + 1) * n]
-                else:
-                    totals[name] += logits[i * n:(i + 1) * n]
-        for y1, y2, x1, x2 in chunk:
-            counts[:, :, y1:y2, x1:x2] += 1
-    return {name: total / counts if total.dim() == 4 else total / len(windows) for name, total in totals.items()}
+    height, width = images.shape[-2:]
+    names: list[str] = []  # the model's order of outputs
+
+    def forward(windows: list[tuple[int, int, int, int]]) -> dict[str, torch.Tensor]:
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in windows])
+        outputs = forward_outputs(model, crops, autocast_dtype)
+        names[:] = names or list(outputs)
+        return outputs
+
+    bands = list(blend_windows(forward, height, width, crop_size, stride, weight, window_batch))
+    return {name: bands[-1].images[name] if name in bands[-1].images
+            else torch.cat([band.pixels[name] for band in bands], dim=2) for name in names}
 
 
 def slide_logits(
@@ -194,7 +152,7 @@ def infer_outputs(
     def forward(x: torch.Tensor) -> dict[str, torch.Tensor]:
         if mode == "slide":
             return slide_outputs(model, x, crop_size, stride, autocast_dtype)
-        return _outputs(model, x, autocast_dtype)
+        return forward_outputs(model, x, autocast_dtype)
 
     threshold = float((getattr(model, "meta", None) or {}).get("binary_threshold", 0.5))
     probs: dict[str, torch.Tensor] = {}
@@ -210,7 +168,7 @@ def infer_outputs(
                         logits = logits.flip(-1) if flipped else logits
                         logits = resize(logits, size)
                     # a 1-channel pixel output is a sigmoid model's foreground logit
-                    p = binary_probabilities(logits, threshold) if logits.shape[1] == 1 else logits.softmax(dim=1)
+                    p = class_probabilities(logits, threshold)
                     probs[name] = p if name not in probs else probs[name] + p
                 passes += 1
     return {name: p / passes for name, p in probs.items()}

@@ -30,7 +30,8 @@ from ..io import atomic_write
 from ..loading import load_model
 from ..models.multitask import part_map
 from ..ops.resize import resize_in_stripes
-from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs, predicted_classes
+from .modes import DEFAULT_CROP, DEFAULT_STRIDE, infer_outputs
+from .probabilities import predicted_classes
 from .prepare import autocast_dtype_for, prepare_for_inference
 
 DEFAULT_SIZE = "2048x512"  # mmsegmentation's ADE20K / VOC test scale (keep ratio), for models whose meta has none

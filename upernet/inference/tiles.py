@@ -1,0 +1,508 @@
+"""Windowed inference streamed in row bands: the one implementation behind slide mode (eval,
+`Segmenter`, serve) and the tiled prediction of images too large to hold as logits.
+
+Windows lie on mmsegmentation's slide grid (`window_grid`), all of the crop's size, and are run
+row by row. Every window's outputs are added, times a window weight, into a buffer of image rows;
+once no later window reaches a row, the row is final: divided by the summed weights and handed out
+as part of a band. Peak memory is therefore the buffer (classes x (crop height + stride) x image
+width floats) plus the forward passes of `window_batch` windows, whatever the image height.
+
+Window weights (`weight=`):
+
+- "uniform": 1 everywhere. The blend is then the plain mean of the windows covering a pixel:
+  mmsegmentation's slide (sum of logits / count map), kept for eval so that our numbers equal the
+  peers'.
+- "cosine": separable w(y, x) = r(y) r(x), where along a window side of n pixels with overlap
+  o = crop - stride the ramp is r(i) = sin^2(pi/2 * (i + 0.5) / o) for the first o pixels,
+  1 in the middle, and the mirror image over the last o pixels (o is capped at n // 2; o = 0
+  gives 1 everywhere). Where two windows overlap by exactly o, their ramps sum to 1 (sin^2 +
+  cos^2); any other overlap is normalised by the weight sum. A window's weight falls to almost
+  zero at its edges, so the blend has no jump there: no seams, even when the model's output
+  depends on where a pixel lies in its window (padding, receptive field).
+
+Tiled prediction (`predict_tiled`) blends softmax probabilities with the cosine weight, reads the
+image window by window from an `ImageSource` (a GeoTIFF read by windows: `geotiff.py`; an array),
+and writes labels band by band to a `LabelWriter` (streaming palette PNG here, GeoTIFF in
+`geotiff.py`), so no array the size of the image exists except the input when it is decoded
+whole (PNG/JPEG: 3 bytes per pixel).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..io import temp_path
+from .probabilities import class_probabilities, predicted_classes
+
+WEIGHTS = ("uniform", "cosine")
+DEFAULT_TILE = 512
+DEFAULT_OVERLAP = 128
+IGNORE_LABEL = 255  # label written where the input has no data (nodata / masked pixels)
+
+Window = tuple[int, int, int, int]  # (y1, y2, x1, x2)
+
+
+# ---- the window grid and weights ----------------------------------------------------------------
+def window_grid(height: int, width: int, crop_size: Sequence[int], stride: Sequence[int]) -> list[Window]:
+    """The (y1, y2, x1, x2) windows of mmsegmentation's slide inference, row by row.
+
+    `max(H - crop + stride - 1, 0) // stride + 1` rows (and columns likewise); the last window is
+    moved back to end at the image border, and a window larger than the image becomes the image.
+    """
+    crop_h, crop_w = crop_size
+    stride_h, stride_w = stride
+    if min(crop_h, crop_w, stride_h, stride_w) <= 0:
+        raise UserError(f"crop size {tuple(crop_size)} and stride {tuple(stride)} must be positive")
+    if stride_h > crop_h or stride_w > crop_w:
+        raise UserError(f"stride {tuple(stride)} larger than the crop {tuple(crop_size)} would leave pixels "
+                        f"that no window covers; use a stride <= the crop size")
+    rows = max(height - crop_h + stride_h - 1, 0) // stride_h + 1
+    cols = max(width - crop_w + stride_w - 1, 0) // stride_w + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2 = min(r * stride_h + crop_h, height)
+            x2 = min(c * stride_w + crop_w, width)
+            windows.append((max(y2 - crop_h, 0), y2, max(x2 - crop_w, 0), x2))
+    return windows
+
+
+def ramp(size: int, overlap: int) -> torch.Tensor:
+    """The 1-D cosine ramp of one window side (see the module docstring)."""
+    overlap = min(overlap, size // 2)
+    r = torch.ones(size)
+    if overlap > 0:
+        rise = torch.sin(math.pi / 2 * (torch.arange(overlap) + 0.5) / overlap) ** 2
+        r[:overlap] = rise
+        r[size - overlap:] = rise.flip(0)
+    return r
+
+
+def window_weight(weight: str, size: Sequence[int], overlap: Sequence[int]) -> torch.Tensor | None:
+    """(h, w) weight of a window of `size`; None for "uniform" (every pixel weighs 1)."""
+    if weight not in WEIGHTS:
+        raise UserError(f"window weight {weight!r}: use one of {', '.join(WEIGHTS)}")
+    if weight == "uniform":
+        return None
+    return ramp(size[0], overlap[0])[:, None] * ramp(size[1], overlap[1])[None, :]
+
+
+# ---- blending in row bands ----------------------------------------------------------------------
+@dataclass
+class Band:
+    """Finished rows `rows` of every pixel output, (N, C, rows, W) by name. The last band (`last`)
+    also carries the image-level outputs (N, C), averaged over all windows, in `images`."""
+
+    rows: slice
+    pixels: dict[str, torch.Tensor]
+    images: dict[str, torch.Tensor] = field(default_factory=dict)
+    last: bool = False
+
+
+def blend_windows(
+    forward: Callable[[list[Window]], dict[str, torch.Tensor]],
+    height: int,
+    width: int,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+    weight: str = "uniform",
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """Run `forward` on the slide windows of an image and yield the weighted blend in row bands.
+
+    Args:
+        forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
+            (k * N, C, h, w) with window i's N images at rows i * N ... (i + 1) * N, image-level
+            outputs (k * N, C) likewise.
+        height: image height.
+        width: image width.
+        crop_size: (h, w) of the windows.
+        stride: (h, w) step between windows.
+        weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
+        window_batch: windows per forward call (all windows have the same size).
+    """
+    windows = window_grid(height, width, crop_size, stride)
+    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    overlap = (crop_size[0] - stride[0], crop_size[1] - stride[1])
+    w = window_weight(weight, (win_h, win_w), overlap)
+    top = 0  # first row not handed out yet; buffers hold rows top ... top + len
+    totals: dict[str, torch.Tensor] = {}
+    image_totals: dict[str, torch.Tensor] = {}
+    weights = torch.zeros(1, 1, 0, width)
+
+    def grow(buffer: torch.Tensor, rows: int) -> torch.Tensor:
+        if buffer.shape[2] >= rows:
+            return buffer
+        extra = buffer.new_zeros(*buffer.shape[:2], rows - buffer.shape[2], width)
+        return torch.cat([buffer, extra], dim=2)
+
+    for start in range(0, len(windows), window_batch):
+        chunk = windows[start:start + window_batch]
+        outputs = forward(chunk)
+        rows_needed = max(y2 for _, y2, _, _ in chunk) - top
+        for name, value in outputs.items():
+            n = value.shape[0] // len(chunk)
+            if value.dim() != 4:
+                for i in range(len(chunk)):
+                    image_totals[name] = image_totals.get(name, 0) + value[i * n:(i + 1) * n]
+                continue
+            if name not in totals:
+                totals[name] = value.new_zeros(n, value.shape[1], 0, width)
+            totals[name] = grow(totals[name], rows_needed)
+            weighted = value if w is None else value * w.to(value)
+            for i, (y1, y2, x1, x2) in enumerate(chunk):
+                totals[name][:, :, y1 - top:y2 - top, x1:x2] += weighted[i * n:(i + 1) * n]
+        if weights.device != next(iter(outputs.values())).device:
+            weights = weights.to(next(iter(outputs.values())).device)
+        weights = grow(weights, rows_needed)
+        for y1, y2, x1, x2 in chunk:
+            weights[:, :, y1 - top:y2 - top, x1:x2] += 1 if w is None else w.to(weights)
+        done = start + len(chunk) >= len(windows)
+        final = height if done else windows[start + len(chunk)][0]  # no later window starts above it
+        if final > top or done:
+            k = final - top
+            pixels = {name: total[:, :, :k] / weights[:, :, :k] for name, total in totals.items()}
+            images = {name: total / len(windows) for name, total in image_totals.items()} if done else {}
+            yield Band(slice(top, final), pixels, images, done)
+            totals = {name: total[:, :, k:] for name, total in totals.items()}
+            weights = weights[:, :, k:]
+            top = final
+
+
+def forward_outputs(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """One forward pass -> float32 outputs by name; a plain tensor is named "out"."""
+    context = (torch.autocast(device_type=images.device.type, dtype=autocast_dtype)
+               if autocast_dtype is not None else contextlib.nullcontext())
+    with context:
+        out = model(images)
+    out = out if isinstance(out, dict) else {"out": out}
+    return {name: value.float() for name, value in out.items()}
+
+
+# ---- huge images: sources, writers, prediction --------------------------------------------------
+class ImageSource(Protocol):
+    """An image read window by window: `height`, `width`, `bands` and `read`."""
+
+    height: int
+    width: int
+    bands: int
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        """Pixels (bands, h, w) of the window, in the stored dtype."""
+
+    def valid(self, rows: slice) -> np.ndarray | None:
+        """bool (h, W) of the rows: False where the input has no data; None when every pixel has data."""
+
+
+@dataclass
+class ArraySource:
+    """An image held in memory, (H, W, C) or (C, H, W) with `channels_first`."""
+
+    array: np.ndarray
+    channels_first: bool = False
+
+    def __post_init__(self) -> None:
+        if self.array.ndim == 2:
+            self.array = self.array[None] if self.channels_first else self.array[..., None]
+        if not self.channels_first:
+            self.array = self.array.transpose(2, 0, 1)  # a view: no copy
+        self.bands, self.height, self.width = self.array.shape
+
+    def read(self, rows: slice, cols: slice) -> np.ndarray:
+        return self.array[:, rows, cols]
+
+    def valid(self, rows: slice) -> np.ndarray | None:
+        return None
+
+
+class LabelWriter(Protocol):
+    """Receives the label map band by band, top to bottom; `close` finishes the file."""
+
+    def write(self, rows: slice, labels: np.ndarray) -> None:
+        """Labels (h, W) of `rows`."""
+
+    def close(self) -> None:
+        """Finish the output (and make it appear under its final name)."""
+
+    def abort(self) -> None:
+        """Remove whatever was written: nothing partial is left under the final name."""
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+class PngLabelWriter:
+    """A palette PNG (8-bit indices; 16-bit grey above 256 classes) written row band by row band:
+    the same picture as `segmenter.label_image`, but never whole in memory. Written to a temporary
+    file beside `path`, renamed on `close`."""
+
+    def __init__(self, path: str | os.PathLike, height: int, width: int, palette: Sequence[Sequence[int]]):
+        self.path, self.height, self.width = Path(path), height, width
+        self.tmp = temp_path(self.path)
+        self.sixteen = len(palette) > 256
+        self.rows_written = 0
+        self.compressor = zlib.compressobj(6)
+        self.file = open(self.tmp, "wb")
+        try:
+            depth, colour = (16, 0) if self.sixteen else (8, 3)
+            self.file.write(b"\x89PNG\r\n\x1a\n")
+            self.file.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
+            if not self.sixteen:
+                flat = bytes(int(v) for colour_ in palette for v in colour_)
+                self.file.write(_png_chunk(b"PLTE", flat + bytes(768 - len(flat))))
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, rows: slice, labels: np.ndarray) -> None:
+        if rows.start != self.rows_written:
+            raise ValueError(f"bands must come in order: expected row {self.rows_written}, got {rows.start}")
+        pixels = labels.astype(">u2" if self.sixteen else np.uint8)
+        lines = np.concatenate([np.zeros((len(pixels), 1), np.uint8),  # filter type 0 per line
+                                pixels.view(np.uint8).reshape(len(pixels), -1)], axis=1)
+        data = self.compressor.compress(lines.tobytes())
+        if data:
+            self.file.write(_png_chunk(b"IDAT", data))
+        self.rows_written = rows.stop
+
+    def close(self) -> None:
+        try:
+            if self.rows_written != self.height:
+                raise ValueError(f"{self.path}: {self.rows_written} of {self.height} rows written")
+            self.file.write(_png_chunk(b"IDAT", self.compressor.flush()))
+            self.file.write(_png_chunk(b"IEND", b""))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class TiledModel:
+    """What tiled prediction needs of a model: the prepared module and its pre-processing."""
+
+    module: nn.Module
+    num_classes: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    autocast_dtype: torch.dtype | None = None
+    device: torch.device = torch.device("cpu")
+    binary_threshold: float = 0.5  # a one-channel (sigmoid) model's foreground threshold
+
+    @classmethod
+    def from_segmenter(cls, segmenter: Any) -> "TiledModel":
+        """The runner, classes, normalisation and precision of a `Segmenter`."""
+        if segmenter.multitask:
+            raise UserError("tiled prediction is for segmentation models; a multi-task model runs without --tile")
+        model = segmenter.model
+        return cls(segmenter.runner, predicted_classes(model), tuple(segmenter.meta["mean"]),
+                   tuple(segmenter.meta["std"]), segmenter.autocast_dtype, segmenter.device,
+                   float((getattr(model, "meta", None) or {}).get("binary_threshold", 0.5)))
+
+
+def tiled_probabilities(
+    model: TiledModel,
+    source: ImageSource,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """Softmax probabilities of `source` in row bands, windows blended with the cosine weight.
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        source: the image, read window by window.
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows (the stride is `tile - overlap`).
+        window_batch: windows per forward pass.
+    """
+    if not 0 <= overlap < tile:
+        raise UserError(f"--overlap {overlap} must be at least 0 and smaller than --tile {tile}")
+    if len(model.mean) != source.bands:
+        raise UserError(f"the model takes {len(model.mean)} band(s) (its mean/std), the image has {source.bands}; "
+                        f"pick bands with --bands")
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def forward(windows: list[Window]) -> dict[str, torch.Tensor]:
+        crops = torch.stack([torch.from_numpy(np.ascontiguousarray(source.read(slice(y1, y2), slice(x1, x2))))
+                             for y1, y2, x1, x2 in windows]).float()
+        x = ((crops - mean) / std).to(model.device)
+        return {"out": class_probabilities(forward_outputs(model.module, x, model.autocast_dtype)["out"],
+                                          model.binary_threshold).cpu()}
+
+    module = model.module if isinstance(model.module, nn.Module) else None  # an ONNX runner has no modes
+    was_training = module is not None and module.training
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            yield from blend_windows(forward, source.height, source.width, (tile, tile),
+                                     (tile - overlap, tile - overlap), "cosine", window_batch)
+    finally:
+        if module is not None:
+            module.train(was_training)
+
+
+def predict_tiled(
+    model: TiledModel,
+    source: ImageSource,
+    writer: LabelWriter,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    window_batch: int = 4,
+    ignore_label: int = IGNORE_LABEL,
+) -> dict[int, int]:
+    """Segment `source` tile by tile and write its label map band by band; returns pixels per class.
+
+    Pixels without data (`source.valid`) get `ignore_label`. On any error the writer is aborted,
+    so no partial output is left under the final name.
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        source: the image, read window by window.
+        writer: where the labels go (`PngLabelWriter`, `geotiff.GeoTiffLabelWriter`).
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows.
+        window_batch: windows per forward pass.
+        ignore_label: the label of pixels without data.
+    """
+    counts = np.zeros(max(model.num_classes, ignore_label + 1), dtype=np.int64)
+    try:
+        for band in tiled_probabilities(model, source, tile, overlap, window_batch):
+            labels = band.pixels["out"][0].argmax(dim=0).numpy()
+            valid = source.valid(band.rows)
+            if valid is not None:
+                labels[~valid] = ignore_label
+            counts += np.bincount(labels.ravel(), minlength=len(counts))[:len(counts)]
+            writer.write(band.rows, labels)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {int(c): int(n) for c, n in enumerate(counts) if n}
+
+
+# ---- files --------------------------------------------------------------------------------------
+GDAL_CACHE_MB = 256  # GDAL's block cache while a GeoTIFF is predicted: a few rows of blocks
+AUTO_TILE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit: larger images are predicted in tiles
+
+
+@contextlib.contextmanager
+def huge_images_allowed() -> Iterator[None]:
+    """Lift Pillow's decompression-bomb limit for the duration: the user asked for this image."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def image_pixels(path: str | os.PathLike) -> int:
+    """Pixels of an image from its header (0 when it cannot be read: the normal path reports that)."""
+    from PIL import Image
+
+    from .geotiff import is_geotiff
+
+    if is_geotiff(path):
+        try:
+            import rasterio
+
+            with rasterio.open(path) as ds:
+                return ds.width * ds.height
+        except (ImportError, OSError, rasterio.errors.RasterioError):
+            pass
+    try:
+        with huge_images_allowed(), Image.open(path) as img:
+            return img.width * img.height
+    except (OSError, SyntaxError, ValueError):
+        return 0
+
+
+def wants_tiles(path: str | os.PathLike) -> bool:
+    """Automatic tiling: images above `AUTO_TILE_PIXELS` and georeferenced GeoTIFFs."""
+    from .geotiff import is_geotiff, is_georeferenced
+
+    return image_pixels(path) > AUTO_TILE_PIXELS or (is_geotiff(path) and is_georeferenced(path))
+
+
+def read_picture(path: str | os.PathLike) -> ArraySource:
+    """A PNG/JPEG/... decoded whole (3 bytes a pixel), EXIF orientation applied, as an `ArraySource`."""
+    from PIL import Image, ImageOps
+
+    from ..data.transforms import to_rgb
+
+    try:
+        with huge_images_allowed(), Image.open(path) as img:
+            img.load()
+            return ArraySource(np.asarray(to_rgb(ImageOps.exif_transpose(img))))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the image ({e})") from None
+
+
+def predict_file(
+    model: TiledModel,
+    path: str | os.PathLike,
+    stem: str | os.PathLike,
+    palette: Sequence[Sequence[int]],
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    bands: Sequence[int] | None = None,
+    ignore_label: int = IGNORE_LABEL,
+) -> Path:
+    """Segment one image file in tiles; returns the label file written.
+
+    A .tif/.tiff is read window by window with rasterio and gives `<stem>_labels.tif`, a GeoTIFF
+    with the input's georeferencing and `ignore_label` where the input has no data; any other
+    image is decoded whole and gives the palette PNG `<stem>_labels.png`, written band by band.
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        path: the image file.
+        stem: output path without the `_labels` suffix.
+        palette: class colours.
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows.
+        bands: GeoTIFF bands to read (1-based); None for all.
+        ignore_label: the label of pixels without data.
+    """
+    from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff, rasterio_module
+
+    stem = Path(stem)
+    if is_geotiff(path):
+        rasterio = rasterio_module()
+        # GDAL caches every block it reads (default: 5% of RAM): that would grow with the image
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), GeoTiffSource(path, bands) as source:
+            out = stem.with_name(stem.name + "_labels.tif")
+            predict_tiled(model, source, GeoTiffLabelWriter(out, source, palette, ignore_label), tile, overlap,
+                          ignore_label=ignore_label)
+        return out
+    if bands:
+        raise UserError(f"{path}: --bands is for GeoTIFF inputs (.tif, .tiff)")
+    source = read_picture(path)
+    out = stem.with_name(stem.name + "_labels.png")
+    predict_tiled(model, source, PngLabelWriter(out, source.height, source.width, palette), tile, overlap,
+                  ignore_label=ignore_label)
+    return out
