@@ -77,6 +77,25 @@ def test_no_weight_decay_groups():
     assert tables and all(not g["weight_decay"] for g in pos for n in g["param_names"] if n in tables)
 
 
+def test_auto_layer_decay_is_layer_wise_where_a_rule_exists_and_one_lr_elsewhere():
+    import warnings
+
+    from upernet.config import ConfigNote
+
+    convnext = upernet.build_model("upernet_convnext_tiny", num_classes=3, channels=8, aux_channels=8,
+                                   backbone_args={"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]})
+    cfg = OptimConfig(layer_decay_type="auto", layer_decay_rate=0.9, layer_decay_num_layers=6)
+    scales = lambda groups: sorted({g["lr_scale"] for g in groups})  # noqa: E731
+    assert scales(param_groups(convnext, cfg)) == scales(param_groups(convnext, OptimConfig(
+        layer_decay_type="layer_wise", layer_decay_rate=0.9, layer_decay_num_layers=6)))
+    assert len(scales(param_groups(convnext, cfg))) > 1
+    resnet = upernet.build_model("upernet_timm", model_name="resnet18", num_classes=3, channels=8, aux_channels=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigNote)
+        assert scales(param_groups(resnet, cfg)) == [1.0]
+    assert any("no layer-wise rule" in str(w.message) for w in caught)
+
+
 def test_convnext_stage_wise_lr_scales_as_mmsegmentation():
     model = upernet.build_model("upernet_timm", model_name="test_convnext", num_classes=3, channels=8, aux_channels=8)
     cfg = OptimConfig(name="adamw", lr=1e-4, layer_decay_type="stage_wise", layer_decay_rate=0.9, layer_decay_num_layers=6)

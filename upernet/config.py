@@ -110,7 +110,7 @@ class OptimConfig:
             tables: relative_position_bias_table, absolute_pos_embed, pos_embed, cls_token), "offset"
             (DCNv3's sampling-offset projection).
         layer_decay_type: none, stage_wise or layer_wise (mmsegmentation's
-            LearningRateDecayOptimizerConstructor).
+            LearningRateDecayOptimizerConstructor); auto: layer_wise where the backbone has a rule, else none.
         layer_decay_rate: lr multiplier per layer away from the head.
         layer_decay_num_layers: `num_layers` of the layer-wise decay.
         grad_clip: max global gradient norm (0 disables clipping).
@@ -234,7 +234,7 @@ CHOICES = {
     "data.kind": SEGMENTATION_KINDS + MULTITASK_DATA_KINDS,
     "train.task": ("segmentation", "multitask"),
     "optim.name": ("sgd", "adamw"),
-    "optim.layer_decay_type": ("none", "stage_wise", "layer_wise"),
+    "optim.layer_decay_type": ("none", "stage_wise", "layer_wise", "auto"),
     "val.mode": ("whole", "slide"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("fp32", "bf16", "fp16"),

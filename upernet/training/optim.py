@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..config import OptimConfig, ScheduleConfig
+from ..config import OptimConfig, ScheduleConfig, note
 
 LayerIdFn = Callable[[str, int, nn.Module], int]
 _LAYER_ID_FNS: dict[tuple[str, str], LayerIdFn] = {}
@@ -113,12 +113,21 @@ def _family(model: nn.Module) -> str:
                      type(getattr(model, "backbone", model)).__name__]).lower()
 
 
-def layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn:
-    """The registered layer-id function whose family appears in the model's name."""
+def find_layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn | None:
+    """The registered layer-id function whose family appears in the model's name, if any."""
     family = _family(model)
     for (name, kind), fn in _LAYER_ID_FNS.items():
         if kind == decay_type and name in family:
             return fn
+    return None
+
+
+def layer_id_function(model: nn.Module, decay_type: str) -> LayerIdFn:
+    """The registered layer-id function whose family appears in the model's name."""
+    fn = find_layer_id_function(model, decay_type)
+    if fn is not None:
+        return fn
+    family = _family(model)
     known = sorted(f"{name} ({kind})" for name, kind in _LAYER_ID_FNS)
     raise UserError(f"no {decay_type} layer decay is registered for model {family.split()[0]!r}; known families: "
                      f"{', '.join(known)} (set optim.layer_decay_type=none, or register one with "
@@ -137,7 +146,13 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     num_layers = cfg.layer_decay_num_layers
-    layer_id = layer_id_function(model, cfg.layer_decay_type) if cfg.layer_decay_type != "none" else None
+    if cfg.layer_decay_type == "auto":  # layer-wise where the backbone has a rule (fine-tuning recipes)
+        layer_id = find_layer_id_function(model, "layer_wise")
+        if layer_id is None:
+            note(f"optim.layer_decay_type=auto: no layer-wise rule for {_family(model).split()[0]!r}; "
+                 f"every layer trains at optim.lr")
+    else:
+        layer_id = layer_id_function(model, cfg.layer_decay_type) if cfg.layer_decay_type != "none" else None
     groups: dict[str, dict] = {}
     for name, param in named:
         no_decay = _no_decay(name, param, id(param) in norm_params, cfg.no_weight_decay)
