@@ -511,3 +511,16 @@ def test_metrics_follow_their_eval_multipro():
     theirs = their_benchmark(items)
     assert ours == pytest.approx(theirs, abs=0.011), (ours, theirs)
     assert set(ours) == set(theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_two_training_steps_on_pascal_records(broden, tmp_path):
+    from upernet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "multitask_builtin", "data.kind=broden", f"data.root={broden}", "multitask.sources=[pascal]",
+                 "schedule.iters=2", "schedule.warmup_iters=0", "multitask.texture_iters=1", "data.batch_size=2",
+                 "val.interval=0", "train.checkpoint_interval=10", "model.args.channels=8",
+                 "model.args.base_args.model_name=resnet10t", "--out", str(run)]) == 0
+    assert (run / "model").is_dir()
