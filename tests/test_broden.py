@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from upernet.data.multitask import IGNORE_INDEX, BrodenPlusSource, broden_plus_sources, decode_class_mask
+from upernet.data.pascal_part import part_codes, read_part2ind
 from upernet.errors import MissingFile, UserError
 from upernet.evaluation.multitask import MultiTaskMetrics
 
@@ -25,6 +26,47 @@ ADE_SCENE = {1: 1, 2: 2}  # their ADE scene list: "-" (misc), beach, street
 OS_MATERIAL = {10: 1, 20: 2, 30: 3}
 ADE_SCENES = ["beach", "street", "misc", "street"]
 H, W = 40, 48
+
+# Pascal: a part2ind.m in their syntax (objects 1-4 here), with each kind of statement their parser reads.
+PART2IND = """function pimap = part2ind()
+% Define the part index of each objects.
+pimap = cell(4, 1);
+for ii = 1:4
+    pimap{ii} = containers.Map('KeyType','char','ValueType','int32');
+end
+
+% [person]
+pimap{1}('head')       = 1;
+pimap{1}('llleg')      = 19;               	% left lower leg
+pimap{1}('ruleg')      = 23;               	% right upper leg
+
+% [boat]
+% only has silhouette mask 
+
+% [car]
+pimap{3}('fwheel')      = 1;                % front wheel
+pimap{3}('frontside')   = 2;
+for ii = 1:3
+    pimap{3}(sprintf('window_%d',ii)) = 40 + ii;    % multiple windows
+end
+
+% [bus]
+keySet = keys(pimap{3});
+valueSet = values(pimap{3});
+pimap{4} = containers.Map(keySet, valueSet);         % bus has the parts of car
+remove(pimap{4}, {'fwheel'});
+"""
+# Their part codes of PART2IND, worked out by hand from pascalseg.py: sorted (object, short name) keys,
+# readable names (comment, else short name, spelled out), "left/right/front/.." dropped, equal names one code.
+PASCAL_PART_KEY = {(1, "head"): 1, (1, "llleg"): 2, (1, "ruleg"): 2,  # head; "left lower leg" -> leg
+                   (2, "silhouette"): 3,  # boat: the object after person, silhouette only
+                   (3, "frontside"): 4, (3, "fwheel"): 5,  # "front side" -> "", "front wheel" -> wheel
+                   (3, "window_1"): 6, (3, "window_2"): 6, (3, "window_3"): 6,  # "multiple" comments ignored
+                   # bus copies car; their parser ignores remove(), so fwheel stays
+                   (4, "frontside"): 4, (4, "fwheel"): 5, (4, "window_1"): 6, (4, "window_2"): 6, (4, "window_3"): 6}
+PASCAL_PART = {1: 1, 2: 2, 4: 0, 5: 3, 6: 4}  # code 3 (silhouette) unlisted, read as "-"
+PASCAL_OBJECT = {259: 3, 59: 4, 65: 4, 355: 2, 431: 0}  # person, car, bus -> car, sky, unknown; raw 0 unlisted
+PASCAL_NAMES = ["2008_000002", "2008_000010", "2009_000123"]  # sorted: their file_index order
 
 
 def ade_raw(index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -73,6 +115,54 @@ def picture(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
 
 
+def pascal_raw(index: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray, list[tuple[str, np.ndarray]]]]]:
+    """The Pascal-Context object labels of image `index` and its Pascal-Part instances (class_ind, mask,
+    [(part name, mask)])."""
+    def box(top, bottom, left, right):
+        mask = np.zeros((H, W), dtype=np.uint8)
+        mask[top:bottom, left:right] = 1
+        return mask
+
+    context = np.full((H, W), 355)  # sky
+    context[30:, 40:] = 0
+    if index == 0:
+        context[10:, :20] = 259  # person
+        context[36:, :4] = 431  # "unknown" inside the person's box: its leg there is outside the object
+        context[20:, 24:] = 59  # car
+        instances = [(1, box(10, 40, 0, 20), [("head", box(10, 18, 0, 20)), ("llleg", box(30, 40, 0, 10)),
+                                               ("ruleg", box(30, 40, 10, 20))]),
+                     (3, box(20, 40, 24, 48), [("fwheel", box(34, 40, 24, 32)), ("window_2", box(20, 26, 24, 48)),
+                                               ("frontside", box(26, 34, 24, 48))]),
+                     (2, box(0, 8, 30, 40), []),  # boat: silhouette only
+                     (1, box(28, 40, 12, 22), [("head", box(28, 34, 12, 22))])]  # overlaps: a later instance wins
+    elif index == 1:
+        context[5:, 30:] = 65  # bus
+        context[20:, :10] = 259  # person without part annotation: its parts do not count
+        instances = [(4, box(5, 40, 30, 48), [("fwheel", box(30, 40, 30, 48)), ("window_3", box(5, 12, 30, 48))]),
+                     (1, box(0, 4, 0, 4), [("head", box(0, 4, 0, 4))])]  # a head on the sky: no person there
+    else:
+        context[:, :24] = 259
+        instances = []  # an annotation with no object: no parts
+    return context, instances
+
+
+def write_pascal_part(path: Path, instances) -> None:
+    """An Annotations_Part .mat in Pascal-Part's structure: anno.objects(i).{class, class_ind, mask, parts(j)}."""
+    from scipy.io import savemat
+
+    part_type = [("part_name", "O"), ("mask", "O")]
+    objects = np.zeros((1, len(instances)) if instances else (0, 0),
+                       dtype=[("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")])
+    for i, (class_ind, mask, parts) in enumerate(instances):
+        table = np.zeros((1, len(parts)) if parts else (0, 0), dtype=part_type)
+        for j, (name, part_mask) in enumerate(parts):
+            table[0, j] = (name, part_mask)
+        objects[0, i] = (f"class{class_ind}", class_ind, mask, table)
+    anno = np.zeros((1, 1), dtype=[("imname", "O"), ("objects", "O")])
+    anno[0, 0] = (path.stem, objects)
+    savemat(path, {"anno": anno})
+
+
 def write_csv(path: Path, header: list[str], rows: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -100,12 +190,15 @@ def write_broden_plus(root: Path) -> Path:
     rows += [["ade20k", "scene", raw, "x", b, SCENES[b]] for raw, b in ADE_SCENE.items()]
     rows += [["os", "material", raw, "x", b, MATERIALS[b]] for raw, b in OS_MATERIAL.items()]
     rows += [["os", "material", 50, "x", 0, "-"]]
+    rows += [["pascal", "object", raw, "x", b, OBJECTS[b]] for raw, b in PASCAL_OBJECT.items()]
+    rows += [["pascal", "part", raw, "x", b, PARTS[b]] for raw, b in PASCAL_PART.items()]
     write_csv(joint / "label_assignment.csv", ["dataset", "category", "raw_label", "raw_name", "broden_label",
                                                "broden_name"], rows)
     ade = [{"height": H, "width": W, "file_index": i, "nr_part": 1, "dataset": "ade20k"} for i in range(4)]
     opensurfaces = [{"file_index": i, "dataset": "os", "width": W, "height": H} for i in range(3)]
-    write_records(joint / "broden_ade20k_pascal_train.json", ade[:3])
-    write_records(joint / "broden_ade20k_pascal_val.json", ade[1:])
+    pascal = [{"height": H, "width": W, "file_index": i, "nr_part": 1, "dataset": "pascal"} for i in range(3)]
+    write_records(joint / "broden_ade20k_pascal_train.json", [ade[0], pascal[0], ade[1], ade[2], pascal[1]])
+    write_records(joint / "broden_ade20k_pascal_val.json", ade[1:] + pascal[1:])
     write_records(joint / "broden_os_train.json", opensurfaces[:2])
     write_records(joint / "broden_os_val.json", opensurfaces[2:])
     # ADE20K: their index (meta_file/ade20k/index_ade20k.mat), scenes, images and *_seg.png / *_parts_1.png
@@ -138,6 +231,17 @@ def write_broden_plus(root: Path) -> Path:
         labels[..., 0] = np.where(os_raw(i) >= 40, 50, os_raw(i))
         labels[..., 1] = 77
         Image.fromarray(labels).save(photos / "photos-labels" / f"{photo}.png")
+    # Pascal: meta_file/pascal/part2ind.m; VOC2010/JPEGImages, part/Annotations_Part, context/trainval
+    (root / "meta_file" / "pascal").mkdir(parents=True)
+    (root / "meta_file" / "pascal" / "part2ind.m").write_text(PART2IND)
+    pascal_dir = root / "broden_dataset" / "pascal"
+    for folder in ("VOC2010/JPEGImages", "part/Annotations_Part", "context/trainval"):
+        (pascal_dir / folder).mkdir(parents=True)
+    for i, name in enumerate(PASCAL_NAMES):
+        Image.fromarray(picture(30 + i)).save(pascal_dir / "VOC2010" / "JPEGImages" / f"{name}.jpg", quality=95)
+        context, instances = pascal_raw(i)
+        savemat(pascal_dir / "context" / "trainval" / f"{name}.mat", {"LabelMap": context.astype(np.uint16)})
+        write_pascal_part(pascal_dir / "part" / "Annotations_Part" / f"{name}.mat", instances)
     return root
 
 
@@ -199,14 +303,95 @@ def test_opensurfaces_records_give_materials(broden):
         expected = np.vectorize(lambda r: OS_MATERIAL.get(r, 0))(np.where(os_raw(i) >= 40, 50, os_raw(i)))
         assert source[i]["targets"]["material"].tolist() == np.where(expected == 0, IGNORE_INDEX, expected).tolist()
     sources, meta = broden_plus_sources(broden, "val")
-    assert [s.name for s in sources] == ["ade20k", "os"] and [len(s) for s in sources] == [3, 1]
+    assert [s.name for s in sources] == ["ade20k", "pascal", "os"] and [len(s) for s in sources] == [3, 2, 1]
     assert meta["objects"] == OBJECTS and meta["parts"] == {"person": ["-", "head", "leg"], "car": ["-", "wheel", "window"]}
     assert meta["scenes"] == SCENES and meta["materials"] == MATERIALS and meta["textures"] == []
 
 
-def test_early_errors_name_the_file_and_the_fix(broden):
-    with pytest.raises(UserError, match="pascal"):
+def their_pascal_parts(instances) -> np.ndarray:
+    """Their load_parts_segmentation: each instance in turn paints its parts with their part_key codes."""
+    parts = np.zeros((H, W), dtype=np.int16)
+    for class_ind, _, instance_parts in instances:
+        for name, mask in instance_parts:
+            parts[mask.astype(bool)] = PASCAL_PART_KEY[class_ind, name]
+    return parts
+
+
+def test_part2ind_gives_their_part_codes(tmp_path):
+    path = tmp_path / "part2ind.m"
+    path.write_text(PART2IND)
+    codes, names = part_codes(read_part2ind(path))
+    assert codes == PASCAL_PART_KEY
+    assert names == ["-", "head", "leg", "silhouette", "", "wheel", "window"]
+    path.write_text(PART2IND + "pimap{5}['tail'] = 1;\n")
+    with pytest.raises(UserError, match=r"part2ind.m:\d+: unrecognised line"):
+        read_part2ind(path)
+
+
+def test_pascal_records_read_as_their_code_resolves_them(broden):
+    for split, indices in (("train", [0, 1]), ("val", [1, 2])):
+        source = BrodenPlusSource(broden, "pascal", split)
+        assert len(source) == 2 and source.tasks == ("object", "part")
+        for position, i in enumerate(indices):
+            item = source[position]
+            context, instances = pascal_raw(i)
+            objects = np.vectorize(lambda r: PASCAL_OBJECT.get(r, 0))(context)
+            assert item["targets"]["object"].tolist() == np.where(objects == 0, IGNORE_INDEX, objects).tolist()
+            assert set(item["targets"]) == {"object", "part"}  # no scene for pascal in their resolve_record
+            assert item["image"].shape == (3, H, W) and item["source"] == "pascal"
+            ours = item["targets"]["part"].numpy()
+            if not instances:  # no object annotated: no parts (their reader fails on such a file)
+                assert (ours == IGNORE_INDEX).all()
+                continue
+            parts = np.vectorize(lambda r: PASCAL_PART.get(r, 0))(their_pascal_parts(instances))
+            their_parts, valid = their_part_map(objects, parts)
+            for k, obj in enumerate(HIERARCHY):
+                inside = objects == obj
+                if valid[k]:
+                    assert (ours[inside] == their_parts[inside]).all()
+                else:
+                    assert (ours[inside] == IGNORE_INDEX).all()
+            assert (ours[~np.isin(objects, list(HIERARCHY))] == IGNORE_INDEX).all()
+    first, second = BrodenPlusSource(broden, "pascal", "train")
+    person, car = first["targets"]["part"], second["targets"]["part"]
+    assert person[12, 5] == 1 and person[35, 5] == 2 and person[35, 15] == 2  # head; left lower, right upper leg
+    assert person[31, 15] == 1  # the later person's head paints over the leg
+    assert person[38, 2] == IGNORE_INDEX  # "unknown" in Pascal-Context: not an object
+    assert person[22, 30] == 2 and person[36, 26] == 1 and person[28, 30] == 0  # car: window, wheel, "front side"
+    assert car[35, 35] == 1 and car[8, 35] == 2  # bus: car's parts, fwheel kept (their parser ignores remove)
+    assert (car[20:, :10] == IGNORE_INDEX).all()  # a person without parts does not count
+
+
+def test_pascal_errors_name_the_file_and_the_fix(broden):
+    from scipy.io import savemat
+
+    pascal = broden / "broden_dataset" / "pascal"
+    context = pascal / "context" / "trainval" / f"{PASCAL_NAMES[1]}.mat"
+    context.rename(context.with_suffix(".bak"))
+    with pytest.raises(MissingFile, match=f"{PASCAL_NAMES[1]}.mat: missing.*object files.*download_Broden"):
         BrodenPlusSource(broden, "pascal", "train")
+    context.with_suffix(".bak").rename(context)
+    source = BrodenPlusSource(broden, "pascal", "train")
+    annotation = source.files[0]["part"]
+    annotation.write_bytes(b"not a mat file" * 20)
+    with pytest.raises(UserError, match=f"{annotation.name}: not a readable .mat file.*download_Broden"):
+        source[0]
+    write_pascal_part(annotation, [(1, np.ones((H, W), np.uint8), [("tail", np.ones((H, W), np.uint8))])])
+    with pytest.raises(UserError, match=f"{annotation.name}: part 'tail' of object 1 is not in part2ind.m"):
+        source[0]
+    labels = pascal / "context" / "trainval" / f"{PASCAL_NAMES[0]}.mat"
+    savemat(labels, {"LabelMap": np.zeros((H // 2, W), np.uint16)})
+    with pytest.raises(UserError, match=f"{labels.name}: annotation .* VOC2010"):
+        source[0]
+    (broden / "meta_file" / "pascal" / "part2ind.m").unlink()
+    with pytest.raises(MissingFile, match="part2ind.m: missing"):
+        BrodenPlusSource(broden, "pascal", "train")
+    (pascal / "part" / "Annotations_Part").rename(pascal / "part" / "moved")
+    with pytest.raises(MissingFile, match="Annotations_Part: missing"):
+        BrodenPlusSource(broden, "pascal", "train")
+
+
+def test_early_errors_name_the_file_and_the_fix(broden):
     with pytest.raises(UserError, match="no source 'dtd'"):
         BrodenPlusSource(broden, "dtd", "train")
     with pytest.raises(UserError, match="splits train and val"):
@@ -326,3 +511,16 @@ def test_metrics_follow_their_eval_multipro():
     theirs = their_benchmark(items)
     assert ours == pytest.approx(theirs, abs=0.011), (ours, theirs)
     assert set(ours) == set(theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_two_training_steps_on_pascal_records(broden, tmp_path):
+    from upernet.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "multitask_builtin", "data.kind=broden", f"data.root={broden}", "multitask.sources=[pascal]",
+                 "schedule.iters=2", "schedule.warmup_iters=0", "multitask.texture_iters=1", "data.batch_size=2",
+                 "val.interval=0", "train.checkpoint_interval=10", "model.args.channels=8",
+                 "model.args.base_args.model_name=resnet10t", "--out", str(run)]) == 0
+    assert (run / "model").is_dir()

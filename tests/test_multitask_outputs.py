@@ -41,7 +41,7 @@ def test_train_predict_eval_on_their_layout(tmp_path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"object/mIoU", "object/pixel_acc", "material/mIoU", "material/pixel_acc", "part/mIoU",
             "part/pixel_acc", "scene/top1"} <= set(metrics)
-    assert metrics["settings"]["images"] == 4  # 3 ADE20K + 1 OpenSurfaces validation records
+    assert metrics["settings"]["images"] == 6  # 3 ADE20K + 2 Pascal + 1 OpenSurfaces validation records
     assert all(0 <= v <= 100 for k, v in metrics.items() if k != "settings")
 
 

@@ -13,7 +13,8 @@ Two ways in:
       root/NAME/SPLIT/{object,part,material}/ID.png   (one per annotated pixel task; 255 = unlabelled)
       root/NAME/SPLIT/labels.json {"ID": {"scene": k, "texture": k}}  (image-level tasks)
   - Broden+ as its authors lay it out (root = their repository after download_Broden+.sh):
-    `BrodenPlusSource(root, "ade20k" | "os", split)`, chosen by `build_sources` when root/meta_file exists.
+    `BrodenPlusSource(root, "ade20k" | "pascal" | "os", split)`, chosen by `build_sources` when
+    root/meta_file exists.
 An item is {"image": float (3, H, W) normalised, "targets": {task: tensor}, "source": name}.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torchvision import tv_tensors
 
 from ..errors import MissingFile, UserError
 from ..io import read_json
+from .pascal_part import load_mat, part_codes, read_context_labels, read_part2ind, read_part_annotation
 from .synthetic import (BOAT, BUOY, PIER, REEDS, SHORE, SKY, SYNTHETIC_CLASSES, WATER, sample_generator,
                         synthetic_sample, uniform)
 from .transforms import (IGNORE_INDEX, normalize, pad_pair, photometric_distortion, random_crop, random_flip,
@@ -482,11 +484,12 @@ def broden_plus_part_map(objects: np.ndarray, parts: np.ndarray, object_part: di
 
 class BrodenPlusSource(Dataset):
     """One dataset of Broden+ (ade20k, pascal or os) as their repository lays it out; items as
-    `BrodenFolder`'s. Pascal records need the Pascal-Part .mat reader, which is not written yet.
+    `BrodenFolder`'s.
 
     Args:
         root: their repository after download_Broden+.sh (holds meta_file/ and broden_dataset/).
-        source: "ade20k" (object, part, scene) or "os" (OpenSurfaces: material).
+        source: "ade20k" (object, part, scene), "pascal" (Pascal-Context objects, Pascal-Part parts; no
+            scene) or "os" (OpenSurfaces: material).
         split: "train" or "val" ("validation").
         transform: `(uint8 image, targets) -> (normalised image, targets)`, e.g. `MultiTaskTransform`;
             None normalises with the ImageNet mean/std.
@@ -499,9 +502,6 @@ class BrodenPlusSource(Dataset):
         self.meta_dir, self.data_dir = self.root / "meta_file", self.root / "broden_dataset"
         if source not in BRODEN_PLUS_SOURCES:
             raise UserError(f"multitask.sources: Broden+ has no source {source!r}; it has {', '.join(BRODEN_PLUS_SOURCES)}")
-        if source == "pascal":
-            raise UserError("multitask.sources: reading Broden+'s pascal records (Pascal-Part .mat files) is not "
-                            "supported yet; train on [ade20k, os]")
         if split not in BRODEN_PLUS_SPLITS:
             raise UserError(f"data split {split!r}: Broden+ has the splits train and val (validation)")
         if not self.data_dir.is_dir():
@@ -512,27 +512,24 @@ class BrodenPlusSource(Dataset):
         self.records = [r for r in read_records(records_file) if r.get("dataset") == source]
         if not self.records:
             raise UserError(f"{records_file}: no {source} records")
-        self.files = self.ade20k_files() if source == "ade20k" else self.opensurfaces_files()
+        self.part_codes: dict[tuple[int, str], int] = {}  # pascal: (object, part name) -> raw part label
+        self.files = {"ade20k": self.ade20k_files, "pascal": self.pascal_files, "os": self.opensurfaces_files}[source]()
         bad = [r["file_index"] for r in self.records if not 0 <= int(r["file_index"]) < len(self.files)]
         if bad:
             raise UserError(f"{records_file}: file_index {bad[:3]} outside the {len(self.files)} {source} images of "
                             f"meta_file; restore meta_file from their repository")
-        missing = [self.files[int(r["file_index"])]["image"] for r in self.records
-                   if not self.files[int(r["file_index"])]["image"].is_file()]
-        if missing:
-            raise MissingFile(f"{missing[0]}: missing, and {len(missing) - 1} more {source} images of {records_file.name}; "
-                              f"{GET_BRODEN_PLUS}")
+        required = ("image", "object") if source == "pascal" else ("image",)  # pascal: the context .mat too
+        for kind in required:
+            missing = [self.files[int(r["file_index"])][kind] for r in self.records
+                       if not self.files[int(r["file_index"])][kind].is_file()]
+            if missing:
+                raise MissingFile(f"{missing[0]}: missing, and {len(missing) - 1} more {source} {kind} files of "
+                                  f"{records_file.name}; {GET_BRODEN_PLUS}")
 
     def ade20k_files(self) -> list[dict]:
         """Image, object and part files and raw scene of every ADE20K image, in index_ade20k.mat's order."""
         index_file = self.meta_dir / "ade20k" / "index_ade20k.mat"
-        if not index_file.is_file():
-            raise MissingFile(f"{index_file}: missing; {GET_BRODEN_PLUS}")
-        try:
-            from scipy.io import loadmat
-        except ImportError:
-            raise UserError("reading Broden+'s ADE20K index (.mat) needs scipy: pip install 'upernet[broden]'") from None
-        index = loadmat(index_file, squeeze_me=True)["index"]
+        index = load_mat(index_file, GET_BRODEN_PLUS, squeeze=True)["index"]
         filenames = [str(f) for f in np.atleast_1d(index["filename"][()])]
         folders = [str(f) for f in np.atleast_1d(index["folder"][()])]
         # their scene labels: ADE20K challenge categories, "misc" read as "-", listed "-" first then sorted
@@ -551,6 +548,19 @@ class BrodenPlusSource(Dataset):
                           "part": image.with_name(image.stem + "_parts_1.png"), "scene": scenes.index(scene)})
         return files
 
+    def pascal_files(self) -> list[dict]:
+        """Image, Pascal-Context object and Pascal-Part part files of every Annotations_Part .mat, in
+        sorted file name order (their file_index), and the part codes of meta_file/pascal/part2ind.m."""
+        folder = self.data_dir / "pascal"
+        # their PascalSegmentation: parts in pascal/part/, or in pascal/ itself when part2ind.m is there
+        part_dir = (folder if (folder / "part2ind.m").is_file() else folder / "part") / "Annotations_Part"
+        if not part_dir.is_dir():
+            raise MissingFile(f"{part_dir}: missing (Pascal-Part annotations); {GET_BRODEN_PLUS}")
+        self.part_codes = part_codes(read_part2ind(self.meta_dir / "pascal" / "part2ind.m"))[0]
+        names = sorted(p.name for p in part_dir.iterdir() if p.name.endswith(".mat"))
+        return [{"image": folder / "VOC2010" / "JPEGImages" / name.replace(".mat", ".jpg"),
+                 "object": folder / "context" / "trainval" / name, "part": part_dir / name} for name in names]
+
     def opensurfaces_files(self) -> list[dict]:
         """Image and material files of every OpenSurfaces photo, in their photos.csv's order."""
         folder = self.data_dir / "opensurfaces"
@@ -563,10 +573,12 @@ class BrodenPlusSource(Dataset):
 
     def targets_of(self, files: dict, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
         """The Broden+ labels of one image (unlabelled: IGNORE_INDEX; parts by `broden_plus_part_map`)."""
+        fix = ("run their resize_images.py on both or neither" if self.name != "pascal" else  # it resizes no pascal
+               "the image and its annotations must come from the VOC2010, Pascal-Part and Pascal-Context downloads")
+
         def checked(path: Path, labels: np.ndarray) -> np.ndarray:
             if labels.shape != shape:
-                raise UserError(f"{path}: annotation {labels.shape} vs image {shape}; run their resize_images.py "
-                                f"on both or neither")
+                raise UserError(f"{path}: annotation {labels.shape} vs image {shape}; {fix}")
             return labels
 
         targets = {}
@@ -582,6 +594,17 @@ class BrodenPlusSource(Dataset):
             scene = self.labels.map("ade20k", "scene", np.array([files["scene"]]), self.meta_dir / "ade20k")[0]
             targets = {"object": np.where(objects == 0, IGNORE_INDEX, objects), "part": parts,
                        "scene": torch.tensor(int(scene))}
+        elif self.name == "pascal":  # objects from Pascal-Context, parts from Pascal-Part, no scene
+            restore = "restore it from the Pascal downloads of download_Broden+.sh"
+            objects = self.labels.map("pascal", "object", checked(files["object"], read_context_labels(
+                files["object"], restore)), files["object"])
+            raw = read_part_annotation(files["part"], self.part_codes, restore)
+            if raw is None:
+                parts = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+            else:
+                parts = broden_plus_part_map(objects, self.labels.map("pascal", "part", checked(files["part"], raw),
+                                                                      files["part"]), self.labels.object_part)
+            targets = {"object": np.where(objects == 0, IGNORE_INDEX, objects), "part": parts}
         else:
             raw = checked(files["material"], read_label_image(files["material"])[:, :, 0])
             material = self.labels.map("os", "material", raw, files["material"])
@@ -600,7 +623,7 @@ class BrodenPlusSource(Dataset):
 
 
 def broden_plus_sources(root: str | Path, split: str, names: Sequence[str] = (), transform=None) -> tuple[list, dict]:
-    """The Broden+ sources `names` (default: ade20k and os) of their layout, and the class lists."""
+    """The Broden+ sources `names` (default: all, ade20k, pascal and os) of their layout, and the class lists."""
     labels = BrodenPlusLabels(Path(root) / "meta_file")
-    sources = [BrodenPlusSource(root, name, split, transform, labels) for name in (names or ("ade20k", "os"))]
+    sources = [BrodenPlusSource(root, name, split, transform, labels) for name in (names or BRODEN_PLUS_SOURCES)]
     return sources, labels.meta()
