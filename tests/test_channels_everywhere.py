@@ -40,3 +40,66 @@ def test_multitask_segmenter_reads_four_band_images():
     assert result.tasks["object"].image.shape == (40, 48, 3)  # the first three bands, for overlays
     with pytest.raises(upernet.UserError, match="model.in_channels=4"):
         Segmenter(model, device="cpu", precision="fp32")(bands(channels=3))
+
+
+# ---- ONNX ----------------------------------------------------------------------------------------
+def binary_model(threshold: float = 0.7, channels: int = 3, image: np.ndarray | None = None):
+    """A tiny one-channel (sigmoid) model whose foreground logit straddles `threshold` on `image`
+    (its classifier bias shifted so that about half the pixels are above it)."""
+    model = tiny_model("upernet_convnext_tiny", num_classes=1, in_channels=channels).eval()
+    model.meta = {"class_names": ["background", "object"], "binary_threshold": threshold}
+    if channels == 4:
+        model.meta.update(FOUR_BANDS)
+    if image is not None:
+        seg = Segmenter(model, device="cpu", precision="fp32", size="none")
+        with torch.no_grad():
+            logit = model(seg.preprocessor(image)[1])["out"]
+            model.decode_head.classifier.bias -= logit.median() - np.log(threshold / (1 - threshold))
+    return model
+
+
+def test_onnx_export_of_a_four_band_model_runs_through_the_segmenter(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from upernet.inference.export import OnnxModel, export_onnx
+
+    model = tiny_model("upernet_convnext_tiny", num_classes=3, in_channels=4).eval()
+    model.meta = {"class_names": ["a", "b", "c"], **FOUR_BANDS}
+    path = export_onnx(model, tmp_path / "four.onnx", shape=(32, 32))
+    assert OnnxModel(path).in_channels == 4
+    image = bands()
+    onnx_result = Segmenter(path, size="none")(image)
+    torch_result = Segmenter(model, device="cpu", precision="fp32", size="none")(image)
+    assert (onnx_result.labels == torch_result.labels).mean() > 0.999
+    assert onnx_result.class_names == ["a", "b", "c"]
+    with pytest.raises(upernet.UserError, match="model.in_channels=4"):
+        Segmenter(path, size="none")(bands(channels=3))
+
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from upernet.cli import main
+
+    tifffile.imwrite(tmp_path / "four.tif", image, planarconfig="contig")
+    assert main(["predict", str(tmp_path / "four.tif"), "--model", str(path), "--out", str(tmp_path / "pred"),
+                 "--size", "none", "--batch-workers", "0"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pred" / "four_labels.png")), onnx_result.labels)
+
+
+def test_onnx_export_of_a_sigmoid_model_splits_at_its_threshold(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from upernet.inference.export import OnnxModel, export_onnx
+
+    image = bands(channels=3, seed=1)
+    model = binary_model(0.7, image=image)
+    path = export_onnx(model, tmp_path / "binary.onnx", shape=(32, 32))
+    onnx_model = OnnxModel(path)
+    assert onnx_model.num_classes == 1 and onnx_model.meta["binary_threshold"] == 0.7
+    seg = Segmenter(path, size="none")
+    result = seg(image)
+    assert result.class_names == ["background", "object"]
+    with torch.no_grad():
+        logit = model(seg.preprocessor(image)[1])["out"][0, 0]
+    expected = (torch.sigmoid(logit) > 0.7).numpy()
+    assert 0.2 < expected.mean() < 0.8  # both classes present: the threshold decides
+    assert (result.labels == expected).mean() > 0.999  # a pixel exactly at the threshold may differ
+    assert set(np.unique(result.labels)) == {0, 1}
