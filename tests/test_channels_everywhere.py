@@ -1,8 +1,12 @@
 """N-channel and one-channel (sigmoid) models everywhere a model runs: the multi-task model, ONNX
 export through `Segmenter`, `upernet serve` and `upernet eval` (issue #16 follow-up)."""
+import base64
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import upernet
 from conftest import tiny_model
@@ -103,3 +107,127 @@ def test_onnx_export_of_a_sigmoid_model_splits_at_its_threshold(tmp_path):
     assert 0.2 < expected.mean() < 0.8  # both classes present: the threshold decides
     assert (result.labels == expected).mean() > 0.999  # a pixel exactly at the threshold may differ
     assert set(np.unique(result.labels)) == {0, 1}
+
+
+# ---- serve ---------------------------------------------------------------------------------------
+def tiff_bytes(array: np.ndarray, **options) -> bytes:
+    tifffile = pytest.importorskip("tifffile")
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, **{"planarconfig": "contig", **options})
+    return out.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def serve_client(segmenter, max_batch: int = 4):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from upernet.serve.app import Limits, create_app
+
+    return TestClient(create_app(segmenter, Limits(max_pixels=200 * 200, max_batch=max_batch), name="tiny"))
+
+
+def post(client, body: bytes, query: str = "format=map", kind: str = "image/tiff"):
+    return client.post(f"/predict?{query}", content=body, headers={"Content-Type": kind})
+
+
+def map_labels(answer: dict) -> np.ndarray:
+    dtype = np.dtype(answer["dtype"])
+    return np.frombuffer(base64.b64decode(answer["labels"]), dtype=dtype).reshape(answer["height"], answer["width"])
+
+
+def test_serve_a_four_band_model_reads_tiff_uploads_as_predict_does(tmp_path):
+    model = tiny_model("upernet_convnext_tiny", num_classes=3, in_channels=4).eval()
+    model.meta = {"class_names": ["a", "b", "c"], **FOUR_BANDS}
+    segmenter = Segmenter(model, device="cpu", precision="fp32", size="none")
+    image = bands()
+    tifffile = pytest.importorskip("tifffile")
+    planes = np.ascontiguousarray(image.transpose(2, 0, 1))  # bands stored as planes
+    tifffile.imwrite(tmp_path / "four.tif", planes, planarconfig="separate", photometric="minisblack")
+    expected = segmenter(tmp_path / "four.tif").labels  # read_image, as `upernet predict` reads it
+    wide = (image.astype(np.uint16) * 257)  # 16-bit: scaled to 8 bits as read_image does
+    with serve_client(segmenter) as client:
+        assert client.get("/info").json()["protocol"]["in_channels"] == 4
+        for body in (tiff_bytes(planes, planarconfig="separate", photometric="minisblack"),
+                     tiff_bytes(image, planarconfig="contig"),
+                     tiff_bytes(wide, planarconfig="contig")):
+            response = post(client, body)
+            assert response.status_code == 200, response.text
+            np.testing.assert_array_equal(map_labels(response.json()), expected)
+        overlay = post(client, tiff_bytes(image), "format=overlay&legend=false")
+        assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+
+        # a 3-band upload (TIFF or PNG) and a broken TIFF: 400 with one line, and the server still serves
+        for body, kind, message in ((tiff_bytes(bands(channels=3)), "image/tiff", "model.in_channels=4"),
+                                    (png_bytes(bands(channels=3)), "image/png", "model.in_channels=4"),
+                                    (tiff_bytes(image)[:200], "image/tiff", "cannot be read as a TIFF")):
+            response = post(client, body, kind=kind)
+            assert response.status_code == 400, response.text
+            detail = response.json()["detail"]
+            assert message in detail and "\n" not in detail
+        too_big = post(client, tiff_bytes(np.zeros((300, 300, 4), np.uint8)))
+        assert too_big.status_code == 413 and "300x300 = 90000 pixels" in too_big.json()["detail"]
+        assert client.get("/health").json()["status"] == "ok"
+
+
+def test_serve_an_rgb_model_still_takes_rgb_tiffs_and_refuses_five_bands():
+    model = tiny_model("upernet_convnext_tiny", num_classes=3).eval()
+    segmenter = Segmenter(model, device="cpu", precision="fp32", size="none")
+    image = bands(channels=3, seed=2)
+    with serve_client(segmenter) as client:
+        response = post(client, tiff_bytes(image, photometric="rgb"))
+        assert response.status_code == 200
+        np.testing.assert_array_equal(map_labels(response.json()), segmenter(image).labels)
+        refused = post(client, tiff_bytes(bands(channels=5)))
+        assert refused.status_code == 400 and "a 5-band image" in refused.json()["detail"]
+
+
+def test_serve_a_sigmoid_model_answers_two_classes():
+    image = bands(channels=3, seed=3)
+    model = binary_model(0.7, image=image)
+    segmenter = Segmenter(model, device="cpu", precision="fp32", size="none")
+    expected = segmenter(image).labels
+    assert set(np.unique(expected)) == {0, 1}
+    with serve_client(segmenter) as client:
+        info = client.get("/info").json()
+        assert info["classes"] == ["background", "object"] and len(info["palette"]) == 2
+        assert info["protocol"]["binary_threshold"] == 0.7
+        items = post(client, png_bytes(image), "format=json", "image/png").json()
+        assert [item["label"] for item in items] == ["background", "object"]
+        foreground = np.array(Image.open(io.BytesIO(base64.b64decode(items[1]["mask"]))))
+        np.testing.assert_array_equal(foreground == 255, expected == 1)
+        labels = post(client, png_bytes(image), "format=labels", "image/png")
+        np.testing.assert_array_equal(np.array(Image.open(io.BytesIO(labels.content))), expected)
+
+
+def test_serve_batches_same_size_uploads_of_a_sigmoid_four_band_model():
+    """Several queued images share one forward pass: the batch path too splits at the threshold and
+    draws its overlays from the first three bands."""
+    pytest.importorskip("fastapi")
+    from upernet.serve.batching import BatchWorker, Job
+
+    images = [bands(seed=seed) for seed in (4, 5, 6)]
+    model = binary_model(0.7, channels=4, image=images[0])
+    segmenter = Segmenter(model, device="cpu", precision="fp32", size="none")
+    worker = BatchWorker(segmenter, max_queue=4, max_batch=4)
+    try:
+        jobs = [Job(image) for image in images]
+        assert all(worker.prepare(job) for job in jobs)
+        results = worker.segment_together(jobs)
+    finally:
+        worker.close()
+    assert worker.batch_sizes == {3: 1}
+    for image, result in zip(images, results):
+        expected = segmenter(image)
+        np.testing.assert_array_equal(result.labels, expected.labels)
+        np.testing.assert_array_equal(result.image, expected.image)  # the first three bands
+        assert result.class_names == ["background", "object"]
+    assert set(np.unique(results[0].labels)) == {0, 1}
