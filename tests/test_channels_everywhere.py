@@ -231,3 +231,62 @@ def test_serve_batches_same_size_uploads_of_a_sigmoid_four_band_model():
         np.testing.assert_array_equal(result.image, expected.image)  # the first three bands
         assert result.class_names == ["background", "object"]
     assert set(np.unique(results[0].labels)) == {0, 1}
+
+
+# ---- eval ----------------------------------------------------------------------------------------
+def write_binary_folder(root, images: list[np.ndarray]) -> list[np.ndarray]:
+    """A 2-class folder dataset (val split = train split): a bright square is the foreground; returns the masks."""
+    rng = np.random.default_rng(7)
+    masks = []
+    for split in ("train", "val"):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+    for i, image in enumerate(images):
+        mask = np.zeros(image.shape[:2], dtype=np.uint8)
+        y, x = rng.integers(0, 16, 2)
+        mask[y:y + 16, x:x + 16] = 1
+        mask[0, :4] = 255
+        masks.append(mask)
+        for split in ("train", "val"):
+            Image.fromarray(image).save(root / "img_dir" / split / f"{i}.png")
+            Image.fromarray(mask).save(root / "ann_dir" / split / f"{i}.png")
+    return masks
+
+
+def test_eval_cli_of_a_sigmoid_model_scores_two_classes(tmp_path, capsys):
+    import csv
+    import json
+
+    import yaml
+
+    from upernet.cli import main
+
+    images = [bands(32, 48, channels=3, seed=seed) for seed in (8, 9)]
+    masks = write_binary_folder(tmp_path / "data", images)
+    model = binary_model(0.7, image=images[0])
+    model.save(str(tmp_path / "model"))
+    recipe = {"data": {"kind": "folder", "root": str(tmp_path / "data"), "scale": [48, 32],
+                       "options": {"classes": ["background", "object"]}}, "val": {"mode": "whole"}}
+    (tmp_path / "binary.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "eval"
+    assert main(["eval", str(tmp_path / "binary.yaml"), "--checkpoint", str(tmp_path / "model"), "--out", str(out),
+                 "--precision", "fp32", "--worst", "1"]) == 0
+    assert "object" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader((out / "per_class.csv").open()))
+    assert [row["class"] for row in rows] == ["background", "object"]
+    # the confusion matrix of the predictions split at the model's 0.7, not 0.5 (nor a softmax over one channel)
+    segmenter = Segmenter(tmp_path / "model", device="cpu", precision="fp32", size="48x32")
+    expected = np.zeros((2, 2), dtype=np.int64)
+    for image, mask in zip(images, masks):
+        labels = segmenter(image).labels
+        with torch.no_grad():  # 48x32 keeps a 48x32 image as it is: the logit is at the label's size
+            logit = model(segmenter.preprocessor(image)[1])["out"][0, 0]
+        assert (labels == (torch.sigmoid(logit) > 0.7).numpy()).mean() > 0.999
+        assert set(np.unique(labels)) == {0, 1}
+        valid = mask != 255
+        np.add.at(expected, (mask[valid].astype(np.int64), labels[valid]), 1)
+    counts = [list(map(int, row[1:])) for row in list(csv.reader((out / "confusion_matrix.csv").open()))[1:]]
+    np.testing.assert_array_equal(np.asarray(counts), expected)
+    iou = [expected[c, c] / (expected[c].sum() + expected[:, c].sum() - expected[c, c]) * 100 for c in (0, 1)]
+    assert metrics["mIoU"] == pytest.approx(np.mean(iou), abs=0.01)  # metrics.json rounds to 2 decimals
