@@ -13,8 +13,9 @@ and for every item when it is loaded). EXIF orientation is applied to images, ne
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -71,10 +72,13 @@ def is_tiff(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".tif", ".tiff")
 
 
-def _read_tiff(path: Path, header_only: bool = False) -> np.ndarray | tuple[int, int]:
-    """The (H, W) or (H, W, C) array of a TIFF's first image (planar band order moved last), or its (H, W)."""
+def _read_tiff(path: Path | BinaryIO, header_only: bool = False, name: str | None = None
+               ) -> np.ndarray | tuple[int, int]:
+    """The (H, W) or (H, W, C) array of a TIFF's first image (planar band order moved last), or its (H, W).
+    `path` may be an open binary file; errors call it `name` (default: the path)."""
     import tifffile
 
+    shown = name or str(path)
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
@@ -85,16 +89,35 @@ def _read_tiff(path: Path, header_only: bool = False) -> np.ndarray | tuple[int,
     except FileNotFoundError:
         raise MissingFile(f"image {path} does not exist") from None
     except (tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
-        raise UserError(f"image {path} cannot be read as a TIFF ({err}); re-export or remove it") from None
+        raise UserError(f"image {shown} cannot be read as a TIFF ({err}); re-export or remove it") from None
     # Rows, columns, then whatever axis is left: the bands (S: samples per pixel; C, Q, I: bands stored
     # as planes or pages). Axes of length 1 are dropped.
     others = [i for i, name in enumerate(axes) if name not in "YX" and array.shape[i] > 1]
     if "Y" not in axes or "X" not in axes or len(others) > 1:
-        raise UserError(f"image {path}: a TIFF with axes {axes} (shape {series.shape}); expected one image of "
+        raise UserError(f"image {shown}: a TIFF with axes {axes} (shape {series.shape}); expected one image of "
                         f"rows x columns (x bands)")
     array = np.transpose(array, [axes.index("Y"), axes.index("X"), *others,
                                  *[i for i, name in enumerate(axes) if name not in "YX" and i not in others]])
     return array.reshape(array.shape[:2] + array.shape[2:3]) if others else array.reshape(array.shape[:2])
+
+
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little/big endian, classic/BigTIFF
+
+
+def is_tiff_data(data: bytes) -> bool:
+    """True when a file's bytes (an upload, which has no name to go by) start like a TIFF."""
+    return data[:4] in TIFF_SIGNATURES
+
+
+def decode_tiff(data: bytes, header_only: bool = False, name: str = "upload") -> np.ndarray | tuple[int, int]:
+    """`read_image`'s TIFF reader on a file's bytes: the (H, W) or (H, W, C) array, or only its (H, W).
+
+    Args:
+        data: the TIFF file's bytes.
+        header_only: return (H, W) without decoding the pixels.
+        name: what error messages call the file.
+    """
+    return _read_tiff(io.BytesIO(data), header_only, name)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

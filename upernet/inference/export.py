@@ -83,11 +83,21 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
         raise UserError(f"{path}: onnxruntime cannot load it ({e})") from None
 
 
-class OnnxModel:
-    """An exported model behind the call signature of ours: images (N, 3, H, W) -> {"out": logits}.
+def input_channels(session) -> int:
+    """Channels of the images an ONNX session takes: dim 1 of its input, fixed at export."""
+    channels = session.get_inputs()[0].shape[1]
+    if not isinstance(channels, int):
+        raise UserError(f"the ONNX model's input has a dynamic channel axis ({channels!r}): export it with "
+                        f"`upernet export`, which fixes it to the model's in_channels")
+    return channels
 
-    Carries `meta` and `config` from the file's metadata, so prediction code can treat it like a
-    loaded UPerNet (it is always in eval mode and runs on the CPU).
+
+class OnnxModel:
+    """An exported model behind the call signature of ours: images (N, C, H, W) -> {"out": logits}.
+
+    Carries `meta` and `config` from the file's metadata and `in_channels` from its input, so
+    prediction code can treat it like a loaded UPerNet (it is always in eval mode and runs on the
+    CPU). A one-channel (sigmoid) model's `meta["binary_threshold"]` travels in the meta.
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
@@ -99,6 +109,7 @@ class OnnxModel:
         if "upernet_num_classes" not in props:
             raise UserError(f"{self.path}: not exported by `upernet export` (no upernet_num_classes metadata)")
         self.num_classes = int(props["upernet_num_classes"])
+        self.in_channels = input_channels(self.session)
         self.training = False
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -170,6 +170,11 @@ class MultiTaskUPerNet(nn.Module):
         self.config: dict = {}
         self.meta: dict = {}
 
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input images (the backbone's; 3 unless built with `in_channels`)."""
+        return int(getattr(self.backbone, "in_channels", 3))
+
     def forward(self, images: torch.Tensor, tasks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Outputs of the requested tasks (default: all): pixel tasks at input size, image tasks (N, classes)."""
         wanted = set(self.tasks if tasks is None else tasks)
@@ -199,11 +204,14 @@ class MultiTaskUPerNet(nn.Module):
         save_model(self, path)
 
 
-def _backbone_of(base: str, base_args: dict | None) -> nn.Module:
+def _backbone_of(base: str, base_args: dict | None, in_channels: int = 3) -> nn.Module:
     """The backbone of any registered UPerNet variant (its tiny throw-away head is discarded)."""
     from .registry import build_model  # noqa: PLC0415 (the registry is filled after this module loads)
 
-    return build_model(base, num_classes=1, aux_head=False, channels=8, **(base_args or {})).backbone
+    args = dict(base_args or {})
+    if in_channels != 3:  # left out at 3, as the single-task variants do
+        args["in_channels"] = in_channels
+    return build_model(base, num_classes=1, aux_head=False, channels=8, **args).backbone
 
 
 def _broden_plus_defaults(tasks: dict | None, layout: str | None) -> tuple[dict, str, dict]:
@@ -217,10 +225,11 @@ def _broden_plus_defaults(tasks: dict | None, layout: str | None) -> tuple[dict,
 
 @register_model
 def upernet_multitask(tasks: dict | None = None, base: str = "upernet_r50", base_args: dict | None = None,
-                      layout: str | None = None, **head_args) -> MultiTaskUPerNet:
-    """Multi-task UPerNet on the backbone of any registered variant `base` (no tasks: Broden+, layout csail)."""
+                      layout: str | None = None, in_channels: int = 3, **head_args) -> MultiTaskUPerNet:
+    """Multi-task UPerNet on the backbone of any registered variant `base` (no tasks: Broden+, layout csail);
+    `in_channels`: channels of the input images, as for every single-task variant."""
     tasks, layout, meta = _broden_plus_defaults(tasks, layout)
-    model = MultiTaskUPerNet(_backbone_of(base, base_args), tasks, layout=layout, **head_args)
+    model = MultiTaskUPerNet(_backbone_of(base, base_args, in_channels), tasks, layout=layout, **head_args)
     model.meta.update(meta)
     return model
 
@@ -235,17 +244,19 @@ def _csail_resnet_args(layout: str | None, tasks: dict | None, base_args: dict |
 
 @register_model
 def upernet_multitask_r50(tasks: dict | None = None, base_args: dict | None = None, layout: str | None = None,
-                          **head_args) -> MultiTaskUPerNet:
+                          in_channels: int = 3, **head_args) -> MultiTaskUPerNet:
     """The paper's UPerNet-50 multi-task network (ResNet-50, output stride 32); no arguments: the
     authors' released Broden+ network (`upernet convert` reads their weights)."""
-    return upernet_multitask(tasks, "upernet_r50", _csail_resnet_args(layout, tasks, base_args), layout, **head_args)
+    return upernet_multitask(tasks, "upernet_r50", _csail_resnet_args(layout, tasks, base_args), layout, in_channels,
+                             **head_args)
 
 
 @register_model
 def upernet_multitask_r101(tasks: dict | None = None, base_args: dict | None = None, layout: str | None = None,
-                           **head_args) -> MultiTaskUPerNet:
+                           in_channels: int = 3, **head_args) -> MultiTaskUPerNet:
     """UPerNet-101 multi-task network; no arguments: the authors' released Broden+ network."""
-    return upernet_multitask(tasks, "upernet_r101", _csail_resnet_args(layout, tasks, base_args), layout, **head_args)
+    return upernet_multitask(tasks, "upernet_r101", _csail_resnet_args(layout, tasks, base_args), layout, in_channels,
+                             **head_args)
 
 
 # names used before the rename; checkpoints store them in config.json and model_config.name

@@ -31,7 +31,8 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data.classes import default_palette
-from ..data.transforms import to_rgb
+from ..data.datasets import decode_tiff, is_tiff_data
+from ..data.transforms import image_bands, select_channels
 from ..errors import UserError
 from ..inference.predict import SAMPLE_IMAGE
 from ..inference.segmenter import Segmentation, Segmenter, label_image
@@ -76,10 +77,33 @@ def check_content_type(content_type: str | None, where: str = "the request body"
                              f"...) as the body, or as the file of a multipart/form-data form")
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """An RGB image (EXIF orientation applied) from uploaded bytes, its size checked before decoding."""
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """413 for an image over the pixel limit, 400 for one without pixels (from its header, before decoding)."""
+    if width * height > max_pixels:
+        raise BadUpload(413, f"the image is {width}x{height} = {width * height} pixels, over the limit of "
+                             f"{max_pixels} (upernet serve --max-pixels)")
+    if width < 1 or height < 1:
+        raise BadUpload(400, f"the image is {width}x{height}: it has no pixels")
+
+
+def open_image(data: bytes, max_pixels: int, channels: int = 3) -> np.ndarray:
+    """The uint8 (H, W, `channels`) bands of uploaded bytes, read as `upernet predict` reads a file
+    (`data.datasets.read_image`): TIFFs by tifffile (any number of bands, 16-bit scaled), other formats
+    by PIL with their EXIF orientation applied; grey repeated to RGB and alpha dropped for 3 channels.
+    The size is checked before decoding; an image whose bands the model cannot take is a 400."""
     if not data:
         raise BadUpload(400, "the upload is empty: send an image file")
+    if is_tiff_data(data):
+        try:
+            height, width = decode_tiff(data, header_only=True)
+            check_pixels(width, height, max_pixels)
+            bands = decode_tiff(data)
+        except UserError as e:
+            raise BadUpload(400, str(e)) from None
+        try:
+            return select_channels(image_bands(bands), channels)
+        except UserError as e:
+            raise BadUpload(400, f"the upload: {e}") from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
@@ -88,17 +112,12 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadUpload(413, f"image refused as a decompression bomb ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise BadUpload(400, "the upload is not an image this server can read (PNG, JPEG, WebP, BMP, TIFF, GIF)") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise BadUpload(413, f"the image is {width}x{height} = {width * height} pixels, over the limit of "
-                             f"{max_pixels} (upernet serve --max-pixels)")
-    if width < 1 or height < 1:
-        raise BadUpload(400, f"the image is {width}x{height}: it has no pixels")
+    check_pixels(*image.size, max_pixels)
     try:
         image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
+        return select_channels(image_bands(ImageOps.exif_transpose(image)), channels)
     except UserError as e:
-        raise BadUpload(400, str(e)) from None
+        raise BadUpload(400, f"the upload: {e}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadUpload(400, f"the image is truncated or corrupt ({e})") from None
 
@@ -197,7 +216,9 @@ def describe(segmenter: Segmenter, name: str | None, limits: Limits) -> dict[str
             "protocol": {"size": size_text(segmenter.size),
                          "mode": segmenter.mode, "crop_size": list(segmenter.crop_size),
                          "stride": list(segmenter.stride), "scales": list(segmenter.scales), "flip": segmenter.flip,
-                         "mean": list(meta["mean"]), "std": list(meta["std"]), "device": str(segmenter.device)},
+                         "mean": list(meta["mean"]), "std": list(meta["std"]), "device": str(segmenter.device),
+                         "in_channels": len(segmenter.preprocessor.mean),
+                         "binary_threshold": meta.get("binary_threshold")},
             "limits": asdict(limits),
             "formats": list(FORMATS)}
 
@@ -212,6 +233,7 @@ def create_app(segmenter: Segmenter, limits: Limits = Limits(), name: str | None
     """
     worker = BatchWorker(segmenter, limits.max_queue, limits.max_batch)
     info = describe(segmenter, name, limits)
+    channels = len(segmenter.preprocessor.mean)  # the model's in_channels
 
     async def lifespan(app: FastAPI):
         yield
@@ -242,7 +264,7 @@ def create_app(segmenter: Segmenter, limits: Limits = Limits(), name: str | None
         if not 0.0 <= alpha <= 1.0:
             raise HTTPException(400, f"alpha {alpha}: use a value from 0 to 1")
         data = await upload_bytes(request, limits.max_upload_bytes)
-        image = await run_in_threadpool(open_image, data, limits.max_pixels)
+        image = await run_in_threadpool(open_image, data, limits.max_pixels, channels)
         try:
             future = worker.submit(image)
         except QueueFull as e:

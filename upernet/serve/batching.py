@@ -1,6 +1,6 @@
 """One inference thread behind a bounded queue: requests wait their turn, same-size images share a forward.
 
-The web server decodes each upload in its thread pool (PIL, no torch) and hands the picture to
+The web server decodes each upload in its thread pool (PIL or tifffile, no torch) and hands the picture to
 `BatchWorker.submit`. The worker takes what is queued (up to `max_batch`), pre-processes it (resize,
 normalise: torch work stays in this one thread, since torch calls from several threads at once fight
 over the same cores), groups the images whose original and inference sizes agree, and runs one forward pass per group through the segmenter's
@@ -22,7 +22,8 @@ from PIL import Image
 from torch import nn
 
 from ..inference.modes import infer_outputs
-from ..inference.segmenter import Segmentation, Segmenter
+from ..inference.probabilities import predicted_classes
+from ..inference.segmenter import Segmentation, Segmenter, display_picture
 
 
 class QueueFull(RuntimeError):
@@ -33,10 +34,10 @@ class QueueFull(RuntimeError):
 class Job:
     """One decoded image, the future its result goes to, and once `BatchWorker.prepare`d its tensors."""
 
-    picture: Image.Image | np.ndarray  # RGB
+    picture: Image.Image | np.ndarray  # (H, W, C) bands, C = the model's in_channels
     result: Future = field(default_factory=Future)
-    original: torch.Tensor | None = None  # uint8 (3, H, W)
-    image: torch.Tensor | None = None  # normalised float (1, 3, h, w) at the inference size
+    original: torch.Tensor | None = None  # uint8 (C, H, W)
+    image: torch.Tensor | None = None  # normalised float (1, C, h, w) at the inference size
 
     @property
     def key(self) -> tuple:
@@ -64,7 +65,8 @@ class BatchWorker:
         self.thread.start()
 
     def submit(self, picture: Image.Image | np.ndarray) -> Future:
-        """Queue one decoded RGB image; its `Segmentation` (or exception) arrives in the future."""
+        """Queue one decoded image (the model's in_channels bands); its `Segmentation` (or exception)
+        arrives in the future."""
         job = Job(picture)
         try:
             self.jobs.put_nowait(job)
@@ -127,7 +129,7 @@ class BatchWorker:
     def segment_together(self, jobs: list[Job]) -> list[Segmentation]:
         seg = self.segmenter
         size = tuple(jobs[0].original.shape[-2:])
-        num_classes = int(getattr(seg.model, "num_classes", 0))
+        num_classes = 0 if seg.multitask else predicted_classes(seg.model)  # a sigmoid model: 2
         fits = num_classes * size[0] * size[1] * len(jobs) <= seg.max_full_size
         if len(jobs) == 1 or seg.multitask or not fits or not isinstance(seg.model, nn.Module):  # ONNX: as exported
             self.batch_sizes[1] += len(jobs)
@@ -137,5 +139,5 @@ class BatchWorker:
         probs = infer_outputs(seg.runner, x, out_size=size, **seg.options())["out"]
         labels = probs.argmax(dim=1).cpu().numpy()
         names, palette = list(seg.class_names), [list(c) for c in seg.meta["palette"]]
-        return [Segmentation(labels[i], names, palette, job.original.permute(1, 2, 0).numpy())
+        return [Segmentation(labels[i], names, palette, display_picture(job.original))
                 for i, job in enumerate(jobs)]
