@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,10 +23,13 @@ ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
+RAY_TEMP = {}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local two-CPU Ray cluster for this module; yields its address (for subprocess drivers)."""
-    temp = tmp_path_factory.mktemp("ray")
+    temp = RAY_TEMP["path"] = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=2, _temp_dir=str(temp), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
@@ -73,11 +77,15 @@ def test_same_bytes_as_single_process_and_a_bad_image_is_recorded(cluster, setup
 
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
+    listed = tmp_path / "list.txt"  # a list file naming a URI that pyarrow reads: output im3-2 (im3 is taken)
+    listed.write_text(f"# one URI\nfile://{setup / 'images' / 'im3.png'}\n")
     out = tmp_path / "ray"
-    result = predict_ray(str(setup / "model"), [setup / "images", bad], out, batch_size=2, save_probs=True,
+    result = predict_ray(str(setup / "model"), [setup / "images", bad, listed], out, batch_size=2, save_probs=True,
                          size="none", device="cpu", progress=False)
-    assert len(result.written) == 10 and [s for s, _ in result.failures] == [str(bad)]
+    assert len(result.written) == 11 and [s for s, _ in result.failures] == [str(bad)]
     expected = files(reference(setup, tmp_path))
+    expected.update({name.replace("im3_", "im3-2_"): data for name, data in expected.items()
+                     if name.startswith("im3_")})
     assert files(out) == expected  # byte for byte, sub-folder mirrored, no temp files left
     by_source = {r["source"]: r for r in rows(out)}
     assert "cannot read the image" in by_source[str(bad)]["error"]
@@ -87,9 +95,9 @@ def test_same_bytes_as_single_process_and_a_bad_image_is_recorded(cluster, setup
     labels = np.array(Image.open(first["outputs"][0]))
     assert first["classes"] == sorted(int(c) for c in np.unique(labels))
 
-    again = predict_ray(str(setup / "model"), [setup / "images", bad], out, save_probs=True, size="none",
+    again = predict_ray(str(setup / "model"), [setup / "images", bad, listed], out, save_probs=True, size="none",
                         device="cpu", progress=False)
-    assert len(again.skipped) == 10 and not again.written and len(again.failures) == 1  # only the bad one retried
+    assert len(again.skipped) == 11 and not again.written and len(again.failures) == 1  # only the bad one retried
 
 
 def test_killed_run_then_rerun_does_every_image_once(cluster, setup, tmp_path):
@@ -117,6 +125,48 @@ def test_killed_run_then_rerun_does_every_image_once(cluster, setup, tmp_path):
     assert set(result.skipped) == done_before and len(result.written) == 10 - len(done_before)
     sources = [r["source"] for r in rows(out)]
     assert len(sources) == len(set(sources)) == 10  # every image once in the manifest, none lost
+    assert files(out) == files(reference(setup, tmp_path, save_probs=False))
+
+
+def model_actor_pids() -> list[int]:
+    """Processes of this module's Ray cluster (children of its raylet) running a SegmentActor."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"SegmentActor" in (proc / "cmdline").read_bytes():
+                parent = (proc / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                if str(RAY_TEMP["path"]).encode() in Path(f"/proc/{parent}/cmdline").read_bytes():
+                    pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_killed_model_actor_is_restarted_and_the_job_goes_on(cluster, setup, tmp_path):
+    from upernet.inference.batch import predict_ray
+
+    out, killed = tmp_path / "ray", []
+
+    def watcher():  # once two images are done, kill the model actor's process
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            manifest = out / "manifest.jsonl"
+            done = manifest.read_text().count("\n") if manifest.is_file() else 0
+            if done >= 2:
+                for pid in model_actor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append((pid, done))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=watcher, daemon=True)
+    thread.start()
+    result = predict_ray(str(setup / "model"), [setup / "images"], out, size="none", device="cpu", progress=False)
+    thread.join(timeout=10)
+    assert killed, "no model actor process was found to kill"
+    assert killed[0][1] < 10, "the job had finished before the actor was killed"
+    assert len(result.written) == 10 and not result.failures
+    sources = [r["source"] for r in rows(out)]
+    assert len(sources) == len(set(sources)) == 10
     assert files(out) == files(reference(setup, tmp_path, save_probs=False))
 
 

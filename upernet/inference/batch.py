@@ -11,14 +11,17 @@ the same bytes. Ray must see `out_dir` at the same path on every node (a shared 
 
 Resumable and idempotent: every output is written atomically, and `out_dir/manifest.jsonl` gets
 one row per image after all its outputs exist: {"source", "stem", "outputs", "height", "width",
-"classes", "error"}. A rerun skips the images whose last row has no error and whose outputs all
+"classes", "error", "finished" (Unix time)}. A rerun skips the images whose last row has no error and whose outputs all
 exist; a bad image gets a row with its error and does not stop the job (a rerun tries it again).
+A full disk does stop it (a UserError), with no partial file left under an output's name.
 """
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,11 +31,12 @@ import torch
 from torch import nn
 
 from ..errors import MissingFile, UserError
-from .modes import IMAGE_SUFFIXES, find_images, load_image
+from .modes import IMAGE_SUFFIXES, find_images
 from .predict import output_stems, write_prediction
 from .segmenter import Preprocessor, Segmenter
 
 MANIFEST = "manifest.jsonl"
+DISK_FULL = "disk full"
 
 
 @dataclass
@@ -188,7 +192,10 @@ class SegmentActor:
                     written, classes = write_prediction(self.segmenter, original, image, Path(row["stem"]),
                                                         self.save_probs, self.legend)
                     row["outputs"], row["classes"] = [str(p) for p in written], classes
-                except (OSError, RuntimeError, ValueError) as e:  # out of memory, disk full, ...: this image only
+                except OSError as e:
+                    full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # the driver stops the job on this one
+                    row["error"] = f"{DISK_FULL}: {e}" if full else f"{type(e).__name__}: {e}"
+                except (RuntimeError, ValueError) as e:  # out of memory, a model error: this image only
                     row["error"] = f"{type(e).__name__}: {e}"
             rows.append(json.dumps(row))
         return {"row": rows}
@@ -304,10 +311,13 @@ def predict_ray(
                                    "save_probs": save_probs, "legend": legend})
         for batch in segmented.iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["row"]:
-                row = json.loads(text)
+                row = {**json.loads(text), "finished": round(time.time(), 3)}
                 manifest.write(row)
                 if row["error"]:
                     result.failures.append((row["source"], row["error"]))
+                    if row["error"].startswith(DISK_FULL):  # every image would fail the same way
+                        raise UserError(f"{row['stem']}: cannot write the outputs, the disk is full; free some "
+                                        f"space and run the same command again (done images are skipped)")
                 else:
                     result.written.append(row["source"])
     finally:
