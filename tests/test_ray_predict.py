@@ -1,7 +1,7 @@
 """`upernet predict --engine ray`: same bytes as single-process predict, a manifest, resumable after a kill.
 
 One local Ray cluster (`ray.init(num_cpus=2)`, temp dir under the test's tmp dir) for the module:
-Ray's start-up takes seconds, so the tests are few and marked slow + distributed.
+Ray's start-up takes seconds, so the tests on it are few and marked slow + distributed.
 """
 import json
 import os
@@ -18,9 +18,6 @@ from PIL import Image
 
 from conftest import tiny_model
 
-ray = pytest.importorskip("ray")
-
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
 RAY_TEMP = {}
@@ -29,6 +26,7 @@ RAY_TEMP = {}
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local two-CPU Ray cluster for this module; yields its address (for subprocess drivers)."""
+    ray = pytest.importorskip("ray")
     temp = RAY_TEMP["path"] = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=2, _temp_dir=str(temp), include_dashboard=False, log_to_driver=False,
              logging_level="ERROR", runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -72,6 +70,8 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_same_bytes_as_single_process_and_a_bad_image_is_recorded(cluster, setup, tmp_path):
     from upernet.inference.batch import predict_ray
 
@@ -100,6 +100,8 @@ def test_same_bytes_as_single_process_and_a_bad_image_is_recorded(cluster, setup
     assert len(again.skipped) == 11 and not again.written and len(again.failures) == 1  # only the bad one retried
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_killed_run_then_rerun_does_every_image_once(cluster, setup, tmp_path):
     from upernet.inference.batch import predict_ray
 
@@ -142,6 +144,8 @@ def model_actor_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_a_killed_model_actor_is_restarted_and_the_job_goes_on(cluster, setup, tmp_path):
     from upernet.inference.batch import predict_ray
 
@@ -170,10 +174,29 @@ def test_a_killed_model_actor_is_restarted_and_the_job_goes_on(cluster, setup, t
     assert files(out) == files(reference(setup, tmp_path, save_probs=False))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_unreachable_address_is_one_line(setup, tmp_path):
+    pytest.importorskip("ray")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-m", "upernet.cli", "predict", str(setup / "images" / "im1.png"),
                            "--model", str(setup / "model"), "--out", str(tmp_path / "out"), "--engine", "ray",
                            "--address", "127.0.0.1:9"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--address 127.0.0.1:9: cannot reach a Ray cluster" in proc.stderr
+
+
+def test_manifest_skips_a_line_cut_by_a_kill_and_a_row_counts_only_with_its_outputs(tmp_path):
+    from upernet.inference.batch import Manifest, is_complete, read_manifest
+
+    out = tmp_path / "out.png"
+    out.write_bytes(b"png")
+    path = tmp_path / "manifest.jsonl"
+    path.write_text(json.dumps({"source": "a.png", "outputs": [str(out)], "error": None}) + '\n{"source": "b.pn')
+    manifest = Manifest(path)  # appends on a fresh line after the cut one
+    manifest.write({"source": "c.png", "outputs": [str(tmp_path / "missing.png")], "error": None})
+    manifest.write({"source": "d.png", "outputs": [], "error": "cannot read the image"})
+    manifest.close()
+    rows = read_manifest(path)
+    assert sorted(rows) == ["a.png", "c.png", "d.png"]
+    assert [is_complete(rows[s]) for s in ("a.png", "c.png", "d.png")] == [True, False, False]
