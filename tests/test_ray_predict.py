@@ -200,3 +200,12 @@ def test_manifest_skips_a_line_cut_by_a_kill_and_a_row_counts_only_with_its_outp
     rows = read_manifest(path)
     assert sorted(rows) == ["a.png", "c.png", "d.png"]
     assert [is_complete(rows[s]) for s in ("a.png", "c.png", "d.png")] == [True, False, False]
+
+
+def test_ray_options_without_engine_ray_are_refused(tmp_path, capsys):
+    import upernet
+    from upernet.cli import main
+
+    upernet.save_model(tiny_model("upernet_convnext_tiny"), tmp_path / "model")
+    code = main(["predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "model"), "--actors", "2"])
+    assert code == 2 and "options of --engine ray" in capsys.readouterr().err

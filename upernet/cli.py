@@ -217,6 +217,8 @@ def run_predict(args) -> None:
     if not Path(source).exists() and not source.endswith(".onnx") and "/" not in source:
         say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
             f"meaningless (pass a trained or converted model for real ones)")
+    if args.engine != "ray" and (args.address or args.actors != 1 or args.batch_size != 1):
+        raise UserError("--address, --actors and --batch-size are options of --engine ray; add --engine ray")
     if args.engine == "ray":
         return run_predict_ray(args, source, list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample else []))
     model = open_model(source, onnx=True)
