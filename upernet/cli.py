@@ -169,7 +169,42 @@ def add_predict(sub) -> None:
     add_runtime(p)
     add_dcnv3_kernel(p)
     add_tiles(p)
+    add_predict_engine(p)
     p.set_defaults(handler=run_predict)
+
+
+# ---- predict --engine ray (inference/batch.py) -----------------------------------------------------
+def add_predict_engine(p) -> None:
+    g = p.add_argument_group("batch prediction on Ray (pip install 'upernet[ray]'; see docs/scale.md)")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data actors, resumable, with out/manifest.jsonl")
+    g.add_argument("--address", help="Ray cluster address (auto, HOST:PORT, ray://HOST:10001; default: a local one)")
+    g.add_argument("--actors", type=positive_int, default=1, help="model actors, each loads the model once (default: 1)")
+    g.add_argument("--batch-size", type=positive_int, default=1, help="images per actor call (default: 1)")
+
+
+def run_predict_ray(args, source: str, inputs: list[str]) -> None:
+    from .inference.batch import predict_ray
+    from .inference.modes import MS_RATIOS
+
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--engine ray needs Ray: pip install 'upernet[ray]'") from None
+    if not inputs:
+        raise UserError("--engine ray: give the images (files, folders, list files or URIs) to segment")
+    result = predict_ray(
+        source, inputs, args.out, address=args.address, actors=args.actors, batch_size=args.batch_size,
+        save_probs=args.save_probs, legend=not args.no_legend, mode=args.mode, crop_size=args.crop,
+        stride=args.stride, size=None if args.size == "meta" else args.size,
+        scales=args.scales or (MS_RATIOS if args.multi_scale else (1.0,)), flip=args.flip,
+        device=args.device, precision=args.precision)  # "auto" resolved on each actor's node
+    print(f"wrote {len(result.written)} image(s) to {result.out_dir}, skipped {len(result.skipped)} done before; "
+          f"manifest {result.manifest}")
+    if result.failures:
+        total = len(result.written) + len(result.failures)
+        raise UserError(f"{len(result.failures)} of {total} image(s) failed (see {result.manifest}): "
+                        + "; ".join(message for _, message in result.failures[:5]))
 
 
 def run_predict(args) -> None:
@@ -183,6 +218,10 @@ def run_predict(args) -> None:
     if not Path(source).exists() and not source.endswith(".onnx") and "/" not in source:
         say(f"warning: {source} is a model name, not a checkpoint: its weights are random, so the predictions are "
             f"meaningless (pass a trained or converted model for real ones)")
+    if args.engine != "ray" and (args.address or args.actors != 1 or args.batch_size != 1):
+        raise UserError("--address, --actors and --batch-size are options of --engine ray; add --engine ray")
+    if args.engine == "ray":
+        return run_predict_ray(args, source, list(args.inputs) + ([str(SAMPLE_IMAGE)] if args.sample else []))
     model = open_model(source, onnx=True)
     inputs = list(args.inputs) or [str(p) for p in default_inputs(model)]
     if args.sample:

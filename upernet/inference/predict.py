@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -75,6 +76,29 @@ def write_segmentation(result: Segmentation, stem: Path, legend: bool = True) ->
     save_label_png(result.labels, result.palette, labels)
     save_png(result.overlay(legend=legend), overlay)
     return [labels, overlay]
+
+
+def write_prediction(segmenter: Segmenter, original: torch.Tensor, image: torch.Tensor, stem: Path,
+                     save_probs: bool = False, legend: bool = True) -> tuple[list[Path], list[int] | None]:
+    """Segment one pre-processed image and write its outputs: the one per-image writer of
+    `predict` and of the Ray engine (`inference.batch`), so both write the same bytes.
+
+    Returns (the files written, the class indices present; None for multi-task models).
+    """
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    if segmenter.multitask:
+        return write_multitask(segmenter.segment(original, image, probs=save_probs), stem, legend), None
+    probs_path = stem.with_name(stem.name + "_probs.npy")
+    tmp = temp_path(probs_path) if save_probs else None
+    try:
+        segmentation = segmenter.segment(original, image, probs_file=tmp)
+        if tmp is not None:
+            os.replace(tmp, probs_path)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    written = write_segmentation(segmentation, stem, legend) + ([probs_path] if save_probs else [])
+    return written, [int(c) for c in np.unique(segmentation.labels)]
 
 
 def default_inputs(model: Any, count: int = 4) -> list[Path]:
@@ -166,20 +190,6 @@ def predict(
         if item["error"]:
             result.failures.append((files[index][0], item["error"]))
             continue
-        stem = stems[index]
-        stem.parent.mkdir(parents=True, exist_ok=True)
-        if segmenter.multitask:
-            write_multitask(segmenter.segment(item["original"], item["image"], probs=save_probs), stem, legend)
-        else:
-            probs_path = stem.with_name(stem.name + "_probs.npy")
-            tmp = temp_path(probs_path) if save_probs else None
-            try:
-                segmentation = segmenter.segment(item["original"], item["image"], probs_file=tmp)
-                if tmp is not None:
-                    os.replace(tmp, probs_path)
-            finally:
-                if tmp is not None:
-                    tmp.unlink(missing_ok=True)
-            write_segmentation(segmentation, stem, legend)
-        result.written.append(stem)
+        write_prediction(segmenter, item["original"], item["image"], stems[index], save_probs, legend)
+        result.written.append(stems[index])
     return result

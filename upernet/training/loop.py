@@ -213,13 +213,28 @@ def check_training_config(config: Config) -> None:
                         f"set the kind of your data too, e.g. data.kind={other}")
 
 
+def elastic_restarts() -> int:
+    """How many times torchrun has restarted this job's workers (`--max-restarts`); 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def check_same_checkpoint(checkpoint: dict | None, resume_file: Path | None, info: DistInfo) -> None:
+    """Every process must resume from the same iteration: the checkpoint folder is the only state
+    the processes share, so it must be one folder (a shared filesystem) for every node."""
+    iterations = all_gather_objects(checkpoint["iteration"] if checkpoint is not None else 0, info)
+    if len(set(iterations)) > 1:
+        raise UserError(f"the processes resume from different iterations {iterations} (this one: "
+                        f"{resume_file}); put the run folder on a filesystem every node shares")
+
+
 def resolve_run(config_path: str | None, overrides: list[str] | tuple[str, ...] = (), out: str | None = None,
                 resume: str | None = None, resume_flag: bool = False,
                 allow_changes: bool = False) -> tuple[Config, Path, Path | None]:
     """The config, run folder and checkpoint to resume from of `upernet train`; prints nothing.
 
     A new run: the recipe (default `builtin`) with the overrides, into `out` (default
-    `runs/<recipe name>`), refused when that folder already holds checkpoints. A resumed run
+    `runs/<recipe name>`), refused when that folder already holds checkpoints, unless torchrun
+    restarted the workers (`--max-restarts`): then the run resumes from them. A resumed run
     (`resume_flag`; from `resume`, a file or run folder, else from `out`) keeps the config stored in
     its checkpoint; the `key=value` overrides change it (`train` logs the changes). A recipe given
     with `--resume` must agree with the stored config on every key the overrides do not set, unless
@@ -243,6 +258,8 @@ def resolve_run(config_path: str | None, overrides: list[str] | tuple[str, ...] 
         if run_dir is None:
             run_dir = Path("runs") / (Path(config_path).stem if config_path else "builtin")
         if any((run_dir / "checkpoints").glob("iter_*.pt")):
+            if elastic_restarts():  # torchrun restarted the workers after a failure: continue the run
+                return resolve_run(config_path, overrides, str(run_dir), None, True, allow_changes)
             raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume, or pick another "
                             f"folder with --out")
         return config, run_dir, None
@@ -305,6 +322,7 @@ def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress:
     task = build_task(cfg)
     resume_file = find_resume(resume) if resume is not None else None
     checkpoint = load_checkpoint(resume_file) if resume_file is not None else None
+    check_same_checkpoint(checkpoint, resume_file, info)
     # Every RNG seeded with train.seed: all processes build the same initial weights.
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)

@@ -1,0 +1,113 @@
+"""Multi-node and elastic training under torchrun, on one machine: two "nodes" (two torchrun agents, one
+gloo process each, a c10d rendezvous on 127.0.0.1) train the weights of one process with the same total
+batch; with `--nnodes 1:2 --max-restarts 2`, a worker killed mid-run is restarted from the last
+checkpoint and the run ends with the weights of the uninterrupted one.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import upernet
+from upernet.config import load_config
+from upernet.training.loop import train
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+# tests/test_train.py's tiny built-in recipe, made order-independent: BatchNorm frozen (gloo has no
+# SyncBN), no dropout, the loss averaged over all pixels; 2 x batch 1 is then 1 x batch 2.
+RECIPE = ["model.args={model_name: test_convnext, channels: 16, aux_channels: 8, dropout: 0.0}",
+          "data.options={num_samples: 16, image_size: 32}", "data.crop_size=[32,32]", "data.scale=[64,32]",
+          "data.workers=0", "val.interval=0", "val.max_images=4", "train.log_interval=1",
+          "train.checkpoint_interval=2", "schedule.warmup_iters=2", "optim.lr=0.01", "model.norm_eval=true",
+          "train.loss_average=all", "schedule.iters=10"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(node_rank: int, nnodes: str, port: int, out: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """One torchrun agent ("node") with one worker process, training into the shared `out` folder."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--node-rank", str(node_rank),
+           "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", out.name, *extra, "-m", "upernet.cli", "train", *RECIPE, "data.batch_size=1",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+
+
+def finish(agents: list[subprocess.Popen], logs: list[Path]) -> None:
+    for agent, log in zip(agents, logs):
+        try:
+            agent.wait(timeout=900)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+        assert agent.returncode == 0, log.read_text()[-3000:]
+
+
+def weights(run_dir: Path) -> dict:
+    return upernet.load_model(run_dir / "model").state_dict()
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory) -> Path:
+    """The uninterrupted run of two one-process nodes."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    port, out = free_port(), root / "run"
+    logs = [root / "node0.log", root / "node1.log"]
+    finish([launch(rank, "2", port, out, logs[rank]) for rank in (0, 1)], logs)
+    return out
+
+
+def test_two_nodes_equal_one_process_with_the_total_batch(two_nodes, tmp_path):
+    single = train(load_config(None, RECIPE + ["data.batch_size=2"]), tmp_path / "single", progress=False)
+    a, b = weights(two_nodes), weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    records = [json.loads(line) for line in (two_nodes / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [r["iter"] for r in train_records] == list(range(1, 11))  # rank 0 alone writes the log: no duplicates
+    assert train_records[-1]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_uninterrupted_weights(two_nodes, tmp_path):
+    port, out = free_port(), tmp_path / "elastic"
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    agents = [launch(rank, "1:2", port, out, logs[rank], "--max-restarts", "2") for rank in (0, 1)]
+    try:
+        # The watcher: once checkpoint 2 exists, kill node 1's worker process (not its agent).
+        deadline, killed = time.monotonic() + 600, None
+        while time.monotonic() < deadline and killed is None and agents[1].poll() is None:
+            if (out / "checkpoints" / "iter_0000002.pt").exists() and children(agents[1].pid):
+                killed = children(agents[1].pid)[0]
+                os.kill(killed, signal.SIGKILL)
+                unfinished = not (out / "checkpoints" / "iter_0000010.pt").exists()
+            time.sleep(0.01)
+        assert killed is not None, logs[1].read_text()[-3000:]
+        assert unfinished, "the run had finished before the worker was killed"
+        finish(agents, logs)
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    assert "restart" in (logs[0].read_text() + logs[1].read_text()).lower()  # the agents did restart workers
+    a, b = weights(two_nodes), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the restarted run's weights differ from the uninterrupted run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["kind"] == "train"] == list(range(1, 11))  # rewound to the checkpoint
