@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "upernet" / "configs"
 PAGE = ROOT / "docs" / "model_zoo.md"
 TOLERANCE = 0.02  # params and MACs may differ from the published ones by this share at most
-NOT_ROWS = {"builtin", "multitask_builtin"}  # recipes for the built-in data, no published row
+NOT_ROWS = {"builtin", "multitask_builtin", "finetune_folder"}  # built-in data or your own folder: no published row
 
 
 @dataclass(frozen=True)

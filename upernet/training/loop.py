@@ -159,7 +159,7 @@ def build_training_model(config: Config, train_set, pretrained: bool = True) -> 
     """The segmentation model of `config` for `train_set` (classes, meta); with `pretrained`, the
     backbone starts from `model.backbone_checkpoint` if one is set."""
     task = SegmentationTask(config)
-    task.train_set, task.ignore_index = train_set, int(train_set.ignore_index)
+    task.use_train_set(train_set)
     return task.build_model(pretrained)
 
 

@@ -113,15 +113,19 @@ class SegmentationTask:
         train_tf = build_train_transform(d.crop_size, d.scale, d.ratio_range, d.cat_max_ratio, d.flip_prob,
                                          d.photometric, d.mean, d.std)
         channels = self.config.model.in_channels
-        self.train_set = build_dataset(d.kind, d.root or None, d.train_split, train_tf, channels=channels, **d.options)
+        self.use_train_set(build_dataset(d.kind, d.root or None, d.train_split, train_tf, channels=channels,
+                                         **d.options))
         val_set = build_dataset(d.kind, d.root or None, d.val_split, build_eval_transform(d.scale, d.mean, d.std),
                                 channels=channels, **d.options)
         self.val_set = first_images(val_set, self.config.val.max_images)
-        self.ignore_index = int(self.train_set.ignore_index)
+
+    def use_train_set(self, train_set) -> None:
+        """Train on `train_set`: its classes and ignore value, and the recipe's losses over them."""
+        self.train_set, self.ignore_index = train_set, int(train_set.ignore_index)
         # None: plain cross-entropy, computed inside the model's forward without full-size logits
         losses = self.config.train.losses
         self.criterion = None if is_default(losses) else build_loss(
-            losses, len(self.train_set.classes), self.ignore_index, self.config.train.loss_average, self.train_set)
+            losses, len(train_set.classes), self.ignore_index, self.config.train.loss_average, train_set)
 
     def build_model(self, pretrained: bool) -> nn.Module:
         """The configured variant with `num_classes` and the meta (classes, palette, mean/std, test-time
