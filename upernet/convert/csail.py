@@ -116,6 +116,15 @@ def _with_batch_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def read_pair(path: Path) -> tuple[tuple[Path, Path], dict, dict, str]:
+    """(the encoder and decoder files, their state dicts, a name for messages) of a CSAIL pair."""
+    pair = _pair(path)
+    if pair is None:
+        raise UserError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
+    encoder, decoder = (load_torch_file(str(p)) for p in pair)
+    return pair, encoder, decoder, f"{pair[0]} + {pair[1].name}"
+
+
 def convert_csail(path: Path, strict: bool = True) -> UPerNet:
     """Build the UPerNet of a CSAIL encoder/decoder pair and load its weights (eval mode).
 
@@ -123,11 +132,7 @@ def convert_csail(path: Path, strict: bool = True) -> UPerNet:
         path: the folder holding one encoder_*.pth and decoder_*.pth pair, or either file of it.
         strict: fail on any key that does not fit; False loads what fits and logs the skipped keys.
     """
-    pair = _pair(path)
-    if pair is None:
-        raise UserError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
-    encoder, decoder = (load_torch_file(str(p)) for p in pair)
-    source = f"{pair[0]} + {pair[1].name}"
+    pair, encoder, decoder, source = read_pair(path)
     if "conv3.weight" not in encoder or encoder["conv3.weight"].shape[0] != 128:
         raise UserError(f"{pair[0]}: not a CSAIL ResNet encoder with the 64-64-128 stem (conv3.weight 128 channels)")
     if decoder["ppm_last_conv.0.weight"].shape[0] != decoder["ppm_conv.0.0.weight"].shape[0]:
@@ -172,11 +177,7 @@ def convert_csail_upp(path: Path, strict: bool = True) -> MultiTaskUPerNet:
         path: the folder holding one encoder_*.pth and decoder_*.pth pair, or either file of it.
         strict: fail on any key that does not fit; False loads what fits and logs the skipped keys.
     """
-    pair = _pair(path)
-    if pair is None:
-        raise UserError(f"{path}: expected a folder with one encoder_*.pth + decoder_*.pth pair, or one file of such a pair")
-    encoder, decoder = (load_torch_file(str(p)) for p in pair)
-    source = f"{pair[0]} + {pair[1].name}"
+    pair, encoder, decoder, source = read_pair(path)
     tasks = broden_plus_tasks(texture=False)
     found = {"object": decoder["object_head.1.weight"].shape[0], "scene": decoder["scene_head.2.weight"].shape[0],
              "material": decoder["material_head.1.weight"].shape[0], "part": decoder["part_head.1.weight"].shape[0]}

@@ -503,6 +503,14 @@ def voc(root: str | Path, split: str, transform: Callable | None = None, aug: bo
     return FileDataset(images, masks, VOC_CLASSES, VOC_PALETTE, transform, verify=verify, name=name)
 
 
+def class_names(classes: Sequence[str] | int | None, dataset: str, hint: str = "") -> list[str]:
+    """The class names of `data.options.classes`: names in index order, or their number (class_0 ...)."""
+    if classes is None:
+        raise UserError(f"{dataset}: no classes; give the class names in index order, e.g. "
+                        f"data.options.classes=[background,road,car] {hint}".rstrip())
+    return [f"class_{i}" for i in range(classes)] if isinstance(classes, int) else list(classes)
+
+
 def folder(root: str | Path, split: str, transform: Callable | None = None, classes: Sequence[str] | int | None = None,
            palette: Sequence[Sequence[int]] | None = None, reduce_zero_label: bool = False,
            img_dir: str = "img_dir", ann_dir: str = "ann_dir", img_suffix: str | None = None,
@@ -523,12 +531,8 @@ def folder(root: str | Path, split: str, transform: Callable | None = None, clas
         verify: checks on open, see `FileDataset`.
         channels: channels of the images, `model.in_channels` (grey 1, RGB 3, multi-band TIFFs N).
     """
-    if classes is None:
-        raise UserError(f"folder dataset {root}: no classes; give the class names in index order, e.g. "
-                        f"data.options.classes=[background,road,car] (in a recipe: data: {{options: {{classes: "
-                        f"[...]}}}}), or their number, data.options.classes=3")
-    if isinstance(classes, int):
-        classes = [f"class_{i}" for i in range(classes)]
+    classes = class_names(classes, f"folder dataset {root}", "(in a recipe: data: {options: {classes: [...]}}), "
+                          "or their number, data.options.classes=3")
     root = Path(root)
     name = f"folder {split} ({root})"
     images, masks = pair_files(root / img_dir / split, root / ann_dir / split, img_suffix, seg_suffix, name)

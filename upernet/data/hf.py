@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .datasets import SegmentationDataset
+from .datasets import SegmentationDataset, class_names
 from .labels import mask_values, stored_to_labels
 from .transforms import to_image_tensor
 
@@ -150,12 +150,7 @@ def hf(root: str | Path, split: str, transform: Callable | None = None,
         revision: of a Hub name: branch, tag or commit.
     """
     name = f"hf {split} {root}"
-    if classes is None:
-        raise UserError(f"hf dataset {root}: no classes; give the class names in index order, e.g. "
-                        f"data.options.classes=[background,road,car], or their number (`upernet data check "
-                        f"{root}` suggests them)")
-    if isinstance(classes, int):
-        classes = [f"class_{i}" for i in range(classes)]
+    classes = class_names(classes, f"hf dataset {root}", f"or their number (`upernet data check {root}` suggests them)")
     splits = load_hf_splits(root, revision)
     if split not in splits:
         raise UserError(f"hf dataset {root}: no split {split!r}; it has {sorted(splits)}")
