@@ -268,9 +268,7 @@ def test_cli_eval_model_folder_writes_files(tmp_path, capsys):
     rows = list(csv.DictReader((tmp_path / "out" / "per_class.csv").open()))
     assert [r["class"] for r in rows] == ["sky", "tree", "road"] and "road" in printed and "mIoU" in printed
     assert saved["settings"]["flip"] is True and saved["settings"]["images"] == 2
-    from upernet.inference.prepare import native_bf16
-
-    assert saved["settings"]["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # the "auto" default
+    assert saved["settings"]["precision"] == "fp32"  # eval's default: the numbers of training's validation
     # The error analysis: more metrics (old keys kept), the confusion matrix files, the worst images.
     assert list(rows[0]) == ["class", "IoU", "Acc", "Dice", "Fscore", "Precision", "Recall"]
     assert {"aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall"} <= set(saved)

@@ -59,9 +59,10 @@ def add_runtime(p: argparse.ArgumentParser, device: bool = True) -> None:
                    help="torch CPU threads (default: torch's choice; on a busy machine 1 is often faster)")
 
 
-def add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32")
+def add_precision(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=default,
+                   help="auto: bf16 where the CPU/GPU runs it natively (AVX512-BF16/AMX, recent GPUs), else fp32"
+                        f" (default: {default})")
 
 
 def add_dcnv3_kernel(p: argparse.ArgumentParser) -> None:
@@ -353,7 +354,7 @@ def add_eval(sub) -> None:
     p.add_argument("--multi-scale", action="store_true", help="average scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75")
     p.add_argument("--flip", action="store_true", help="also average the horizontally flipped prediction")
     p.add_argument("--out", metavar="DIR", help="folder for metrics.json and per_class.csv (default: RUN_DIR/eval)")
-    add_precision(p)
+    add_precision(p, default="fp32")  # the numbers of training's validation and of published fp32 results
     p.add_argument("--max-images", type=int, default=0, metavar="N", help="only the first N images (default: all)")
     # -- error analysis (evaluation/report.py) --
     p.add_argument("--worst", type=int, default=8, metavar="K",

@@ -257,7 +257,7 @@ def evaluate_model(
     multi_scale: bool = False,
     flip: bool = False,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     max_images: int = 0,
     progress: bool = True,
     worst: int = DEFAULT_WORST,
@@ -278,7 +278,8 @@ def evaluate_model(
         multi_scale: average the ratios 0.5-1.75 (`inference.MS_RATIOS`).
         flip: also average horizontally flipped predictions.
         device: auto, cpu or cuda (under torchrun each process takes its local GPU).
-        precision: auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16.
+        precision: fp32 (the default: the numbers of training's validation and of published fp32
+            results), auto (bf16 where the hardware runs it natively, else fp32), bf16 or fp16.
         max_images: evaluate the first N images of the split only (0: all).
         progress: show a progress bar on rank 0.
         worst: keep the images of lowest per-image mIoU, this many (0: none), for `report.write_report`.
