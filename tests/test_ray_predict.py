@@ -88,7 +88,7 @@ def test_same_bytes_as_single_process_and_a_bad_image_is_recorded(cluster, setup
                      if name.startswith("im3_")})
     assert files(out) == expected  # byte for byte, sub-folder mirrored, no temp files left
     by_source = {r["source"]: r for r in rows(out)}
-    assert "cannot read the image" in by_source[str(bad)]["error"]
+    assert "cannot be read as an image" in by_source[str(bad)]["error"]
     first = by_source[str(setup / "images" / "sub" / "im0.png")]
     assert first["error"] is None and (first["height"], first["width"]) == (32, 40)
     assert [Path(p).name for p in first["outputs"]] == ["im0_labels.png", "im0_overlay.png", "im0_probs.npy"]
@@ -209,3 +209,25 @@ def test_ray_options_without_engine_ray_are_refused(tmp_path, capsys):
     upernet.save_model(tiny_model("upernet_convnext_tiny"), tmp_path / "model")
     code = main(["predict", str(tmp_path / "x.png"), "--model", str(tmp_path / "model"), "--actors", "2"])
     assert code == 2 and "options of --engine ray" in capsys.readouterr().err
+
+
+def test_a_uri_is_decoded_like_the_same_file_any_band_count(tmp_path):
+    """Images behind URIs (read as bytes through pyarrow) go through the one image reader: a 4-band
+    TIFF and an RGBA PNG decode exactly as the files themselves; a broken one names itself."""
+    import tifffile
+
+    from upernet.data.datasets import read_image
+    from upernet.inference.batch import read_source
+
+    bands = np.random.default_rng(0).integers(0, 255, (20, 24, 4), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "four.tif", bands, photometric="minisblack", planarconfig="contig")
+    Image.fromarray(bands, "RGBA").save(tmp_path / "rgba.png")
+    for name, channels in (("four.tif", 4), ("rgba.png", 3)):
+        data = read_source((tmp_path / name).as_uri())
+        assert isinstance(data, bytes)
+        assert np.array_equal(read_image(data, channels), read_image(tmp_path / name, channels))
+    assert np.array_equal(read_image(read_source((tmp_path / "four.tif").as_uri()), 4).permute(1, 2, 0), bands)
+    from upernet.errors import UserError
+
+    with pytest.raises(UserError, match="cannot be read as an image"):
+        read_image(b"not an image", 3)

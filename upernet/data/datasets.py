@@ -41,17 +41,18 @@ def _listing(items: Sequence[Any], limit: int = MAX_LISTED) -> str:
 
 
 # ---- reading files ------------------------------------------------------------------------------
-def _open(path: Path, what: str) -> Image.Image:
-    """Open lazily (header only); unreadable files become a ValueError naming the path."""
+def _open(path: Path | BinaryIO, what: str, name: str | None = None) -> Image.Image:
+    """Open lazily (header only); unreadable files become a ValueError naming the path (or `name`)."""
+    shown = name or path
     try:
         return Image.open(path)
     except FileNotFoundError:
-        raise MissingFile(f"{what} {path} does not exist") from None
+        raise MissingFile(f"{what} {shown} does not exist") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise UserError(f"{what} {path} cannot be read as an image ({err}); re-export or remove it") from None
+        raise UserError(f"{what} {shown} cannot be read as an image ({err}); re-export or remove it") from None
 
 
-def _decode(img: Image.Image, path: Path, what: str) -> None:
+def _decode(img: Image.Image, path: Path | str, what: str) -> None:
     try:
         img.load()
     except (OSError, SyntaxError, ValueError) as err:
@@ -139,7 +140,7 @@ def mask_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
+def read_image(path: str | Path | bytes, channels: int = 3, name: str | None = None) -> torch.Tensor:
     """An image file as a uint8 (channels, H, W) tensor: the one reader of training, eval, predict.
 
     PIL formats get their EXIF orientation applied; TIFFs are read with tifffile (any number of bands,
@@ -148,20 +149,26 @@ def read_image(path: str | Path, channels: int = 3) -> torch.Tensor:
     see `transforms.select_channels`.
 
     Args:
-        path: the image file.
+        path: the image file, or its bytes (read from a URI or an upload).
         channels: the channels the model takes (`model.in_channels`).
+        name: what messages call the image (default: the path; "image bytes" for bytes).
     """
-    path = Path(path)
+    if isinstance(path, bytes):
+        shown = name or "image bytes"
+        tiff, source = is_tiff_data(path), io.BytesIO(path)
+    else:
+        path = Path(path)
+        shown, tiff, source = name or str(path), is_tiff(path), path
     try:
-        if is_tiff(path):
-            return to_image_tensor(_read_tiff(path), channels)
-        with _open(path, "image") as img:
-            _decode(img, path, "image")
+        if tiff:
+            return to_image_tensor(_read_tiff(source, name=shown), channels)
+        with _open(source, "image", shown) as img:
+            _decode(img, shown, "image")
             return to_image_tensor(ImageOps.exif_transpose(img), channels)
     except UserError as err:
-        if str(path) in str(err):
+        if shown in str(err):
             raise
-        raise UserError(f"image {path}: {err}") from None
+        raise UserError(f"image {shown}: {err}") from None
 
 
 def read_mask(path: str | Path) -> np.ndarray:

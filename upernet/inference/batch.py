@@ -18,7 +18,6 @@ A full disk does stop it (a UserError), with no partial file left under an outpu
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import time
@@ -88,24 +87,16 @@ def list_sources(inputs: Sequence[str | os.PathLike], out_dir: Path) -> list[tup
     return sources
 
 
-def read_source(source: str) -> Any:
-    """What `Preprocessor` decodes: a local path as it is, a URI's image read through pyarrow."""
+def read_source(source: str) -> str | bytes:
+    """What `Preprocessor` decodes: a local path as it is, a URI's bytes read through pyarrow (decoded
+    by `data.datasets.read_image` like a file: any band count, TIFFs, EXIF orientation)."""
     if not is_uri(source):
         return source
-    from PIL import Image, ImageOps
     from pyarrow import fs
-
-    from ..data.transforms import to_rgb
 
     filesystem, path = fs.FileSystem.from_uri(source)
     with filesystem.open_input_file(path) as f:
-        data = f.read()
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{source}: cannot read the image ({e})") from None
+        return f.read()
 
 
 # ---- the manifest -------------------------------------------------------------------------------

@@ -179,9 +179,10 @@ class Preprocessor:
     std: tuple[float, ...] = IMAGENET_STD
 
     def decode(self, image: ImageInput | torch.Tensor) -> torch.Tensor:
-        """uint8 (C, H, W) of a path (`data.datasets.read_image`), a PIL image, an (H, W, C) array or tensor."""
+        """uint8 (C, H, W) of a path or a file's bytes (`data.datasets.read_image`), a PIL image, an
+        (H, W, C) array or tensor."""
         channels = len(self.mean)
-        if isinstance(image, (str, os.PathLike)):
+        if isinstance(image, (str, os.PathLike, bytes)):
             return read_image(image, channels)
         if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
             return to_image_tensor(image, channels)
