@@ -198,3 +198,43 @@ def test_cli_tile_refuses_options_it_cannot_honour(tmp_path, capsys, model_dir):
     assert main(["predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
                  "--tile", "32", "--flip", "--device", "cpu"]) == 2
     assert "--save-probs" in capsys.readouterr().err
+
+
+class LargestTensor(torch.overrides.TorchFunctionMode):
+    """Records the most elements of any tensor a torch call returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+@pytest.mark.parametrize("width", [400, 1200])
+def test_tiled_prediction_buffers_are_bounded_by_tile_and_overlap_rows(tmp_path, width):
+    # The carry holds classes x overlap x width floats; the open block and the window outputs
+    # classes x tile x tile. Before, a band buffer of classes x (tile + stride) x width existed.
+    classes, tile, overlap, batch = 3, 32, 8, 2
+    image = np.random.default_rng(0).random((80, width, 3), dtype=np.float32)
+    writer = PngLabelWriter(tmp_path / "z.png", 80, width, [[0, 0, 0], [9, 9, 9], [99, 99, 99]])
+    with torch.no_grad(), LargestTensor() as tracker:
+        counts = predict_tiled(TiledModel(PositionBias(classes).eval(), classes, (0.0,) * 3, (1.0,) * 3),
+                               ArraySource(image), writer, tile, overlap, window_batch=batch)
+    assert sum(counts.values()) == 80 * width
+    assert 0 < tracker.largest <= max(classes * overlap * width, batch * classes * tile * tile)
+    assert tracker.largest < classes * tile * width  # not one row of windows over the image width
+
+
+def test_blocks_blend_bit_for_bit_like_a_whole_image_buffer():
+    # Same terms added in the same order as into whole-image maps: equal, not just close.
+    model = PositionBias().eval()
+    image = np.random.default_rng(1).random((70, 93, 3), dtype=np.float32)
+    with torch.no_grad():
+        _, tiled = stream(model, image, tile=32, overlap=12, window_batch=1)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        assert torch.equal(tiled, dense_blend(model, x, 32, 12, "cosine"))

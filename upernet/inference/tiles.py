@@ -98,16 +98,135 @@ def window_weight(weight: str, size: Sequence[int], overlap: Sequence[int]) -> t
     return ramp(size[0], overlap[0])[:, None] * ramp(size[1], overlap[1])[None, :]
 
 
-# ---- blending in row bands ----------------------------------------------------------------------
+# ---- blending, finished piece by piece ----------------------------------------------------------
 @dataclass
 class Band:
-    """Finished rows `rows` of every pixel output, (N, C, rows, W) by name. The last band (`last`)
-    also carries the image-level outputs (N, C), averaged over all windows, in `images`."""
+    """Finished pixels `rows` x `cols` of every pixel output, (N, C, rows, cols) by name. The last
+    piece of the image (`last`) also carries the image-level outputs (N, C), averaged over all
+    windows, in `images`. `blend_windows` and `tiled_probabilities` give full-width row bands
+    (`cols` is every column); `blend_blocks` and `tiled_blocks` give blocks of one grid row."""
 
     rows: slice
     pixels: dict[str, torch.Tensor]
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     last: bool = False
+    cols: slice = field(default_factory=lambda: slice(None))
+
+
+def blend_blocks(
+    forward: Callable[[list[Window]], dict[str, torch.Tensor]],
+    height: int,
+    width: int,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+    weight: str = "uniform",
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """Run `forward` on the slide windows of an image and yield the weighted blend block by block.
+
+    Windows run row by row, left to right. Within a grid row, the columns left of the next
+    window's start are final for that row as soon as the window before it is added: their rows
+    above the next grid row are handed out as a block (rows of the grid row x those columns), and
+    their rows that the next grid row still adds to go into the carry, a buffer of those overlap
+    rows over the image width. Buffers: the open block of the grid row (classes x crop height x at
+    most crop width) and the carry (classes x (crop height - stride) x width), see `tiles`.
+    Every pixel's sum is the one a whole-image buffer would get (same terms, same order), so the
+    blend is bit for bit the whole-image blend.
+
+    Args:
+        forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
+            (k * N, C, h, w) with window i's N images at rows i * N ... (i + 1) * N, image-level
+            outputs (k * N, C) likewise.
+        height: image height.
+        width: image width.
+        crop_size: (h, w) of the windows.
+        stride: (h, w) step between windows.
+        weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
+        window_batch: windows per forward pass (all windows have the same size).
+    """
+    windows = window_grid(height, width, crop_size, stride)
+    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    w = window_weight(weight, (win_h, win_w), (crop_size[0] - stride[0], crop_size[1] - stride[1]))
+    row_tops = sorted({y1 for y1, _, _, _ in windows})
+    col_lefts = sorted({x1 for _, _, x1, _ in windows})
+    # rows of grid row r that are final once it is done; the rest (its overlap with row r + 1) is carried
+    final_rows = [b - a for a, b in zip(row_tops, row_tops[1:])] + [win_h]
+    carry_rows = max(win_h - f for f in final_rows)
+    carry: dict[str, torch.Tensor] = {}  # name -> (N, C, carry_rows, W): sums of rows the next grid row adds to
+    block: dict[str, torch.Tensor] = {}  # name -> (N, C, win_h, right - left): the open columns of the grid row
+    image_totals: dict[str, torch.Tensor] = {}
+    left = right = 0  # the open block's columns
+    weight_name = ""  # the weight sums ride along as one more output (1, 1, h, w)
+
+    def open_columns(name: str, value: torch.Tensor, stop: int, carried: int) -> None:
+        """Extend the open block of `name` to column `stop`; its top `carried` rows start from the carry."""
+        n, channels = value.shape[:2]
+        if name not in carry:
+            carry[name] = value.new_zeros(n, channels, carry_rows, width)
+        extra = value.new_zeros(n, channels, win_h, stop - right)
+        extra[:, :, :carried] = carry[name][:, :, :carried, right:stop]
+        block[name] = torch.cat([block[name], extra], dim=3) if name in block else extra
+
+    for start in range(0, len(windows), window_batch):
+        chunk = windows[start:start + window_batch]
+        outputs = forward(chunk)
+        pixel_outputs = {}
+        for name, value in outputs.items():
+            if value.dim() == 4:
+                pixel_outputs[name] = value
+                continue
+            n = value.shape[0] // len(chunk)
+            for i in range(len(chunk)):
+                image_totals[name] = image_totals.get(name, 0) + value[i * n:(i + 1) * n]
+        if not pixel_outputs:
+            continue
+        device = next(iter(pixel_outputs.values())).device
+        ones = torch.ones(1, 1, win_h, win_w, device=device) if w is None else w.to(device)[None, None]
+        for i, (y1, y2, x1, x2) in enumerate(chunk):
+            index = start + i
+            r, c = divmod(index, len(col_lefts))
+            carried = win_h - final_rows[r - 1] if r > 0 else 0
+            if c == 0:
+                left = right = 0
+                block = {}
+            for name, value in [*pixel_outputs.items(), (weight_name, None)]:
+                if value is None:  # the weights: 1 (uniform) or w per window, summed like the outputs
+                    value, n, contribution = ones, 1, ones
+                else:
+                    n = value.shape[0] // len(chunk)
+                    value = value[i * n:(i + 1) * n]
+                    contribution = value if w is None else value * w.to(value)
+                if x2 > right:
+                    open_columns(name, value, x2, carried)
+                block[name][:, :, :, x1 - left:x2 - left] += contribution
+            right = max(right, x2)
+            done_to = col_lefts[c + 1] if c + 1 < len(col_lefts) else width  # no later window of the row starts left of it
+            if done_to <= left:
+                continue
+            k, f = done_to - left, final_rows[r]
+            sums = block.pop(weight_name)
+            pixels = {name: total[:, :, :f, :k] / sums[:, :, :f, :k] for name, total in block.items()}
+            for name, total in [*block.items(), (weight_name, sums)]:
+                if r + 1 < len(row_tops):
+                    carry[name][:, :, :win_h - f, left:done_to] = total[:, :, f:, :k]
+                block[name] = total[:, :, :, k:]
+            last = index + 1 == len(windows)
+            images = {name: total / len(windows) for name, total in image_totals.items()} if last else {}
+            yield Band(slice(y1, y1 + f), pixels, images, last, slice(left, done_to))
+            left = done_to
+    if not any(True for _ in ()) and not block and image_totals and not carry:  # image-level outputs only
+        yield Band(slice(0, height), {}, {name: total / len(windows) for name, total in image_totals.items()}, True)
+
+
+def row_bands(blocks: Iterator[Band], width: int) -> Iterator[Band]:
+    """Put the blocks of `blend_blocks` together into full-width row bands (classes x band rows x width)."""
+    pieces: list[Band] = []
+    for block in blocks:
+        pieces.append(block)
+        if block.cols.stop >= width:
+            pixels = {name: torch.cat([piece.pixels[name] for piece in pieces], dim=3) for name in block.pixels}
+            yield Band(block.rows, pixels, block.images, block.last, slice(0, width))
+            pieces = []
 
 
 def blend_windows(
@@ -119,65 +238,18 @@ def blend_windows(
     weight: str = "uniform",
     window_batch: int = 4,
 ) -> Iterator[Band]:
-    """Run `forward` on the slide windows of an image and yield the weighted blend in row bands.
+    """`blend_blocks` in full-width row bands, top to bottom (slide mode puts them together).
 
     Args:
-        forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
-            (k * N, C, h, w) with window i's N images at rows i * N ... (i + 1) * N, image-level
-            outputs (k * N, C) likewise.
+        forward: called with up to `window_batch` windows; returns outputs by name (see `blend_blocks`).
         height: image height.
         width: image width.
         crop_size: (h, w) of the windows.
         stride: (h, w) step between windows.
         weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
-        window_batch: windows per forward call (all windows have the same size).
+        window_batch: windows per forward pass.
     """
-    windows = window_grid(height, width, crop_size, stride)
-    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-    overlap = (crop_size[0] - stride[0], crop_size[1] - stride[1])
-    w = window_weight(weight, (win_h, win_w), overlap)
-    top = 0  # first row not handed out yet; buffers hold rows top ... top + len
-    totals: dict[str, torch.Tensor] = {}
-    image_totals: dict[str, torch.Tensor] = {}
-    weights = torch.zeros(1, 1, 0, width)
-
-    def grow(buffer: torch.Tensor, rows: int) -> torch.Tensor:
-        if buffer.shape[2] >= rows:
-            return buffer
-        extra = buffer.new_zeros(*buffer.shape[:2], rows - buffer.shape[2], width)
-        return torch.cat([buffer, extra], dim=2)
-
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        outputs = forward(chunk)
-        rows_needed = max(y2 for _, y2, _, _ in chunk) - top
-        for name, value in outputs.items():
-            n = value.shape[0] // len(chunk)
-            if value.dim() != 4:
-                for i in range(len(chunk)):
-                    image_totals[name] = image_totals.get(name, 0) + value[i * n:(i + 1) * n]
-                continue
-            if name not in totals:
-                totals[name] = value.new_zeros(n, value.shape[1], 0, width)
-            totals[name] = grow(totals[name], rows_needed)
-            weighted = value if w is None else value * w.to(value)
-            for i, (y1, y2, x1, x2) in enumerate(chunk):
-                totals[name][:, :, y1 - top:y2 - top, x1:x2] += weighted[i * n:(i + 1) * n]
-        if weights.device != next(iter(outputs.values())).device:
-            weights = weights.to(next(iter(outputs.values())).device)
-        weights = grow(weights, rows_needed)
-        for y1, y2, x1, x2 in chunk:
-            weights[:, :, y1 - top:y2 - top, x1:x2] += 1 if w is None else w.to(weights)
-        done = start + len(chunk) >= len(windows)
-        final = height if done else windows[start + len(chunk)][0]  # no later window starts above it
-        if final > top or done:
-            k = final - top
-            pixels = {name: total[:, :, :k] / weights[:, :, :k] for name, total in totals.items()}
-            images = {name: total / len(windows) for name, total in image_totals.items()} if done else {}
-            yield Band(slice(top, final), pixels, images, done)
-            totals = {name: total[:, :, k:] for name, total in totals.items()}
-            weights = weights[:, :, k:]
-            top = final
+    return row_bands(blend_blocks(forward, height, width, crop_size, stride, weight, window_batch), width)
 
 
 def forward_outputs(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -319,14 +391,15 @@ class TiledModel:
                    float((getattr(model, "meta", None) or {}).get("binary_threshold", 0.5)))
 
 
-def tiled_probabilities(
+def tiled_blocks(
     model: TiledModel,
     source: ImageSource,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     window_batch: int = 4,
 ) -> Iterator[Band]:
-    """Softmax probabilities of `source` in row bands, windows blended with the cosine weight.
+    """Softmax probabilities of `source` block by block (`blend_blocks`), windows blended with the
+    cosine weight: memory bounded by the tile and the overlap rows, not by the band.
 
     Args:
         model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
@@ -356,11 +429,30 @@ def tiled_probabilities(
         module.eval()
     try:
         with torch.no_grad():
-            yield from blend_windows(forward, source.height, source.width, (tile, tile),
-                                     (tile - overlap, tile - overlap), "cosine", window_batch)
+            yield from blend_blocks(forward, source.height, source.width, (tile, tile),
+                                    (tile - overlap, tile - overlap), "cosine", window_batch)
     finally:
         if module is not None:
             module.train(was_training)
+
+
+def tiled_probabilities(
+    model: TiledModel,
+    source: ImageSource,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """`tiled_blocks` in full-width row bands (each classes x band rows x width floats).
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        source: the image, read window by window.
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows (the stride is `tile - overlap`).
+        window_batch: windows per forward pass.
+    """
+    return row_bands(tiled_blocks(model, source, tile, overlap, window_batch), source.width)
 
 
 def predict_tiled(
@@ -387,14 +479,19 @@ def predict_tiled(
         ignore_label: the label of pixels without data.
     """
     counts = np.zeros(max(model.num_classes, ignore_label + 1), dtype=np.int64)
+    labels = np.zeros((0, source.width), np.min_scalar_type(len(counts) - 1))  # the labels of one row band
     try:
-        for band in tiled_probabilities(model, source, tile, overlap, window_batch):
-            labels = band.pixels["out"][0].argmax(dim=0).numpy()
-            valid = source.valid(band.rows)
+        for block in tiled_blocks(model, source, tile, overlap, window_batch):
+            if block.cols.start == 0:
+                labels = np.zeros((block.rows.stop - block.rows.start, source.width), labels.dtype)
+            labels[:, block.cols] = block.pixels["out"][0].argmax(dim=0).numpy()
+            if block.cols.stop < source.width:
+                continue
+            valid = source.valid(block.rows)
             if valid is not None:
                 labels[~valid] = ignore_label
             counts += np.bincount(labels.ravel(), minlength=len(counts))[:len(counts)]
-            writer.write(band.rows, labels)
+            writer.write(block.rows, labels)
         writer.close()
     except BaseException:
         writer.abort()
