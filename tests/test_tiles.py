@@ -238,3 +238,35 @@ def test_blocks_blend_bit_for_bit_like_a_whole_image_buffer():
         _, tiled = stream(model, image, tile=32, overlap=12, window_batch=1)
         x = torch.from_numpy(image).permute(2, 0, 1)[None]
         assert torch.equal(tiled, dense_blend(model, x, 32, 12, "cosine"))
+
+
+def test_serve_slide_mode_runs_the_tiling_code(monkeypatch):
+    # One implementation (issue #18): serve's slide mode reaches `tiles.blend_blocks`, as eval's does.
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    import upernet.inference.tiles as tiles
+    from upernet.serve.app import create_app
+
+    segmenter = upernet.Segmenter(tiny_model("upernet_r50", num_classes=3).eval(), device="cpu", precision="fp32",
+                                  mode="slide", size="none", crop_size=(32, 32), stride=(24, 24))
+    image = (np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8)
+    expected = segmenter(image).labels
+    calls = []
+    blend_blocks = tiles.blend_blocks
+
+    def spy(forward, height, width, crop_size, stride, *args, **kwargs):
+        calls.append((height, width, tuple(crop_size), tuple(stride)))
+        yield from blend_blocks(forward, height, width, crop_size, stride, *args, **kwargs)
+
+    monkeypatch.setattr(tiles, "blend_blocks", spy)
+    upload = io.BytesIO()
+    Image.fromarray(image).save(upload, format="PNG")
+    with TestClient(create_app(segmenter)) as client:
+        response = client.post("/predict?format=labels", content=upload.getvalue(), headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    assert calls == [(40, 56, (32, 32), (24, 24))]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)
