@@ -219,23 +219,27 @@ class LargestTensor(torch.overrides.TorchFunctionMode):
 def test_tiled_prediction_buffers_are_bounded_by_tile_and_overlap_rows(tmp_path, width):
     # The carry holds classes x overlap x width floats; the open block and the window outputs
     # classes x tile x tile. Before, a band buffer of classes x (tile + stride) x width existed.
+    # 90 rows: the slide grid moves its last row of windows back to row 58, 22 rows into the one
+    # above (not 8): those rows must not be carried over the whole width either.
     classes, tile, overlap, batch = 3, 32, 8, 2
-    image = np.random.default_rng(0).random((80, width, 3), dtype=np.float32)
-    writer = PngLabelWriter(tmp_path / "z.png", 80, width, [[0, 0, 0], [9, 9, 9], [99, 99, 99]])
+    image = np.random.default_rng(0).random((90, width, 3), dtype=np.float32)
+    writer = PngLabelWriter(tmp_path / "z.png", 90, width, [[0, 0, 0], [9, 9, 9], [99, 99, 99]])
     with torch.no_grad(), LargestTensor() as tracker:
         counts = predict_tiled(TiledModel(PositionBias(classes).eval(), classes, (0.0,) * 3, (1.0,) * 3),
                                ArraySource(image), writer, tile, overlap, window_batch=batch)
-    assert sum(counts.values()) == 80 * width
+    assert sum(counts.values()) == 90 * width
     assert 0 < tracker.largest <= max(classes * overlap * width, batch * classes * tile * tile)
     assert tracker.largest < classes * tile * width  # not one row of windows over the image width
 
 
-def test_blocks_blend_bit_for_bit_like_a_whole_image_buffer():
-    # Same terms added in the same order as into whole-image maps: equal, not just close.
+@pytest.mark.parametrize("window_batch", [1, 3])
+def test_blocks_blend_bit_for_bit_like_a_whole_image_buffer(window_batch):
+    # Same terms added in the same order as into whole-image maps: equal, not just close (70 rows:
+    # the last grid row is moved back and interleaved with the one above).
     model = PositionBias().eval()
     image = np.random.default_rng(1).random((70, 93, 3), dtype=np.float32)
     with torch.no_grad():
-        _, tiled = stream(model, image, tile=32, overlap=12, window_batch=1)
+        _, tiled = stream(model, image, tile=32, overlap=12, window_batch=window_batch)
         x = torch.from_numpy(image).permute(2, 0, 1)[None]
         assert torch.equal(tiled, dense_blend(model, x, 32, 12, "cosine"))
 

@@ -2,10 +2,19 @@
 `Segmenter`, serve) and the tiled prediction of images too large to hold as logits.
 
 Windows lie on mmsegmentation's slide grid (`window_grid`), all of the crop's size, and are run
-row by row. Every window's outputs are added, times a window weight, into a buffer of image rows;
-once no later window reaches a row, the row is final: divided by the summed weights and handed out
-as part of a band. Peak memory is therefore the buffer (classes x (crop height + stride) x image
-width floats) plus the forward passes of `window_batch` windows, whatever the image height.
+row by row, left to right. Every window's outputs are added, times a window weight, into the open
+block of its grid row (crop height x the columns the row's later windows may still reach); columns
+left of the next window are final for the row: their rows above the next grid row are divided by
+the summed weights and handed out (`blend_blocks`), their rows the next grid row still adds to go
+into the carry (overlap rows x image width). Memory for the blend is therefore bounded by
+classes x (overlap x width + (window_batch + 2) x crop area) floats: the carry, the outputs of one
+forward pass, one weighted window and the open block, whatever the image height. The carry is the
+only term that grows with the image, with its width; no single-pass order can do better than
+overlap x the shorter side (whatever order the windows run in, when half of them are done the
+partial sums along the border between done and not done must be kept), and row order is the one
+that hands out whole rows for the label writers. Sums are the ones a whole-image buffer would get,
+term for term in the same order: the blend is bit for bit the whole-image blend.
+`blend_windows` puts the blocks together into full-width row bands (slide mode, `Segmenter`).
 
 Window weights (`weight=`):
 
@@ -22,9 +31,10 @@ Window weights (`weight=`):
 
 Tiled prediction (`predict_tiled`) blends softmax probabilities with the cosine weight, reads the
 image window by window from an `ImageSource` (a GeoTIFF read by windows: `geotiff.py`; an array),
-and writes labels band by band to a `LabelWriter` (streaming palette PNG here, GeoTIFF in
-`geotiff.py`), so no array the size of the image exists except the input when it is decoded
-whole (PNG/JPEG: 3 bytes per pixel).
+turns each block into labels at once and writes labels band by band to a `LabelWriter`
+(streaming palette PNG here, GeoTIFF in `geotiff.py`), so no array the size of the image exists
+except the input when it is decoded whole (PNG/JPEG: 3 bytes per pixel); the labels of one band
+(stride x width, 1 byte a pixel up to 256 labels) are the only other width-long buffer.
 """
 from __future__ import annotations
 
@@ -113,6 +123,38 @@ class Band:
     cols: slice = field(default_factory=lambda: slice(None))
 
 
+def window_order(rows: int, col_lefts: Sequence[int], col_rights: Sequence[int]) -> list[tuple[int, int]]:
+    """(grid row, grid column) of every window in the order `blend_blocks` runs them.
+
+    Row by row, left to right, except the last two grid rows, which are interleaved: a window of
+    the last row runs as soon as every window of the row above that reaches its columns has run.
+    Every pixel still receives its windows in row-by-row order, and the rows the last grid row adds
+    to (up to crop height - 1 of them, since the slide grid moves that row back to end at the border)
+    are carried over a few windows' width instead of the image width.
+    """
+    cols = len(col_lefts)
+    order = [(r, c) for r in range(max(rows - 2, 0)) for c in range(cols)]
+    if rows == 1:
+        return order + [(0, c) for c in range(cols)]
+    below = 0  # next window of the last row
+    for c in range(cols):
+        order.append((rows - 2, c))
+        while below < cols and (c + 1 == cols or col_lefts[c + 1] >= col_rights[below]):
+            order.append((rows - 1, below))
+            below += 1
+    return order
+
+
+@dataclass
+class OpenRow:
+    """The columns `left` ... `right` of one grid row that later windows of the row may still reach:
+    the weighted sums of every output, and under the key None the summed weights."""
+
+    left: int = 0
+    right: int = 0
+    sums: dict[str | None, torch.Tensor] = field(default_factory=dict)
+
+
 def blend_blocks(
     forward: Callable[[list[Window]], dict[str, torch.Tensor]],
     height: int,
@@ -124,14 +166,14 @@ def blend_blocks(
 ) -> Iterator[Band]:
     """Run `forward` on the slide windows of an image and yield the weighted blend block by block.
 
-    Windows run row by row, left to right. Within a grid row, the columns left of the next
-    window's start are final for that row as soon as the window before it is added: their rows
-    above the next grid row are handed out as a block (rows of the grid row x those columns), and
-    their rows that the next grid row still adds to go into the carry, a buffer of those overlap
-    rows over the image width. Buffers: the open block of the grid row (classes x crop height x at
-    most crop width) and the carry (classes x (crop height - stride) x width), see `tiles`.
-    Every pixel's sum is the one a whole-image buffer would get (same terms, same order), so the
-    blend is bit for bit the whole-image blend.
+    Windows run in `window_order`. Within a grid row, the columns left of the row's next window
+    are final for that row as soon as the window before it is added: their rows above the next
+    grid row are handed out as a block, their rows the next grid row still adds to are carried
+    (column by column, dropped once the next grid row has taken them). What is held at most, in
+    floats: classes x (overlap x width (the carry) + a few crop areas (the outputs of one forward
+    pass, one weighted window, the open blocks of two grid rows)); see the module docstring. Every
+    pixel's sum has the terms a whole-image buffer would get, in the same order: the blend is bit
+    for bit the whole-image blend, and image-level outputs are summed in row-by-row window order.
 
     Args:
         forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
@@ -144,89 +186,97 @@ def blend_blocks(
         weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
         window_batch: windows per forward pass (all windows have the same size).
     """
-    windows = window_grid(height, width, crop_size, stride)
-    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
+    grid = window_grid(height, width, crop_size, stride)
+    win_h, win_w = grid[0][1] - grid[0][0], grid[0][3] - grid[0][2]
     w = window_weight(weight, (win_h, win_w), (crop_size[0] - stride[0], crop_size[1] - stride[1]))
-    row_tops = sorted({y1 for y1, _, _, _ in windows})
-    col_lefts = sorted({x1 for _, _, x1, _ in windows})
+    row_tops = sorted({y1 for y1, _, _, _ in grid})
+    col_lefts = sorted({x1 for _, _, x1, _ in grid})
+    rows, cols = len(row_tops), len(col_lefts)
     # rows of grid row r that are final once it is done; the rest (its overlap with row r + 1) is carried
     final_rows = [b - a for a, b in zip(row_tops, row_tops[1:])] + [win_h]
-    carry_rows = max(win_h - f for f in final_rows)
-    carry: dict[str, torch.Tensor] = {}  # name -> (N, C, carry_rows, W): sums of rows the next grid row adds to
-    block: dict[str, torch.Tensor] = {}  # name -> (N, C, win_h, right - left): the open columns of the grid row
-    image_totals: dict[str, torch.Tensor] = {}
-    left = right = 0  # the open block's columns
-    weight_name = ""  # the weight sums ride along as one more output (1, 1, h, w)
+    order = window_order(rows, col_lefts, [x + win_w for x in col_lefts])
+    open_rows: dict[int, OpenRow] = {}
+    # grid row -> (first column, last column + 1, sums by name) of what the row above left it to add to
+    carry: dict[int, list[tuple[int, int, dict[str | None, torch.Tensor]]]] = {}
+    image_parts: dict[int, dict[str, torch.Tensor]] = {}  # window index -> its image-level outputs
+    done = 0
+    pixel_outputs = False
 
-    def open_columns(name: str, value: torch.Tensor, stop: int, carried: int) -> None:
-        """Extend the open block of `name` to column `stop`; its top `carried` rows start from the carry."""
-        n, channels = value.shape[:2]
-        if name not in carry:
-            carry[name] = value.new_zeros(n, channels, carry_rows, width)
-        extra = value.new_zeros(n, channels, win_h, stop - right)
-        extra[:, :, :carried] = carry[name][:, :, :carried, right:stop]
-        block[name] = torch.cat([block[name], extra], dim=3) if name in block else extra
+    def image_means() -> dict[str, torch.Tensor]:
+        """Image-level outputs averaged over the windows, summed in row-by-row window order."""
+        totals: dict[str, torch.Tensor] = {}
+        for index in sorted(image_parts):
+            for name, value in image_parts[index].items():
+                totals[name] = totals.get(name, 0) + value
+        return {name: total / len(grid) for name, total in totals.items()}
 
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        outputs = forward(chunk)
-        pixel_outputs = {}
-        for name, value in outputs.items():
-            if value.dim() == 4:
-                pixel_outputs[name] = value
-                continue
-            n = value.shape[0] // len(chunk)
-            for i in range(len(chunk)):
-                image_totals[name] = image_totals.get(name, 0) + value[i * n:(i + 1) * n]
-        if not pixel_outputs:
-            continue
-        device = next(iter(pixel_outputs.values())).device
-        ones = torch.ones(1, 1, win_h, win_w, device=device) if w is None else w.to(device)[None, None]
-        for i, (y1, y2, x1, x2) in enumerate(chunk):
-            index = start + i
-            r, c = divmod(index, len(col_lefts))
-            carried = win_h - final_rows[r - 1] if r > 0 else 0
-            if c == 0:
-                left = right = 0
-                block = {}
-            for name, value in [*pixel_outputs.items(), (weight_name, None)]:
-                if value is None:  # the weights: 1 (uniform) or w per window, summed like the outputs
-                    value, n, contribution = ones, 1, ones
+    def open_columns(r: int, row: OpenRow, contributions: dict[str | None, torch.Tensor], stop: int) -> None:
+        """Extend the open block of grid row `r` to column `stop`; rows the row above reached start from the carry."""
+        carried = win_h - final_rows[r - 1] if r > 0 else 0
+        for name, value in contributions.items():
+            extra = value.new_zeros(*value.shape[:2], win_h, stop - row.right)
+            for first, end, sums in carry.get(r, []):
+                lo, hi = max(first, row.right), min(end, stop)
+                if lo < hi:
+                    extra[:, :, :carried, lo - row.right:hi - row.right] = sums[name][:, :, :, lo - first:hi - first]
+            row.sums[name] = torch.cat([row.sums[name], extra], dim=3) if name in row.sums else extra
+        carry[r] = [piece for piece in carry.get(r, []) if piece[1] > stop]
+        row.right = stop
+
+    for start in range(0, len(order), window_batch):
+        chunk = order[start:start + window_batch]
+        outputs = forward([grid[r * cols + c] for r, c in chunk])
+        for i, (r, c) in enumerate(chunk):
+            index = r * cols + c
+            y1, _, x1, x2 = grid[index]
+            contributions: dict[str | None, torch.Tensor] = {}
+            for name, value in outputs.items():
+                n = value.shape[0] // len(chunk)
+                value = value[i * n:(i + 1) * n]
+                if value.dim() != 4:
+                    image_parts.setdefault(index, {})[name] = value
                 else:
-                    n = value.shape[0] // len(chunk)
-                    value = value[i * n:(i + 1) * n]
-                    contribution = value if w is None else value * w.to(value)
-                if x2 > right:
-                    open_columns(name, value, x2, carried)
-                block[name][:, :, :, x1 - left:x2 - left] += contribution
-            right = max(right, x2)
-            done_to = col_lefts[c + 1] if c + 1 < len(col_lefts) else width  # no later window of the row starts left of it
-            if done_to <= left:
+                    contributions[name] = value if w is None else value * w.to(value)
+            done += 1
+            if not contributions:
                 continue
-            k, f = done_to - left, final_rows[r]
-            sums = block.pop(weight_name)
-            pixels = {name: total[:, :, :f, :k] / sums[:, :, :f, :k] for name, total in block.items()}
-            for name, total in [*block.items(), (weight_name, sums)]:
-                if r + 1 < len(row_tops):
-                    carry[name][:, :, :win_h - f, left:done_to] = total[:, :, f:, :k]
-                block[name] = total[:, :, :, k:]
-            last = index + 1 == len(windows)
-            images = {name: total / len(windows) for name, total in image_totals.items()} if last else {}
-            yield Band(slice(y1, y1 + f), pixels, images, last, slice(left, done_to))
-            left = done_to
-    if not any(True for _ in ()) and not block and image_totals and not carry:  # image-level outputs only
-        yield Band(slice(0, height), {}, {name: total / len(windows) for name, total in image_totals.items()}, True)
+            pixel_outputs = True
+            device = next(iter(contributions.values())).device
+            contributions[None] = torch.ones(1, 1, win_h, win_w, device=device) if w is None else w.to(device)[None, None]
+            row = open_rows.setdefault(r, OpenRow())
+            if x2 > row.right:
+                open_columns(r, row, contributions, x2)
+            for name, value in contributions.items():
+                row.sums[name][:, :, :, x1 - row.left:x2 - row.left] += value
+            finished = col_lefts[c + 1] if c + 1 < cols else width  # no later window of the row starts left of it
+            k, f = finished - row.left, final_rows[r]
+            weights = row.sums[None][:, :, :f, :k]
+            pixels = {name: total[:, :, :f, :k] / weights for name, total in row.sums.items() if name is not None}
+            if r + 1 < rows:
+                carry.setdefault(r + 1, []).append(
+                    (row.left, finished, {name: total[:, :, f:, :k].clone() for name, total in row.sums.items()}))
+            row.sums = {name: total[:, :, :, k:] for name, total in row.sums.items()}
+            last = done == len(grid)
+            yield Band(slice(y1, y1 + f), pixels, image_means() if last else {}, last, slice(row.left, finished))
+            row.left = finished
+            if c + 1 == cols:
+                del open_rows[r]
+    if not pixel_outputs:  # a model with image-level outputs only
+        yield Band(slice(0, height), {}, image_means(), True, slice(0, width))
 
 
 def row_bands(blocks: Iterator[Band], width: int) -> Iterator[Band]:
-    """Put the blocks of `blend_blocks` together into full-width row bands (classes x band rows x width)."""
-    pieces: list[Band] = []
+    """Put the blocks of `blend_blocks` together into full-width row bands (classes x band rows x
+    width), top to bottom."""
+    pieces: dict[int, list[Band]] = {}  # first row of a band -> its blocks so far
     for block in blocks:
-        pieces.append(block)
-        if block.cols.stop >= width:
-            pixels = {name: torch.cat([piece.pixels[name] for piece in pieces], dim=3) for name in block.pixels}
+        band = pieces.setdefault(block.rows.start, [])
+        band.append(block)
+        if sum(piece.cols.stop - piece.cols.start for piece in band) == width:
+            del pieces[block.rows.start]
+            band.sort(key=lambda piece: piece.cols.start)
+            pixels = {name: torch.cat([piece.pixels[name] for piece in band], dim=3) for name in block.pixels}
             yield Band(block.rows, pixels, block.images, block.last, slice(0, width))
-            pieces = []
 
 
 def blend_windows(
@@ -479,14 +529,20 @@ def predict_tiled(
         ignore_label: the label of pixels without data.
     """
     counts = np.zeros(max(model.num_classes, ignore_label + 1), dtype=np.int64)
-    labels = np.zeros((0, source.width), np.min_scalar_type(len(counts) - 1))  # the labels of one row band
+    dtype = np.min_scalar_type(len(counts) - 1)
+    bands: dict[int, np.ndarray] = {}  # first row -> labels of the band (two bands are open at the bottom)
+    filled: dict[int, int] = {}  # first row -> columns labelled so far
     try:
         for block in tiled_blocks(model, source, tile, overlap, window_batch):
-            if block.cols.start == 0:
-                labels = np.zeros((block.rows.stop - block.rows.start, source.width), labels.dtype)
+            top = block.rows.start
+            if top not in bands:
+                bands[top], filled[top] = np.zeros((block.rows.stop - top, source.width), dtype), 0
+            labels = bands[top]
             labels[:, block.cols] = block.pixels["out"][0].argmax(dim=0).numpy()
-            if block.cols.stop < source.width:
+            filled[top] += block.cols.stop - block.cols.start
+            if filled[top] < source.width:
                 continue
+            del bands[top], filled[top]
             valid = source.valid(block.rows)
             if valid is not None:
                 labels[~valid] = ignore_label
