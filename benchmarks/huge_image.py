@@ -79,8 +79,8 @@ def run_one(path: Path, tile: int, overlap: int, classes: int) -> dict:
 
 def buffer_bound(classes: int, tile: int, overlap: int, width: int, window_batch: int = 4) -> int:
     """Bytes of probabilities tiled prediction holds at most (`inference.tiles`): the carried overlap
-    rows over the width, the window outputs of one forward pass, one weighted window and the open block."""
-    return 4 * classes * (overlap * width + (window_batch + 2) * tile * tile)
+    rows over the width, the outputs of one forward pass, one weighted window, the open blocks."""
+    return 4 * classes * (overlap * width + (window_batch + 4) * tile * tile)
 
 
 def main() -> None:

@@ -2,19 +2,26 @@
 `Segmenter`, serve) and the tiled prediction of images too large to hold as logits.
 
 Windows lie on mmsegmentation's slide grid (`window_grid`), all of the crop's size, and are run
-row by row, left to right. Every window's outputs are added, times a window weight, into the open
-block of its grid row (crop height x the columns the row's later windows may still reach); columns
-left of the next window are final for the row: their rows above the next grid row are divided by
-the summed weights and handed out (`blend_blocks`), their rows the next grid row still adds to go
-into the carry (overlap rows x image width). Memory for the blend is therefore bounded by
-classes x (overlap x width + (window_batch + 2) x crop area) floats: the carry, the outputs of one
-forward pass, one weighted window and the open block, whatever the image height. The carry is the
-only term that grows with the image, with its width; no single-pass order can do better than
-overlap x the shorter side (whatever order the windows run in, when half of them are done the
-partial sums along the border between done and not done must be kept), and row order is the one
-that hands out whole rows for the label writers. Sums are the ones a whole-image buffer would get,
-term for term in the same order: the blend is bit for bit the whole-image blend.
-`blend_windows` puts the blocks together into full-width row bands (slide mode, `Segmenter`).
+row by row, left to right (`window_order`). Every window's outputs are added, times a window
+weight, into the open block of its grid row (crop height x the columns the row's later windows may
+still reach); the columns left of the row's next window are then final for the row: their rows
+above the next grid row are divided by the summed weights and handed out (`blend_blocks`), their
+rows the next grid row still adds to go into the carry. The slide grid moves its last row of
+windows back to end at the image border, up to crop height - 1 rows into the row above; so the
+last two grid rows run interleaved, column by column, and what they share is carried over a few
+windows' width only. What the blend holds at most is therefore, in floats:
+
+    classes x (overlap x width  +  (window_batch + 4) x crop area)
+
+the carry (the overlap rows of one grid row over the image width), then the outputs of one forward
+pass, one weighted window, the open blocks of at most two grid rows and the pieces carried between
+them; whatever the image height. The carry is the only term that grows with the image, with its
+width. No single-pass order does better than overlap x the shorter side (whatever order the windows
+run in, when half of them have run the partial sums along the border between done and not done
+must be kept), and row order is the one that hands whole rows to the label writers. Every pixel
+gets the terms a whole-image buffer would get, in the same order: the blend is bit for bit the
+whole-image blend. `blend_windows` puts the blocks together into full-width row bands (slide mode,
+`Segmenter`, serve: they keep the whole map anyway).
 
 Window weights (`weight=`):
 
