@@ -35,20 +35,21 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def write_scene(path: Path, size: int) -> None:
-    """A smooth 3-band scene with some texture, written 512 rows at a time."""
+def write_scene(path: Path, size: int, height: int | None = None) -> None:
+    """A smooth 3-band scene `size` wide and `height` (default `size`) tall, written 512 rows at a time."""
     import rasterio
     from rasterio.crs import CRS
     from rasterio.transform import from_origin
     from rasterio.windows import Window
 
-    profile = {"driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8", "tiled": True,
+    height = height or size
+    profile = {"driver": "GTiff", "height": height, "width": size, "count": 3, "dtype": "uint8", "tiled": True,
                "blockxsize": 512, "blockysize": 512, "compress": "deflate", "crs": CRS.from_epsg(32632),
                "transform": from_origin(600000.0, 5200000.0, 0.3, 0.3), "BIGTIFF": "IF_SAFER"}
     xs = np.arange(size)
     with rasterio.open(path, "w", **profile) as ds:
-        for top in range(0, size, 512):
-            ys = np.arange(top, min(top + 512, size))[:, None]
+        for top in range(0, height, 512):
+            ys = np.arange(top, min(top + 512, height))[:, None]
             block = np.stack([(127 + 100 * np.sin(xs / 700.0 + ys / 900.0)),
                               (127 + 100 * np.cos(xs / 500.0 - ys / 400.0)),
                               ((xs * 7 + ys * 13) % 256)]).astype(np.uint8)
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=128)
     parser.add_argument("--classes", type=int, default=6)
+    parser.add_argument("--height", type=int, help="image height (default: square); memory should not depend on it")
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
@@ -99,11 +101,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as folder:
         for size in args.sizes:
             path = Path(folder) / f"scene_{size}.tif"
-            write_scene(path, size)
+            write_scene(path, size, args.height)
             child = subprocess.run([sys.executable, __file__, "--run", str(path), "--tile", str(args.tile),
                                     "--overlap", str(args.overlap), "--classes", str(args.classes)],
                                    check=True, capture_output=True, text=True)
-            row = {"size": size, "megapixels": round(size * size / 1e6), **json.loads(child.stdout.splitlines()[-1])}
+            height = args.height or size
+            row = {"size": size, "height": height, "megapixels": round(size * height / 1e6),
+                   **json.loads(child.stdout.splitlines()[-1])}
             row["buffer_bound_mb"] = round(buffer_bound(args.classes, args.tile, args.overlap, size) / 2 ** 20)
             rows.append(row)
             print(row, flush=True)
@@ -115,7 +119,7 @@ def main() -> None:
     print("| image | megapixels | RSS before predict (MB) | peak RSS (MB) | probability buffer bound (MB) | time (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} x {r['size']} | {r['megapixels']} | {r['rss_before_mb']} | {r['peak_rss_mb']} | "
+        print(f"| {r['size']} x {r['height']} | {r['megapixels']} | {r['rss_before_mb']} | {r['peak_rss_mb']} | "
               f"{r['buffer_bound_mb']} | {r['seconds']} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
