@@ -270,7 +270,8 @@ def test_serve_slide_mode_runs_the_tiling_code(monkeypatch):
     upload = io.BytesIO()
     Image.fromarray(image).save(upload, format="PNG")
     with TestClient(create_app(segmenter)) as client:
-        response = client.post("/predict?format=labels", content=upload.getvalue(), headers={"content-type": "image/png"})
+        response = client.post("/predict?format=labels", content=upload.getvalue(),
+                               headers={"content-type": "image/png"})
     assert response.status_code == 200
     assert calls == [(40, 56, (32, 32), (24, 24))]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)

@@ -249,7 +249,8 @@ def blend_blocks(
                 continue
             pixel_outputs = True
             device = next(iter(contributions.values())).device
-            contributions[None] = torch.ones(1, 1, win_h, win_w, device=device) if w is None else w.to(device)[None, None]
+            window_weights = torch.ones(win_h, win_w, device=device) if w is None else w.to(device)
+            contributions[None] = window_weights[None, None]  # summed like the outputs: the divisor
             row = open_rows.setdefault(r, OpenRow())
             if x2 > row.right:
                 open_columns(r, row, contributions, x2)
