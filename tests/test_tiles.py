@@ -198,3 +198,80 @@ def test_cli_tile_refuses_options_it_cannot_honour(tmp_path, capsys, model_dir):
     assert main(["predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", str(tmp_path / "o"),
                  "--tile", "32", "--flip", "--device", "cpu"]) == 2
     assert "--save-probs" in capsys.readouterr().err
+
+
+class LargestTensor(torch.overrides.TorchFunctionMode):
+    """Records the most elements of any tensor a torch call returns while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for value in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return result
+
+
+@pytest.mark.parametrize("width", [400, 1200])
+def test_tiled_prediction_buffers_are_bounded_by_tile_and_overlap_rows(tmp_path, width):
+    # The carry holds classes x overlap x width floats; the open block and the window outputs
+    # classes x tile x tile. Before, a band buffer of classes x (tile + stride) x width existed.
+    # 90 rows: the slide grid moves its last row of windows back to row 58, 22 rows into the one
+    # above (not 8): those rows must not be carried over the whole width either.
+    classes, tile, overlap, batch = 3, 32, 8, 2
+    image = np.random.default_rng(0).random((90, width, 3), dtype=np.float32)
+    writer = PngLabelWriter(tmp_path / "z.png", 90, width, [[0, 0, 0], [9, 9, 9], [99, 99, 99]])
+    with torch.no_grad(), LargestTensor() as tracker:
+        counts = predict_tiled(TiledModel(PositionBias(classes).eval(), classes, (0.0,) * 3, (1.0,) * 3),
+                               ArraySource(image), writer, tile, overlap, window_batch=batch)
+    assert sum(counts.values()) == 90 * width
+    assert 0 < tracker.largest <= max(classes * overlap * width, batch * classes * tile * tile)
+    assert tracker.largest < classes * tile * width  # not one row of windows over the image width
+
+
+@pytest.mark.parametrize("window_batch", [1, 3])
+def test_blocks_blend_bit_for_bit_like_a_whole_image_buffer(window_batch):
+    # Same terms added in the same order as into whole-image maps: equal, not just close (70 rows:
+    # the last grid row is moved back and interleaved with the one above).
+    model = PositionBias().eval()
+    image = np.random.default_rng(1).random((70, 93, 3), dtype=np.float32)
+    with torch.no_grad():
+        _, tiled = stream(model, image, tile=32, overlap=12, window_batch=window_batch)
+        x = torch.from_numpy(image).permute(2, 0, 1)[None]
+        assert torch.equal(tiled, dense_blend(model, x, 32, 12, "cosine"))
+
+
+def test_serve_slide_mode_runs_the_tiling_code(monkeypatch):
+    # One implementation (issue #18): serve's slide mode reaches `tiles.blend_blocks`, as eval's does.
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    import upernet.inference.tiles as tiles
+    from upernet.serve.app import create_app
+
+    segmenter = upernet.Segmenter(tiny_model("upernet_r50", num_classes=3).eval(), device="cpu", precision="fp32",
+                                  mode="slide", size="none", crop_size=(32, 32), stride=(24, 24))
+    image = (np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8)
+    expected = segmenter(image).labels
+    calls = []
+    blend_blocks = tiles.blend_blocks
+
+    def spy(forward, height, width, crop_size, stride, *args, **kwargs):
+        calls.append((height, width, tuple(crop_size), tuple(stride)))
+        yield from blend_blocks(forward, height, width, crop_size, stride, *args, **kwargs)
+
+    monkeypatch.setattr(tiles, "blend_blocks", spy)
+    upload = io.BytesIO()
+    Image.fromarray(image).save(upload, format="PNG")
+    with TestClient(create_app(segmenter)) as client:
+        response = client.post("/predict?format=labels", content=upload.getvalue(),
+                               headers={"content-type": "image/png"})
+    assert response.status_code == 200
+    assert calls == [(40, 56, (32, 32), (24, 24))]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)

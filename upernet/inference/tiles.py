@@ -2,10 +2,26 @@
 `Segmenter`, serve) and the tiled prediction of images too large to hold as logits.
 
 Windows lie on mmsegmentation's slide grid (`window_grid`), all of the crop's size, and are run
-row by row. Every window's outputs are added, times a window weight, into a buffer of image rows;
-once no later window reaches a row, the row is final: divided by the summed weights and handed out
-as part of a band. Peak memory is therefore the buffer (classes x (crop height + stride) x image
-width floats) plus the forward passes of `window_batch` windows, whatever the image height.
+row by row, left to right (`window_order`). Every window's outputs are added, times a window
+weight, into the open block of its grid row (crop height x the columns the row's later windows may
+still reach); the columns left of the row's next window are then final for the row: their rows
+above the next grid row are divided by the summed weights and handed out (`blend_blocks`), their
+rows the next grid row still adds to go into the carry. The slide grid moves its last row of
+windows back to end at the image border, up to crop height - 1 rows into the row above; so the
+last two grid rows run interleaved, column by column, and what they share is carried over a few
+windows' width only. What the blend holds at most is therefore, in floats:
+
+    classes x (overlap x width  +  (window_batch + 4) x crop area)
+
+the carry (the overlap rows of one grid row over the image width), then the outputs of one forward
+pass, one weighted window, the open blocks of at most two grid rows and the pieces carried between
+them; whatever the image height. The carry is the only term that grows with the image, with its
+width. No single-pass order does better than overlap x the shorter side (whatever order the windows
+run in, when half of them have run the partial sums along the border between done and not done
+must be kept), and row order is the one that hands whole rows to the label writers. Every pixel
+gets the terms a whole-image buffer would get, in the same order: the blend is bit for bit the
+whole-image blend. `blend_windows` puts the blocks together into full-width row bands (slide mode,
+`Segmenter`, serve: they keep the whole map anyway).
 
 Window weights (`weight=`):
 
@@ -22,9 +38,10 @@ Window weights (`weight=`):
 
 Tiled prediction (`predict_tiled`) blends softmax probabilities with the cosine weight, reads the
 image window by window from an `ImageSource` (a GeoTIFF read by windows: `geotiff.py`; an array),
-and writes labels band by band to a `LabelWriter` (streaming palette PNG here, GeoTIFF in
-`geotiff.py`), so no array the size of the image exists except the input when it is decoded
-whole (PNG/JPEG: 3 bytes per pixel).
+turns each block into labels at once and writes labels band by band to a `LabelWriter`
+(streaming palette PNG here, GeoTIFF in `geotiff.py`), so no array the size of the image exists
+except the input when it is decoded whole (PNG/JPEG: 3 bytes per pixel); the labels of one band
+(stride x width, 1 byte a pixel up to 256 labels) are the only other width-long buffer.
 """
 from __future__ import annotations
 
@@ -98,16 +115,176 @@ def window_weight(weight: str, size: Sequence[int], overlap: Sequence[int]) -> t
     return ramp(size[0], overlap[0])[:, None] * ramp(size[1], overlap[1])[None, :]
 
 
-# ---- blending in row bands ----------------------------------------------------------------------
+# ---- blending, finished piece by piece ----------------------------------------------------------
 @dataclass
 class Band:
-    """Finished rows `rows` of every pixel output, (N, C, rows, W) by name. The last band (`last`)
-    also carries the image-level outputs (N, C), averaged over all windows, in `images`."""
+    """Finished pixels `rows` x `cols` of every pixel output, (N, C, rows, cols) by name. The last
+    piece of the image (`last`) also carries the image-level outputs (N, C), averaged over all
+    windows, in `images`. `blend_windows` and `tiled_probabilities` give full-width row bands
+    (`cols` is every column); `blend_blocks` and `tiled_blocks` give blocks of one grid row."""
 
     rows: slice
     pixels: dict[str, torch.Tensor]
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     last: bool = False
+    cols: slice = field(default_factory=lambda: slice(None))
+
+
+def window_order(rows: int, col_lefts: Sequence[int], col_rights: Sequence[int]) -> list[tuple[int, int]]:
+    """(grid row, grid column) of every window in the order `blend_blocks` runs them.
+
+    Row by row, left to right, except the last two grid rows, which are interleaved: a window of
+    the last row runs as soon as every window of the row above that reaches its columns has run.
+    Every pixel still receives its windows in row-by-row order, and the rows the last grid row adds
+    to (up to crop height - 1 of them, since the slide grid moves that row back to end at the border)
+    are carried over a few windows' width instead of the image width.
+    """
+    cols = len(col_lefts)
+    order = [(r, c) for r in range(max(rows - 2, 0)) for c in range(cols)]
+    if rows == 1:
+        return order + [(0, c) for c in range(cols)]
+    below = 0  # next window of the last row
+    for c in range(cols):
+        order.append((rows - 2, c))
+        while below < cols and (c + 1 == cols or col_lefts[c + 1] >= col_rights[below]):
+            order.append((rows - 1, below))
+            below += 1
+    return order
+
+
+@dataclass
+class OpenRow:
+    """The columns `left` ... `right` of one grid row that later windows of the row may still reach:
+    the weighted sums of every output, and under the key None the summed weights."""
+
+    left: int = 0
+    right: int = 0
+    sums: dict[str | None, torch.Tensor] = field(default_factory=dict)
+
+
+def blend_blocks(
+    forward: Callable[[list[Window]], dict[str, torch.Tensor]],
+    height: int,
+    width: int,
+    crop_size: Sequence[int],
+    stride: Sequence[int],
+    weight: str = "uniform",
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """Run `forward` on the slide windows of an image and yield the weighted blend block by block.
+
+    Windows run in `window_order`. Within a grid row, the columns left of the row's next window
+    are final for that row as soon as the window before it is added: their rows above the next
+    grid row are handed out as a block, their rows the next grid row still adds to are carried
+    (column by column, dropped once the next grid row has taken them). What is held at most, in
+    floats: classes x (overlap x width (the carry) + a few crop areas (the outputs of one forward
+    pass, one weighted window, the open blocks of two grid rows)); see the module docstring. Every
+    pixel's sum has the terms a whole-image buffer would get, in the same order: the blend is bit
+    for bit the whole-image blend, and image-level outputs are summed in row-by-row window order.
+
+    Args:
+        forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
+            (k * N, C, h, w) with window i's N images at rows i * N ... (i + 1) * N, image-level
+            outputs (k * N, C) likewise.
+        height: image height.
+        width: image width.
+        crop_size: (h, w) of the windows.
+        stride: (h, w) step between windows.
+        weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
+        window_batch: windows per forward pass (all windows have the same size).
+    """
+    grid = window_grid(height, width, crop_size, stride)
+    win_h, win_w = grid[0][1] - grid[0][0], grid[0][3] - grid[0][2]
+    w = window_weight(weight, (win_h, win_w), (crop_size[0] - stride[0], crop_size[1] - stride[1]))
+    row_tops = sorted({y1 for y1, _, _, _ in grid})
+    col_lefts = sorted({x1 for _, _, x1, _ in grid})
+    rows, cols = len(row_tops), len(col_lefts)
+    # rows of grid row r that are final once it is done; the rest (its overlap with row r + 1) is carried
+    final_rows = [b - a for a, b in zip(row_tops, row_tops[1:])] + [win_h]
+    order = window_order(rows, col_lefts, [x + win_w for x in col_lefts])
+    open_rows: dict[int, OpenRow] = {}
+    # grid row -> (first column, last column + 1, sums by name) of what the row above left it to add to
+    carry: dict[int, list[tuple[int, int, dict[str | None, torch.Tensor]]]] = {}
+    image_parts: dict[int, dict[str, torch.Tensor]] = {}  # window index -> its image-level outputs
+    done = 0
+    pixel_outputs = False
+
+    def image_means() -> dict[str, torch.Tensor]:
+        """Image-level outputs averaged over the windows, summed in row-by-row window order."""
+        totals: dict[str, torch.Tensor] = {}
+        for index in sorted(image_parts):
+            for name, value in image_parts[index].items():
+                totals[name] = totals.get(name, 0) + value
+        return {name: total / len(grid) for name, total in totals.items()}
+
+    def open_columns(r: int, row: OpenRow, contributions: dict[str | None, torch.Tensor], stop: int) -> None:
+        """Extend the open block of grid row `r` to column `stop`; rows the row above reached start from the carry."""
+        carried = win_h - final_rows[r - 1] if r > 0 else 0
+        for name, value in contributions.items():
+            extra = value.new_zeros(*value.shape[:2], win_h, stop - row.right)
+            for first, end, sums in carry.get(r, []):
+                lo, hi = max(first, row.right), min(end, stop)
+                if lo < hi:
+                    extra[:, :, :carried, lo - row.right:hi - row.right] = sums[name][:, :, :, lo - first:hi - first]
+            row.sums[name] = torch.cat([row.sums[name], extra], dim=3) if name in row.sums else extra
+        carry[r] = [piece for piece in carry.get(r, []) if piece[1] > stop]
+        row.right = stop
+
+    for start in range(0, len(order), window_batch):
+        chunk = order[start:start + window_batch]
+        outputs = forward([grid[r * cols + c] for r, c in chunk])
+        for i, (r, c) in enumerate(chunk):
+            index = r * cols + c
+            y1, _, x1, x2 = grid[index]
+            contributions: dict[str | None, torch.Tensor] = {}
+            for name, value in outputs.items():
+                n = value.shape[0] // len(chunk)
+                value = value[i * n:(i + 1) * n]
+                if value.dim() != 4:
+                    image_parts.setdefault(index, {})[name] = value
+                else:
+                    contributions[name] = value if w is None else value * w.to(value)
+            done += 1
+            if not contributions:
+                continue
+            pixel_outputs = True
+            device = next(iter(contributions.values())).device
+            window_weights = torch.ones(win_h, win_w, device=device) if w is None else w.to(device)
+            contributions[None] = window_weights[None, None]  # summed like the outputs: the divisor
+            row = open_rows.setdefault(r, OpenRow())
+            if x2 > row.right:
+                open_columns(r, row, contributions, x2)
+            for name, value in contributions.items():
+                row.sums[name][:, :, :, x1 - row.left:x2 - row.left] += value
+            finished = col_lefts[c + 1] if c + 1 < cols else width  # no later window of the row starts left of it
+            k, f = finished - row.left, final_rows[r]
+            weights = row.sums[None][:, :, :f, :k]
+            pixels = {name: total[:, :, :f, :k] / weights for name, total in row.sums.items() if name is not None}
+            if r + 1 < rows:
+                carry.setdefault(r + 1, []).append(
+                    (row.left, finished, {name: total[:, :, f:, :k].clone() for name, total in row.sums.items()}))
+            row.sums = {name: total[:, :, :, k:] for name, total in row.sums.items()}
+            last = done == len(grid)
+            yield Band(slice(y1, y1 + f), pixels, image_means() if last else {}, last, slice(row.left, finished))
+            row.left = finished
+            if c + 1 == cols:
+                del open_rows[r]
+    if not pixel_outputs:  # a model with image-level outputs only
+        yield Band(slice(0, height), {}, image_means(), True, slice(0, width))
+
+
+def row_bands(blocks: Iterator[Band], width: int) -> Iterator[Band]:
+    """Put the blocks of `blend_blocks` together into full-width row bands (classes x band rows x
+    width), top to bottom."""
+    pieces: dict[int, list[Band]] = {}  # first row of a band -> its blocks so far
+    for block in blocks:
+        band = pieces.setdefault(block.rows.start, [])
+        band.append(block)
+        if sum(piece.cols.stop - piece.cols.start for piece in band) == width:
+            del pieces[block.rows.start]
+            band.sort(key=lambda piece: piece.cols.start)
+            pixels = {name: torch.cat([piece.pixels[name] for piece in band], dim=3) for name in block.pixels}
+            yield Band(block.rows, pixels, block.images, block.last, slice(0, width))
 
 
 def blend_windows(
@@ -119,65 +296,18 @@ def blend_windows(
     weight: str = "uniform",
     window_batch: int = 4,
 ) -> Iterator[Band]:
-    """Run `forward` on the slide windows of an image and yield the weighted blend in row bands.
+    """`blend_blocks` in full-width row bands, top to bottom (slide mode puts them together).
 
     Args:
-        forward: called with up to `window_batch` windows; returns outputs by name, pixel outputs
-            (k * N, C, h, w) with window i's N images at rows i * N ... (i + 1) * N, image-level
-            outputs (k * N, C) likewise.
+        forward: called with up to `window_batch` windows; returns outputs by name (see `blend_blocks`).
         height: image height.
         width: image width.
         crop_size: (h, w) of the windows.
         stride: (h, w) step between windows.
         weight: "uniform" (mmsegmentation's mean) or "cosine" (smooth ramp), see the module docstring.
-        window_batch: windows per forward call (all windows have the same size).
+        window_batch: windows per forward pass.
     """
-    windows = window_grid(height, width, crop_size, stride)
-    win_h, win_w = windows[0][1] - windows[0][0], windows[0][3] - windows[0][2]
-    overlap = (crop_size[0] - stride[0], crop_size[1] - stride[1])
-    w = window_weight(weight, (win_h, win_w), overlap)
-    top = 0  # first row not handed out yet; buffers hold rows top ... top + len
-    totals: dict[str, torch.Tensor] = {}
-    image_totals: dict[str, torch.Tensor] = {}
-    weights = torch.zeros(1, 1, 0, width)
-
-    def grow(buffer: torch.Tensor, rows: int) -> torch.Tensor:
-        if buffer.shape[2] >= rows:
-            return buffer
-        extra = buffer.new_zeros(*buffer.shape[:2], rows - buffer.shape[2], width)
-        return torch.cat([buffer, extra], dim=2)
-
-    for start in range(0, len(windows), window_batch):
-        chunk = windows[start:start + window_batch]
-        outputs = forward(chunk)
-        rows_needed = max(y2 for _, y2, _, _ in chunk) - top
-        for name, value in outputs.items():
-            n = value.shape[0] // len(chunk)
-            if value.dim() != 4:
-                for i in range(len(chunk)):
-                    image_totals[name] = image_totals.get(name, 0) + value[i * n:(i + 1) * n]
-                continue
-            if name not in totals:
-                totals[name] = value.new_zeros(n, value.shape[1], 0, width)
-            totals[name] = grow(totals[name], rows_needed)
-            weighted = value if w is None else value * w.to(value)
-            for i, (y1, y2, x1, x2) in enumerate(chunk):
-                totals[name][:, :, y1 - top:y2 - top, x1:x2] += weighted[i * n:(i + 1) * n]
-        if weights.device != next(iter(outputs.values())).device:
-            weights = weights.to(next(iter(outputs.values())).device)
-        weights = grow(weights, rows_needed)
-        for y1, y2, x1, x2 in chunk:
-            weights[:, :, y1 - top:y2 - top, x1:x2] += 1 if w is None else w.to(weights)
-        done = start + len(chunk) >= len(windows)
-        final = height if done else windows[start + len(chunk)][0]  # no later window starts above it
-        if final > top or done:
-            k = final - top
-            pixels = {name: total[:, :, :k] / weights[:, :, :k] for name, total in totals.items()}
-            images = {name: total / len(windows) for name, total in image_totals.items()} if done else {}
-            yield Band(slice(top, final), pixels, images, done)
-            totals = {name: total[:, :, k:] for name, total in totals.items()}
-            weights = weights[:, :, k:]
-            top = final
+    return row_bands(blend_blocks(forward, height, width, crop_size, stride, weight, window_batch), width)
 
 
 def forward_outputs(model: nn.Module, images: torch.Tensor, autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -319,14 +449,15 @@ class TiledModel:
                    float((getattr(model, "meta", None) or {}).get("binary_threshold", 0.5)))
 
 
-def tiled_probabilities(
+def tiled_blocks(
     model: TiledModel,
     source: ImageSource,
     tile: int = DEFAULT_TILE,
     overlap: int = DEFAULT_OVERLAP,
     window_batch: int = 4,
 ) -> Iterator[Band]:
-    """Softmax probabilities of `source` in row bands, windows blended with the cosine weight.
+    """Softmax probabilities of `source` block by block (`blend_blocks`), windows blended with the
+    cosine weight: memory bounded by the tile and the overlap rows, not by the band.
 
     Args:
         model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
@@ -356,11 +487,30 @@ def tiled_probabilities(
         module.eval()
     try:
         with torch.no_grad():
-            yield from blend_windows(forward, source.height, source.width, (tile, tile),
-                                     (tile - overlap, tile - overlap), "cosine", window_batch)
+            yield from blend_blocks(forward, source.height, source.width, (tile, tile),
+                                    (tile - overlap, tile - overlap), "cosine", window_batch)
     finally:
         if module is not None:
             module.train(was_training)
+
+
+def tiled_probabilities(
+    model: TiledModel,
+    source: ImageSource,
+    tile: int = DEFAULT_TILE,
+    overlap: int = DEFAULT_OVERLAP,
+    window_batch: int = 4,
+) -> Iterator[Band]:
+    """`tiled_blocks` in full-width row bands (each classes x band rows x width floats).
+
+    Args:
+        model: the prepared model and its normalisation (`TiledModel.from_segmenter`).
+        source: the image, read window by window.
+        tile: window side in pixels.
+        overlap: pixels shared by neighbouring windows (the stride is `tile - overlap`).
+        window_batch: windows per forward pass.
+    """
+    return row_bands(tiled_blocks(model, source, tile, overlap, window_batch), source.width)
 
 
 def predict_tiled(
@@ -387,14 +537,25 @@ def predict_tiled(
         ignore_label: the label of pixels without data.
     """
     counts = np.zeros(max(model.num_classes, ignore_label + 1), dtype=np.int64)
+    dtype = np.min_scalar_type(len(counts) - 1)
+    bands: dict[int, np.ndarray] = {}  # first row -> labels of the band (two bands are open at the bottom)
+    filled: dict[int, int] = {}  # first row -> columns labelled so far
     try:
-        for band in tiled_probabilities(model, source, tile, overlap, window_batch):
-            labels = band.pixels["out"][0].argmax(dim=0).numpy()
-            valid = source.valid(band.rows)
+        for block in tiled_blocks(model, source, tile, overlap, window_batch):
+            top = block.rows.start
+            if top not in bands:
+                bands[top], filled[top] = np.zeros((block.rows.stop - top, source.width), dtype), 0
+            labels = bands[top]
+            labels[:, block.cols] = block.pixels["out"][0].argmax(dim=0).numpy()
+            filled[top] += block.cols.stop - block.cols.start
+            if filled[top] < source.width:
+                continue
+            del bands[top], filled[top]
+            valid = source.valid(block.rows)
             if valid is not None:
                 labels[~valid] = ignore_label
             counts += np.bincount(labels.ravel(), minlength=len(counts))[:len(counts)]
-            writer.write(band.rows, labels)
+            writer.write(block.rows, labels)
         writer.close()
     except BaseException:
         writer.abort()
