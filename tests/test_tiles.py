@@ -275,3 +275,18 @@ def test_serve_slide_mode_runs_the_tiling_code(monkeypatch):
     assert response.status_code == 200
     assert calls == [(40, 56, (32, 32), (24, 24))]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(response.content))), expected)
+
+
+def test_a_grey_model_segments_a_grey_png_in_tiles(tmp_path):
+    """Tiled PNG input goes through the one image reader: a 1-band model gets the grey band itself
+    (not RGB), so the labels equal those of the same array streamed from memory."""
+    from upernet.inference.tiles import predict_file
+
+    grey = np.random.default_rng(3).integers(0, 255, (70, 90), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    model = TiledModel(nn.Conv2d(1, 3, 3, padding=1).eval(), 3, (100.0,), (50.0,))
+    out = predict_file(model, tmp_path / "grey.png", tmp_path / "grey", [(0, 0, 0), (9, 9, 9), (99, 99, 99)], 32, 8)
+    expected = tmp_path / "expected.png"
+    predict_tiled(model, ArraySource(grey), PngLabelWriter(expected, 70, 90, [(0, 0, 0)] * 3), 32, 8)
+    assert out.name == "grey_labels.png"
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(expected)))

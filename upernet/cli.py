@@ -261,11 +261,10 @@ def run_predict_tiles(args, model: Any, inputs: list[str], device: str) -> list[
     """Predict the images that go in tiles; returns the inputs left for the ordinary path."""
     from pathlib import Path
 
-    from .inference.geotiff import GeoWarning
     from .inference.modes import find_images
     from .inference.predict import output_stems
     from .inference.segmenter import Segmenter
-    from .inference.tiles import DEFAULT_TILE, TiledModel, predict_file, wants_tiles
+    from .inference.tiles import DEFAULT_TILE, predict_files, wants_tiles
 
     files = find_images(inputs)
     tiled = [i for i, (file, _) in enumerate(files) if args.tile or wants_tiles(file)]
@@ -277,19 +276,13 @@ def run_predict_tiles(args, model: Any, inputs: list[str], device: str) -> list[
     if args.size not in ("meta", "none"):
         raise UserError(f"--size {args.size}: tiled prediction runs at the image's own resolution; drop --size")
     segmenter = Segmenter(model, device=device, precision=args.precision)
-    tiled_model = TiledModel.from_segmenter(segmenter)
     stems = output_stems(files, Path(args.out))
-    tile = args.tile or DEFAULT_TILE
-    for i in tiled:
-        if not args.tile:
-            say(f"{files[i][0]}: predicted in {tile} px tiles (huge image or GeoTIFF)")
-        stems[i].parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GeoWarning)
-            out = predict_file(tiled_model, files[i][0], stems[i], segmenter.meta["palette"], tile, args.overlap,
-                               args.bands)
-        for warning in caught:
-            say(f"upernet predict: warning: {warning.message}")
+    if not args.tile:
+        say(f"{len(tiled)} image(s) predicted in {DEFAULT_TILE} px tiles (huge images or GeoTIFFs)")
+    for path, out, notes in predict_files(segmenter, [files[i][0] for i in tiled], [stems[i] for i in tiled],
+                                          args.tile, args.overlap, args.bands):
+        for message in notes:
+            say(f"upernet predict: warning: {message}")
         print(f"wrote {out}")
     return [str(file) for i, (file, _) in enumerate(files) if i not in set(tiled)]
 
@@ -668,7 +661,7 @@ def run_plot(args) -> None:
         print(path)
 
 
-# ---- data check / convert (issue 16: your own data) ----------------------------------------------
+# ---- data check / convert: your own data --------------------------------------------------------
 def add_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", choices=("auto", "folder", "ade20k", "cityscapes", "voc", "hf"), default="auto",
                    help="dataset layout (default: found from the folder names)")

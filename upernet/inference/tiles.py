@@ -49,6 +49,7 @@ import contextlib
 import math
 import os
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -609,18 +610,13 @@ def wants_tiles(path: str | os.PathLike) -> bool:
     return image_pixels(path) > AUTO_TILE_PIXELS or (is_geotiff(path) and is_georeferenced(path))
 
 
-def read_picture(path: str | os.PathLike) -> ArraySource:
-    """A PNG/JPEG/... decoded whole (3 bytes a pixel), EXIF orientation applied, as an `ArraySource`."""
-    from PIL import Image, ImageOps
+def read_picture(path: str | os.PathLike, channels: int = 3) -> ArraySource:
+    """A PNG/JPEG/... decoded whole (`channels` bytes a pixel) by the one image reader
+    (`data.datasets.read_image`: EXIF orientation, grey, alpha, 16-bit), as an `ArraySource`."""
+    from ..data.datasets import read_image
 
-    from ..data.transforms import to_rgb
-
-    try:
-        with huge_images_allowed(), Image.open(path) as img:
-            img.load()
-            return ArraySource(np.asarray(to_rgb(ImageOps.exif_transpose(img))))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the image ({e})") from None
+    with huge_images_allowed():
+        return ArraySource(read_image(path, channels).numpy(), channels_first=True)
 
 
 def predict_file(
@@ -662,8 +658,38 @@ def predict_file(
         return out
     if bands:
         raise UserError(f"{path}: --bands is for GeoTIFF inputs (.tif, .tiff)")
-    source = read_picture(path)
+    source = read_picture(path, len(model.mean))
     out = stem.with_name(stem.name + "_labels.png")
     predict_tiled(model, source, PngLabelWriter(out, source.height, source.width, palette), tile, overlap,
                   ignore_label=ignore_label)
     return out
+
+
+def predict_files(
+    segmenter: Any,
+    files: Sequence[Path],
+    stems: Sequence[Path],
+    tile: int | None = None,
+    overlap: int = DEFAULT_OVERLAP,
+    bands: Sequence[int] | None = None,
+) -> Iterator[tuple[Path, Path, list[str]]]:
+    """`predict_file` for each image of `files` (output `stems`) with a `Segmenter`'s model; yields
+    (image, label file, warnings about it, e.g. a GeoTIFF without georeferencing).
+
+    Args:
+        segmenter: the prepared model, its pre-processing and palette.
+        files: the images.
+        stems: their output paths without the `_labels` suffix.
+        tile: window side; None: `DEFAULT_TILE`.
+        overlap: pixels shared by neighbouring windows.
+        bands: GeoTIFF bands to read (1-based); None for all.
+    """
+    from .geotiff import GeoWarning
+
+    model = TiledModel.from_segmenter(segmenter)
+    for path, stem in zip(files, stems):
+        Path(stem).parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GeoWarning)
+            out = predict_file(model, path, stem, segmenter.meta["palette"], tile or DEFAULT_TILE, overlap, bands)
+        yield Path(path), out, [str(w.message) for w in caught if issubclass(w.category, GeoWarning)]
