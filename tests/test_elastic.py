@@ -111,3 +111,36 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint_with_the_uninterrupte
     assert all(torch.equal(a[k], b[k]) for k in a), "the restarted run's weights differ from the uninterrupted run"
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if r["kind"] == "train"] == list(range(1, 11))  # rewound to the checkpoint
+
+
+def _resume_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from upernet.distributed import DistInfo
+    from upernet.errors import UserError
+    from upernet.training.loop import check_same_checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2)
+    try:
+        check_same_checkpoint({"iteration": 4}, Path(out_dir) / "iter_4.pt", info)  # the same: no error
+        try:  # node 1 sees a run folder of its own (not shared): another checkpoint
+            check_same_checkpoint({"iteration": 4 if rank == 0 else 2}, Path(out_dir) / f"rank{rank}.pt", info)
+            message = ""
+        except UserError as e:
+            message = str(e)
+        Path(out_dir, f"rank{rank}.txt").write_text(message)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_resuming_from_different_checkpoints_stop_with_one_line(tmp_path):
+    """A run folder that is not shared between nodes shows up as ranks resuming from different
+    iterations: every rank stops with one line naming the fix, instead of training apart."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_resume_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "resume from different iterations [4, 2]" in message and "shares" in message
+        assert len(message.splitlines()) == 1
