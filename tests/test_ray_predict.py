@@ -231,3 +231,26 @@ def test_a_uri_is_decoded_like_the_same_file_any_band_count(tmp_path):
 
     with pytest.raises(UserError, match="cannot be read as an image"):
         read_image(b"not an image", 3)
+
+
+def test_a_full_disk_is_told_apart_from_other_write_errors_in_the_actor(setup, tmp_path, monkeypatch):
+    """The model actor (run here in this process) marks an image whose outputs hit ENOSPC as "disk full",
+    the row the driver stops the job on; any other write error stays that image's own failure."""
+    import errno
+
+    from upernet.inference import batch as batch_module
+
+    actor = batch_module.SegmentActor(str(setup / "model"), {"device": "cpu", "precision": "fp32", "size": "none"},
+                                      save_probs=False, legend=True)
+    decoded = batch_module.decode_row({"source": str(setup / "images" / "im1.png"), "stem": str(tmp_path / "im1")},
+                                      actor.segmenter.preprocessor)
+    rows = {}
+    for code in (errno.ENOSPC, errno.EACCES):
+        def refuse(*args, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(batch_module, "write_prediction", refuse)
+        (text,) = actor({key: [value] for key, value in decoded.items()})["row"]
+        rows[code] = json.loads(text)
+    assert rows[errno.ENOSPC]["error"].startswith(batch_module.DISK_FULL)
+    assert rows[errno.EACCES]["error"].startswith("PermissionError") and not list(tmp_path.glob("im1*"))
