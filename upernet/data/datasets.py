@@ -220,6 +220,28 @@ class SegmentationDataset(Dataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    reduce_zero_label: bool = False  # stored 0 means "unlabelled", every other value minus 1
+
+    def stored_to_labels(self, raw: np.ndarray, name: str | Path) -> np.ndarray:
+        """Stored mask values -> training labels (int64), refusing values that are neither a class nor ignore."""
+        ignore = self.ignore_index
+        raw = raw.astype(np.int64, copy=False)
+        label = raw
+        if self.reduce_zero_label:
+            label = raw - 1
+            label[(raw == 0) | (raw == ignore)] = ignore
+        valid = ((label >= 0) & (label < self.num_classes)) | (label == ignore)
+        if not valid.all():
+            bad = np.unique(raw[~valid])
+            stored = f"1..{self.num_classes} (reduce_zero_label: 0 = unlabelled)" if self.reduce_zero_label \
+                else f"0..{self.num_classes - 1}"
+            raise UserError(
+                f"mask {name} has values {bad[:20].tolist()}{' ...' if len(bad) > 20 else ''} that are neither a "
+                f"class ({self.num_classes} classes: stored values {stored}) nor the ignore index {ignore}. "
+                f"Fix the mask (a JPEG-saved mask gets such values: save masks as PNG), or the class list / "
+                f"reduce_zero_label of the dataset (`upernet data check` finds the label protocol).")
+        return label
+
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Sample `index` before the transform: uint8 (channels, H, W) image, int64 (H, W) label, path."""
         raise NotImplementedError
@@ -269,25 +291,6 @@ class FileDataset(SegmentationDataset):
         return len(self.images)
 
     # -- per-pair reading and checks
-    def _labels(self, raw: np.ndarray, path: Path) -> np.ndarray:
-        """Stored values -> training labels, refusing values that are neither a class nor ignore."""
-        ignore = self.ignore_index
-        label = raw
-        if self.reduce_zero_label:
-            label = raw - 1
-            label[(raw == 0) | (raw == ignore)] = ignore
-        valid = ((label >= 0) & (label < self.num_classes)) | (label == ignore)
-        if not valid.all():
-            bad = np.unique(raw[~valid])
-            stored = f"1..{self.num_classes} (reduce_zero_label: 0 = unlabelled)" if self.reduce_zero_label \
-                else f"0..{self.num_classes - 1}"
-            raise UserError(
-                f"mask {path} has values {bad[:20].tolist()}{' ...' if len(bad) > 20 else ''} that are neither a "
-                f"class ({self.num_classes} classes: stored values {stored}) nor the ignore index {ignore}. "
-                f"Fix the mask (a JPEG-saved mask gets such values: save masks as PNG), or the class list / "
-                f"reduce_zero_label of the dataset.")
-        return label
-
     def _read_pair(self, index: int) -> tuple[torch.Tensor, np.ndarray]:
         image = read_image(self.images[index], self.channels)
         raw = read_mask(self.masks[index])
@@ -308,7 +311,7 @@ class FileDataset(SegmentationDataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         image, raw = self._read_pair(index)
-        label = self._labels(raw, self.masks[index])
+        label = self.stored_to_labels(raw, self.masks[index])
         return image, torch.from_numpy(label), str(self.images[index])
 
     # -- checks on open
@@ -333,7 +336,7 @@ class FileDataset(SegmentationDataset):
         for i in decoded:
             try:
                 _, raw = self._read_pair(i)
-                self._labels(raw, self.masks[i])
+                self.stored_to_labels(raw, self.masks[i])
                 stored.update(np.unique(raw).tolist())
             except ValueError as err:
                 problems.append(str(err))

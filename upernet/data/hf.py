@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from .datasets import SegmentationDataset, class_names
-from .labels import mask_values, stored_to_labels
+from .labels import mask_values
 from .transforms import to_image_tensor
 
 IMAGE_COLUMNS = ("image", "pixel_values", "img", "images", "input")
@@ -128,8 +128,8 @@ class HFDataset(SegmentationDataset):
         if raw.shape != (image.height, image.width):
             raise UserError(f"{where}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but the image is "
                             f"{image.width}x{image.height}; a mask must cover its image pixel for pixel")
-        label = stored_to_labels(raw, self.num_classes, self.reduce_zero_label, where, self.ignore_index)
-        return to_image_tensor(image), torch.from_numpy(label), where
+        label = self.stored_to_labels(raw, where)
+        return to_image_tensor(image, self.channels), torch.from_numpy(label), where
 
 
 def hf(root: str | Path, split: str, transform: Callable | None = None,

@@ -171,22 +171,6 @@ def index_mask(img: Image.Image, protocol: LabelProtocol, name: str | Path) -> n
     return out
 
 
-def stored_to_labels(raw: np.ndarray, num_classes: int, reduce_zero_label: bool, name: str | Path,
-                     ignore_index: int = IGNORE) -> np.ndarray:
-    """Stored index values -> training labels (int64), refusing values that are neither a class nor ignore."""
-    label = raw.astype(np.int64)
-    if reduce_zero_label:
-        label = label - 1
-        label[(raw == 0) | (raw == ignore_index)] = ignore_index
-    valid = ((label >= 0) & (label < num_classes)) | (label == ignore_index)
-    if not valid.all():
-        bad = np.unique(raw[~valid])[:20].tolist()
-        raise UserError(f"mask {name} has values {bad} that are neither a class ({num_classes} classes"
-                        f"{', reduce_zero_label' if reduce_zero_label else ''}) nor the ignore index {ignore_index}; "
-                        f"fix the class list, or run `upernet data check` to find the label protocol")
-    return label
-
-
 def write_index_png(labels: np.ndarray, path: str | Path) -> Path:
     """Write uint8 labels as a single-channel PNG, atomically (a failure leaves no partial file)."""
     if labels.dtype != np.uint8 or labels.ndim != 2:
