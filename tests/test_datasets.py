@@ -275,3 +275,15 @@ def test_docstring_args_match_signatures():
         target = obj.__init__ if inspect.isclass(obj) else obj
         params = [p for p in inspect.signature(target).parameters if p != "self"]
         assert documented == params, obj.__name__
+
+
+def test_load_label_reads_the_mask_alone_and_equals_the_label_of_load(tmp_path, monkeypatch):
+    """Class statistics (class_weight: auto) read masks only: no image is decoded, same labels."""
+    from upernet.data import datasets, write_synthetic_folder
+    from upernet.data.build import build_dataset
+
+    write_synthetic_folder(tmp_path / "lake", num_train=3, num_val=1)
+    data = build_dataset("folder", tmp_path / "lake", "train", None, classes=7)
+    expected = [data.load(i)[1] for i in range(len(data))]
+    monkeypatch.setattr(datasets, "read_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded")))
+    assert all(torch.equal(data.load_label(i), label) for i, label in enumerate(expected))

@@ -213,8 +213,8 @@ def test_class_weight_auto_counts_the_training_masks():
         def __len__(self):
             return len(self.labels)
 
-        def load(self, i):
-            return None, self.labels[i], f"mask{i}"
+        def load_label(self, i):  # masks only, as SegmentationDataset.load_label
+            return self.labels[i]
 
     data = Masks([torch.tensor([[0, 0, 1, IGNORE]]), torch.tensor([[0, 2, 2, 2]])])
     assert count_class_pixels(data, 3) == ([3, 1, 3], [7, 3, 4])

@@ -246,6 +246,10 @@ class SegmentationDataset(Dataset):
         """Sample `index` before the transform: uint8 (channels, H, W) image, int64 (H, W) label, path."""
         raise NotImplementedError
 
+    def load_label(self, index: int) -> torch.Tensor:
+        """The int64 (H, W) label of sample `index` alone (class statistics need no image)."""
+        return self.load(index)[1]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image, label, path = self.load(index)
         image, label = self.transform(image, label)
@@ -313,6 +317,9 @@ class FileDataset(SegmentationDataset):
         image, raw = self._read_pair(index)
         label = self.stored_to_labels(raw, self.masks[index])
         return image, torch.from_numpy(label), str(self.images[index])
+
+    def load_label(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.stored_to_labels(read_mask(self.masks[index]), self.masks[index]))
 
     # -- checks on open
     def verify(self, mode: str = "full") -> None:

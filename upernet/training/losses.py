@@ -268,13 +268,13 @@ def class_weights_from_frequencies(pixels: Sequence[float], rule: str = "enet",
 
 
 def count_class_pixels(dataset, num_classes: int) -> tuple[list[int], list[int]]:
-    """Per class, the labelled pixels over every mask of `dataset` (before its transform), and the
+    """Per class, the labelled pixels over every mask of `dataset` (masks only, before the transform), and the
     labelled pixels of the images where the class appears (what "median" balancing divides by)."""
     pixels = torch.zeros(num_classes, dtype=torch.int64)
     image_pixels = torch.zeros(num_classes, dtype=torch.int64)
     ignore = int(dataset.ignore_index)
     for index in range(len(dataset)):
-        label = dataset.load(index)[1].reshape(-1).long()
+        label = dataset.load_label(index).reshape(-1).long()
         label = label[label.ne(ignore)]
         counts = torch.bincount(label, minlength=num_classes)[:num_classes]
         pixels += counts
