@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import MissingFile, UserError
 from .modes import IMAGE_SUFFIXES, find_images
 from .predict import output_stems, write_prediction
-from .segmenter import Preprocessor, Segmenter
+from .segmenter import Preprocessor, Segmenter, load_source
 
 MANIFEST = "manifest.jsonl"
 DISK_FULL = "disk full"
@@ -276,9 +276,12 @@ def predict_ray(
     if not pending:
         return result
 
-    # The driver reads the model's test-time protocol (resize rule, normalisation) for the decoders.
+    # The driver reads the model once: its test-time protocol (resize rule, normalisation) for the
+    # decoders, and the weights the actors get through Ray's object store (no node reads the file again).
     options = {k: v for k, v in segmenter_options.items() if v is not None}
-    preprocessor = Segmenter(model, **{**options, "device": "cpu"}).preprocessor
+    model_source = model
+    model = load_source(model)
+    preprocessor = Segmenter(model, **{**options, "device": "cpu", "precision": "fp32"}).preprocessor
     started = connect(address)
     manifest = Manifest(manifest_path)
     try:
@@ -290,7 +293,7 @@ def predict_ray(
                             f"{actors * threads_per_actor + 0.5:g}; use fewer actors or a larger cluster")
         if gpus_per_actor is None:
             gpus_per_actor = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        model_arg = ray.put(model) if isinstance(model, nn.Module) else str(model)
+        model_arg = ray.put(model) if isinstance(model, nn.Module) else str(model_source)  # ONNX: by path
         data = ray.data.from_items(pending, override_num_blocks=min(len(pending), 4 * actors * batch_size))
         # Half a CPU per decoding task (a different resource request from the actors' also keeps Ray
         # from fusing decoding into the model actors): decoding overlaps the forward passes.
