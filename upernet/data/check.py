@@ -184,15 +184,20 @@ def sample_indices(count: int, max_images: int | None) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, max_images).round().astype(int).tolist()))
 
 
-def read_pair(listing: SplitListing, pair: Pair) -> tuple[str, Image.Image | None, str, Image.Image | None]:
+def read_pair(listing: SplitListing, pair: Pair, with_image: bool = True
+              ) -> tuple[str, Image.Image | None, str, Image.Image | None]:
     """(image name, decoded image, mask name, decoded mask) of a pair; unreadable files raise UserError.
-    Images get their EXIF orientation applied (as the datasets do), masks never."""
+    Images get their EXIF orientation applied (as the datasets do), masks never. `with_image=False`
+    leaves an image file undecoded (None): convert copies it as it is."""
     if listing.hf_data is not None:
         row = listing.hf_data[pair.row]
         image_column, mask_column = listing.hf_columns
         return f"{pair.name}.{image_column}", row[image_column], f"{pair.name}.{mask_column}", row[mask_column]
     decoded = []
     for path, what in ((pair.image, "image"), (pair.mask, "mask")):
+        if what == "image" and not with_image:
+            decoded.append(None)
+            continue
         try:
             with Image.open(path) as img:
                 img.load()
@@ -654,7 +659,8 @@ def convert_dataset(root: str | Path, out: str | Path, layout: str = "auto", pal
     for split, listing in report.listings.items():
         img_dir, ann_dir = out_path / "img_dir" / split, out_path / "ann_dir" / split
         for pair in listing.pairs:
-            image_name, image, mask_name, mask = read_pair(listing, pair)
+            # the check above decoded every file; an image file is now only copied
+            image_name, image, mask_name, mask = read_pair(listing, pair, with_image=pair.image is None)
             labels = index_mask(mask, protocol, mask_name)
             key = pair.name if pair.row is None else f"{pair.row:06d}"
             (ann_dir / key).parent.mkdir(parents=True, exist_ok=True)
