@@ -218,6 +218,25 @@ def elastic_restarts() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+ELASTIC_RUN_FILE = "elastic_run_id"  # the rendezvous id of the torchrun job that writes the run folder
+
+
+def elastic_job() -> str | None:
+    """The rendezvous id (`--rdzv-id`) of the torchrun job of this process; None outside torchrun or
+    for torchrun's default id, which does not tell one job from another."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run_id if run_id and run_id != "none" else None
+
+
+def restarted_by_torchrun(run_dir: Path) -> bool:
+    """torchrun restarted this job's workers: a failure it counted, or a node leaving or joining, which
+    it does not count in TORCHELASTIC_RESTART_COUNT; the job id recorded in the run folder tells that
+    restart from a new job."""
+    marker = run_dir / ELASTIC_RUN_FILE
+    job = elastic_job()
+    return bool(elastic_restarts()) or (job is not None and marker.is_file() and marker.read_text().strip() == job)
+
+
 def check_same_checkpoint(checkpoint: dict | None, resume_file: Path | None, info: DistInfo) -> None:
     """Every process must resume from the same iteration: the checkpoint folder is the only state
     the processes share, so it must be one folder (a shared filesystem) for every node."""
@@ -258,7 +277,7 @@ def resolve_run(config_path: str | None, overrides: list[str] | tuple[str, ...] 
         if run_dir is None:
             run_dir = Path("runs") / (Path(config_path).stem if config_path else "builtin")
         if any((run_dir / "checkpoints").glob("iter_*.pt")):
-            if elastic_restarts():  # torchrun restarted the workers after a failure: continue the run
+            if restarted_by_torchrun(run_dir):  # torchrun restarted the workers: continue the run
                 return resolve_run(config_path, overrides, str(run_dir), None, True, allow_changes)
             raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume, or pick another "
                             f"folder with --out")
@@ -352,6 +371,8 @@ def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir / "checkpoints")
         write_text(run_dir / "config.yaml", dump_config(cfg))
+        if elastic_job() is not None:
+            write_text(run_dir / ELASTIC_RUN_FILE, elastic_job() + "\n")
     log = MetricsLog(run_dir, info.is_main, start)
     if changes:
         log.write({"kind": "config", "iter": start, "changes": changes})
