@@ -254,3 +254,41 @@ def test_a_full_disk_is_told_apart_from_other_write_errors_in_the_actor(setup, t
         rows[code] = json.loads(text)
     assert rows[errno.ENOSPC]["error"].startswith(batch_module.DISK_FULL)
     assert rows[errno.EACCES]["error"].startswith("PermissionError") and not list(tmp_path.glob("im1*"))
+
+
+def test_the_driver_stops_on_a_full_disk_and_the_rerun_redoes_that_image(tmp_path, monkeypatch):
+    """The driver records each actor row as it comes; a "disk full" row stops the job with one line,
+    the rows before it stay in the manifest, and the failed image is not complete for the rerun. A
+    manifest line that cannot be written for lack of space is the same one-line stop."""
+    import errno
+
+    from upernet.errors import UserError
+    from upernet.inference.batch import (DISK_FULL, BatchResult, Manifest, is_complete, read_manifest,
+                                         record_rows)
+
+    done = tmp_path / "a.png"
+    done.write_bytes(b"png")
+    rows = [{"source": "a.jpg", "stem": str(tmp_path / "a"), "outputs": [str(done)], "error": ""},
+            {"source": "b.jpg", "stem": str(tmp_path / "b"), "outputs": [], "error": f"{DISK_FULL}: [Errno 28]"},
+            {"source": "c.jpg", "stem": str(tmp_path / "c"), "outputs": [], "error": ""}]
+    manifest_path = tmp_path / "manifest.jsonl"
+    result, manifest = BatchResult(tmp_path, manifest_path), Manifest(manifest_path)
+    with pytest.raises(UserError, match=r"b: cannot write the outputs, the disk is full; free some space") as e:
+        record_rows((json.dumps(r) for r in rows), manifest, result)
+    manifest.close()
+    assert len(str(e.value).splitlines()) == 1
+    recorded = read_manifest(manifest_path)
+    assert sorted(recorded) == ["a.jpg", "b.jpg"]  # c never reached the manifest: the job stopped at b
+    assert is_complete(recorded["a.jpg"]) and not is_complete(recorded["b.jpg"])
+    assert result.written == ["a.jpg"] and [source for source, _ in result.failures] == ["b.jpg"]
+
+    manifest = Manifest(manifest_path)
+
+    def no_space(row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(manifest, "write", no_space)
+    with pytest.raises(UserError, match=r"manifest.jsonl: cannot record c.jpg, the disk is full"):
+        record_rows([json.dumps(rows[2])], manifest, BatchResult(tmp_path, manifest_path))
+    manifest.close()
+    assert "c.jpg" not in read_manifest(manifest_path)  # not recorded: the rerun does it again

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -124,6 +124,7 @@ class Manifest:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.file = open(path, "a+b")
         self.file.seek(0, os.SEEK_END)
         if self.file.tell():  # a run killed mid-line left no newline: start a fresh line
@@ -225,6 +226,28 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def record_rows(rows: Iterable[str], manifest: Manifest, result: BatchResult) -> None:
+    """The driver's side of the job: each actor row (JSON) into the manifest as it arrives, then into
+    `result`. A full disk stops the job with one line (every later image would fail the same way);
+    its image stays incomplete in the manifest, so the rerun the line asks for redoes it."""
+    for text in rows:
+        row = {**json.loads(text), "finished": round(time.time(), 3)}
+        try:
+            manifest.write(row)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"{manifest.path}: cannot record {row['source']}, the disk is full; free some space "
+                            f"and run the same command again (done images are skipped)") from None
+        if row["error"]:
+            result.failures.append((row["source"], row["error"]))
+            if row["error"].startswith(DISK_FULL):
+                raise UserError(f"{row['stem']}: cannot write the outputs, the disk is full; free some "
+                                f"space and run the same command again (done images are skipped)")
+        else:
+            result.written.append(row["source"])
+
+
 def predict_ray(
     model: str | os.PathLike | nn.Module,
     inputs: Sequence[str | os.PathLike],
@@ -303,17 +326,8 @@ def predict_ray(
             num_gpus=gpus_per_actor, num_cpus=threads_per_actor,
             fn_constructor_kwargs={"model": model_arg, "options": {**options, "threads": threads_per_actor},
                                    "save_probs": save_probs, "legend": legend})
-        for batch in segmented.iter_batches(batch_size=None, batch_format="numpy"):
-            for text in batch["row"]:
-                row = {**json.loads(text), "finished": round(time.time(), 3)}
-                manifest.write(row)
-                if row["error"]:
-                    result.failures.append((row["source"], row["error"]))
-                    if row["error"].startswith(DISK_FULL):  # every image would fail the same way
-                        raise UserError(f"{row['stem']}: cannot write the outputs, the disk is full; free some "
-                                        f"space and run the same command again (done images are skipped)")
-                else:
-                    result.written.append(row["source"])
+        batches = segmented.iter_batches(batch_size=None, batch_format="numpy")
+        record_rows((text for batch in batches for text in batch["row"]), manifest, result)
     finally:
         manifest.close()
         if started:
