@@ -311,11 +311,17 @@ def add_train(sub) -> None:
 def run_train(args) -> None:
     from pathlib import Path
 
-    from .training.loop import TrainingDiverged, resolve_run, train
+    from .training.loop import TrainingDiverged, resolve_run, restarts_reuse_the_rendezvous_store, train
 
+    if restarts_reuse_the_rendezvous_store() and os.environ.get("LOCAL_RANK", "0") == "0":
+        say("upernet train: warning: torchrun keeps one rendezvous store for all restarts, and restarted "
+            "workers can try the dead workers' addresses left in it and fail or hang; launch torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     recipe, overrides = split_overrides(args.config, list(args.overrides))
     config, run_dir, resume_file = resolve_run(recipe, overrides, args.out, args.resume or None,
                                                args.resume is not None, args.allow_config_changes)
+    if resume_file is not None and args.resume is None:
+        say(f"upernet train: note: torchrun restarted the workers; resuming {run_dir} from {resume_file.name}")
     try:
         result = train(config, run_dir, resume=resume_file, stop_at=args.stop_at)
     except TrainingDiverged as e:

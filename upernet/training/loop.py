@@ -228,6 +228,15 @@ def elastic_job() -> str | None:
     return run_id if run_id and run_id != "none" else None
 
 
+def restarts_reuse_the_rendezvous_store() -> bool:
+    """torchrun may restart the workers (`--max-restarts`) while they meet in the rendezvous store its
+    agents keep for the whole job. Restarted workers then find the dead workers' addresses still in
+    that store, try them, and fail again or hang (pytorch/pytorch#135712);
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every restart a new store."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
+
+
 def restarted_by_torchrun(run_dir: Path) -> bool:
     """torchrun restarted this job's workers: a failure it counted, or a node leaving or joining, which
     it does not count in TORCHELASTIC_RESTART_COUNT; the job id recorded in the run folder tells that
