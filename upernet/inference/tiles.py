@@ -206,6 +206,11 @@ def blend_blocks(
     open_rows: dict[int, OpenRow] = {}
     # grid row -> (first column, last column + 1, sums by name) of what the row above left it to add to
     carry: dict[int, list[tuple[int, int, dict[str | None, torch.Tensor]]]] = {}
+    # the carry into every grid row but the last spans the image width: it lives in one buffer per output
+    # (overlap rows x width), allocated once and reused from grid row to grid row, instead of a new piece
+    # per window. Pieces of a few tens of MB, freed and allocated window after window, fragment the C
+    # allocator's heap: its free bytes (resident) grew band after band while the live bytes stayed constant.
+    carry_buffers: dict[str | None, torch.Tensor] = {}
     image_parts: dict[int, dict[str, torch.Tensor]] = {}  # window index -> its image-level outputs
     done = 0
     pixel_outputs = False
@@ -217,6 +222,20 @@ def blend_blocks(
             for name, value in image_parts[index].items():
                 totals[name] = totals.get(name, 0) + value
         return {name: total / len(grid) for name, total in totals.items()}
+
+    def carried_piece(r: int, name: str | None, rows_left: torch.Tensor, left: int) -> torch.Tensor:
+        """The rows of grid row `r` that grid row r + 1 still adds to, at columns `left` onward, kept for it.
+
+        Into the buffer unless r + 1 is the last grid row (its carry spans a few windows: `window_order`).
+        Writing there is safe: grid row r has already taken these columns from the buffer (the row above's
+        carry), and nothing reads them again.
+        """
+        if r + 2 == rows:
+            return rows_left.clone()
+        if name not in carry_buffers:
+            carry_buffers[name] = rows_left.new_empty(*rows_left.shape[:3], width)
+        piece = carry_buffers[name][:, :, :, left:left + rows_left.shape[3]]
+        return piece.copy_(rows_left)
 
     def open_columns(r: int, row: OpenRow, contributions: dict[str | None, torch.Tensor], stop: int) -> None:
         """Extend the open block of grid row `r` to column `stop`; rows the row above reached start from the carry."""
@@ -263,7 +282,8 @@ def blend_blocks(
             pixels = {name: total[:, :, :f, :k] / weights for name, total in row.sums.items() if name is not None}
             if r + 1 < rows:
                 carry.setdefault(r + 1, []).append(
-                    (row.left, finished, {name: total[:, :, f:, :k].clone() for name, total in row.sums.items()}))
+                    (row.left, finished, {name: carried_piece(r, name, total[:, :, f:, :k], row.left)
+                                          for name, total in row.sums.items()}))
             row.sums = {name: total[:, :, :, k:] for name, total in row.sums.items()}
             last = done == len(grid)
             yield Band(slice(y1, y1 + f), pixels, image_means() if last else {}, last, slice(row.left, finished))
