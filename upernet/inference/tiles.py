@@ -250,9 +250,10 @@ def blend_blocks(
         carry[r] = [piece for piece in carry.get(r, []) if piece[1] > stop]
         row.right = stop
 
-    for start in range(0, len(order), window_batch):
-        chunk = order[start:start + window_batch]
-        outputs = forward([grid[r * cols + c] for r, c in chunk])
+    def add_windows(chunk: list[tuple[int, int]], outputs: dict[str, torch.Tensor]) -> Iterator[Band]:
+        """Add the windows of one forward pass to their open blocks; yield the blocks they finish. Its own
+        function so that the pass's outputs and weighted windows are freed before the next pass runs."""
+        nonlocal done, pixel_outputs
         for i, (r, c) in enumerate(chunk):
             index = r * cols + c
             y1, _, x1, x2 = grid[index]
@@ -290,6 +291,10 @@ def blend_blocks(
             row.left = finished
             if c + 1 == cols:
                 del open_rows[r]
+
+    for start in range(0, len(order), window_batch):
+        chunk = order[start:start + window_batch]
+        yield from add_windows(chunk, forward([grid[r * cols + c] for r, c in chunk]))
     if not pixel_outputs:  # a model with image-level outputs only
         yield Band(slice(0, height), {}, image_means(), True, slice(0, width))
 
