@@ -653,6 +653,7 @@ def predict_file(
     overlap: int = DEFAULT_OVERLAP,
     bands: Sequence[int] | None = None,
     ignore_label: int = IGNORE_LABEL,
+    window_batch: int = 4,
 ) -> Path:
     """Segment one image file in tiles; returns the label file written.
 
@@ -669,6 +670,8 @@ def predict_file(
         overlap: pixels shared by neighbouring windows.
         bands: GeoTIFF bands to read (1-based); None for all.
         ignore_label: the label of pixels without data.
+        window_batch: windows per forward pass; the outputs of one pass (window_batch x classes x tile^2
+            floats, about three times that while the softmax runs) are the largest constant in the memory.
     """
     from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff, rasterio_module
 
@@ -679,14 +682,14 @@ def predict_file(
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), GeoTiffSource(path, bands) as source:
             out = stem.with_name(stem.name + "_labels.tif")
             predict_tiled(model, source, GeoTiffLabelWriter(out, source, palette, ignore_label), tile, overlap,
-                          ignore_label=ignore_label)
+                          window_batch, ignore_label)
         return out
     if bands:
         raise UserError(f"{path}: --bands is for GeoTIFF inputs (.tif, .tiff)")
     source = read_picture(path, len(model.mean))
     out = stem.with_name(stem.name + "_labels.png")
     predict_tiled(model, source, PngLabelWriter(out, source.height, source.width, palette), tile, overlap,
-                  ignore_label=ignore_label)
+                  window_batch, ignore_label)
     return out
 
 
@@ -697,6 +700,7 @@ def predict_files(
     tile: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
     bands: Sequence[int] | None = None,
+    window_batch: int = 4,
 ) -> Iterator[tuple[Path, Path, list[str]]]:
     """`predict_file` for each image of `files` (output `stems`) with a `Segmenter`'s model; yields
     (image, label file, warnings about it, e.g. a GeoTIFF without georeferencing).
@@ -708,6 +712,7 @@ def predict_files(
         tile: window side; None: `DEFAULT_TILE`.
         overlap: pixels shared by neighbouring windows.
         bands: GeoTIFF bands to read (1-based); None for all.
+        window_batch: windows per forward pass (fewer: less memory, see `predict_file`).
     """
     from .geotiff import GeoWarning
 
@@ -716,5 +721,6 @@ def predict_files(
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GeoWarning)
-            out = predict_file(model, path, stem, segmenter.meta["palette"], tile or DEFAULT_TILE, overlap, bands)
+            out = predict_file(model, path, stem, segmenter.meta["palette"], tile or DEFAULT_TILE, overlap, bands,
+                               window_batch=window_batch)
         yield Path(path), out, [str(w.message) for w in caught if issubclass(w.category, GeoWarning)]
