@@ -12,12 +12,15 @@ count): the benchmark measures the tiling, not a backbone; a real model adds its
 probabilities at most.
 
 `--trace FILE` also samples the resident set and its peak (VmRSS, VmHWM from /proc) every second
-into FILE_<width>x<height> (JSON lines): a peak that creeps up while the live tensors stay the same shows there.
+into FILE_<width>x<height> (JSON lines), and with glibc the size of its main heap and the free
+bytes in it (mallinfo2): a peak that creeps up while the bytes in use stay the same is the heap
+fragmenting (2026-12-03-huge-image-150-classes.md).
 `--window-batch N` sets the windows per forward pass.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -41,15 +44,34 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+class MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (glibc >= 2.33)."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_mb() -> dict:
+    """glibc's heap (arena: bytes from brk/sbrk), the free bytes in it and the bytes in mmapped chunks, in
+    MB; {} without glibc's mallinfo2."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {"heap_mb": info.arena >> 20, "heap_free_mb": info.fordblks >> 20, "mmapped_mb": info.hblkhd >> 20}
+
+
 def trace_memory(path: Path, seconds: float = 1.0) -> threading.Event:
-    """Append {"t", "rss_mb", "peak_mb"} to `path` every `seconds` until the returned event is set."""
+    """Append {"t", "rss_mb", "peak_mb", heap_mb()} to `path` every `seconds` until the returned event is set."""
     stop, start = threading.Event(), time.perf_counter()
 
     def sample() -> None:
         with open(path, "a") as f:
             while not stop.wait(seconds):
                 f.write(json.dumps({"t": round(time.perf_counter() - start, 1), "rss_mb": round(rss_mb()),
-                                    "peak_mb": round(rss_mb("VmHWM"))}) + "\n")
+                                    "peak_mb": round(rss_mb("VmHWM")), **heap_mb()}) + "\n")
                 f.flush()
 
     threading.Thread(target=sample, daemon=True).start()
