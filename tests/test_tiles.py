@@ -290,3 +290,27 @@ def test_a_grey_model_segments_a_grey_png_in_tiles(tmp_path):
     predict_tiled(model, ArraySource(grey), PngLabelWriter(expected, 70, 90, [(0, 0, 0)] * 3), 32, 8)
     assert out.name == "grey_labels.png"
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(expected)))
+
+
+def test_cli_window_batch_reaches_the_blend_and_keeps_the_labels(tmp_path, monkeypatch, model_dir):
+    # `--window-batch 1` bounds the forward pass's outputs to one window; the labels stay those of the default.
+    import upernet.inference.tiles as tiles
+
+    image = (np.random.default_rng(4).random((70, 90, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    batches = []
+    blend_blocks = tiles.blend_blocks
+
+    def spy(*args, **kwargs):
+        batches.append(kwargs.get("window_batch", args[6] if len(args) > 6 else None))
+        yield from blend_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(tiles, "blend_blocks", spy)
+    labels = {}
+    for option in ([], ["--window-batch", "1"]):
+        out = tmp_path / f"out{len(option)}"
+        assert main(["predict", str(tmp_path / "a.png"), "--model", str(model_dir), "--out", str(out), "--tile", "32",
+                     "--overlap", "8", "--precision", "fp32", "--device", "cpu", *option]) == 0
+        labels[len(option)] = np.asarray(Image.open(out / "a_labels.png"))
+    assert batches == [4, 1]
+    assert np.array_equal(labels[0], labels[2])

@@ -255,6 +255,9 @@ def add_tiles(p: argparse.ArgumentParser) -> None:
                    help="pixels shared by neighbouring windows, blended smoothly (default: %(default)s)")
     g.add_argument("--bands", nargs="+", type=positive_int, metavar="B",
                    help="GeoTIFF bands to read, 1-based, in the model's channel order (default: all)")
+    g.add_argument("--window-batch", type=positive_int, default=4, metavar="N",
+                   help="windows per forward pass; fewer need less memory (with 150 classes each window's "
+                        "probabilities take 150 MB, three times that during the softmax) (default: %(default)s)")
 
 
 def run_predict_tiles(args, model: Any, inputs: list[str], device: str) -> list[str]:
@@ -280,7 +283,7 @@ def run_predict_tiles(args, model: Any, inputs: list[str], device: str) -> list[
     if not args.tile:
         say(f"{len(tiled)} image(s) predicted in {DEFAULT_TILE} px tiles (huge images or GeoTIFFs)")
     for path, out, notes in predict_files(segmenter, [files[i][0] for i in tiled], [stems[i] for i in tiled],
-                                          args.tile, args.overlap, args.bands):
+                                          args.tile, args.overlap, args.bands, args.window_batch):
         for message in notes:
             say(f"upernet predict: warning: {message}")
         print(f"wrote {out}")

@@ -206,6 +206,11 @@ def blend_blocks(
     open_rows: dict[int, OpenRow] = {}
     # grid row -> (first column, last column + 1, sums by name) of what the row above left it to add to
     carry: dict[int, list[tuple[int, int, dict[str | None, torch.Tensor]]]] = {}
+    # the carry into every grid row but the last spans the image width: it lives in one buffer per output
+    # (overlap rows x width), allocated once and reused from grid row to grid row, instead of a new piece
+    # per window. Pieces of a few tens of MB, freed and allocated window after window, fragment the C
+    # allocator's heap: its free bytes (resident) grew band after band while the live bytes stayed constant.
+    carry_buffers: dict[str | None, torch.Tensor] = {}
     image_parts: dict[int, dict[str, torch.Tensor]] = {}  # window index -> its image-level outputs
     done = 0
     pixel_outputs = False
@@ -217,6 +222,20 @@ def blend_blocks(
             for name, value in image_parts[index].items():
                 totals[name] = totals.get(name, 0) + value
         return {name: total / len(grid) for name, total in totals.items()}
+
+    def carried_piece(r: int, name: str | None, rows_left: torch.Tensor, left: int) -> torch.Tensor:
+        """The rows of grid row `r` that grid row r + 1 still adds to, at columns `left` onward, kept for it.
+
+        Into the buffer unless r + 1 is the last grid row (its carry spans a few windows: `window_order`).
+        Writing there is safe: grid row r has already taken these columns from the buffer (the row above's
+        carry), and nothing reads them again.
+        """
+        if r + 2 == rows:
+            return rows_left.clone()
+        if name not in carry_buffers:
+            carry_buffers[name] = rows_left.new_empty(*rows_left.shape[:3], width)
+        piece = carry_buffers[name][:, :, :, left:left + rows_left.shape[3]]
+        return piece.copy_(rows_left)
 
     def open_columns(r: int, row: OpenRow, contributions: dict[str | None, torch.Tensor], stop: int) -> None:
         """Extend the open block of grid row `r` to column `stop`; rows the row above reached start from the carry."""
@@ -231,9 +250,10 @@ def blend_blocks(
         carry[r] = [piece for piece in carry.get(r, []) if piece[1] > stop]
         row.right = stop
 
-    for start in range(0, len(order), window_batch):
-        chunk = order[start:start + window_batch]
-        outputs = forward([grid[r * cols + c] for r, c in chunk])
+    def add_windows(chunk: list[tuple[int, int]], outputs: dict[str, torch.Tensor]) -> Iterator[Band]:
+        """Add the windows of one forward pass to their open blocks; yield the blocks they finish. Its own
+        function so that the pass's outputs and weighted windows are freed before the next pass runs."""
+        nonlocal done, pixel_outputs
         for i, (r, c) in enumerate(chunk):
             index = r * cols + c
             y1, _, x1, x2 = grid[index]
@@ -263,13 +283,18 @@ def blend_blocks(
             pixels = {name: total[:, :, :f, :k] / weights for name, total in row.sums.items() if name is not None}
             if r + 1 < rows:
                 carry.setdefault(r + 1, []).append(
-                    (row.left, finished, {name: total[:, :, f:, :k].clone() for name, total in row.sums.items()}))
+                    (row.left, finished, {name: carried_piece(r, name, total[:, :, f:, :k], row.left)
+                                          for name, total in row.sums.items()}))
             row.sums = {name: total[:, :, :, k:] for name, total in row.sums.items()}
             last = done == len(grid)
             yield Band(slice(y1, y1 + f), pixels, image_means() if last else {}, last, slice(row.left, finished))
             row.left = finished
             if c + 1 == cols:
                 del open_rows[r]
+
+    for start in range(0, len(order), window_batch):
+        chunk = order[start:start + window_batch]
+        yield from add_windows(chunk, forward([grid[r * cols + c] for r, c in chunk]))
     if not pixel_outputs:  # a model with image-level outputs only
         yield Band(slice(0, height), {}, image_means(), True, slice(0, width))
 
@@ -628,6 +653,7 @@ def predict_file(
     overlap: int = DEFAULT_OVERLAP,
     bands: Sequence[int] | None = None,
     ignore_label: int = IGNORE_LABEL,
+    window_batch: int = 4,
 ) -> Path:
     """Segment one image file in tiles; returns the label file written.
 
@@ -644,6 +670,8 @@ def predict_file(
         overlap: pixels shared by neighbouring windows.
         bands: GeoTIFF bands to read (1-based); None for all.
         ignore_label: the label of pixels without data.
+        window_batch: windows per forward pass; the outputs of one pass (window_batch x classes x tile^2
+            floats, about three times that while the softmax runs) are the largest constant in the memory.
     """
     from .geotiff import GeoTiffLabelWriter, GeoTiffSource, is_geotiff, rasterio_module
 
@@ -654,14 +682,14 @@ def predict_file(
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), GeoTiffSource(path, bands) as source:
             out = stem.with_name(stem.name + "_labels.tif")
             predict_tiled(model, source, GeoTiffLabelWriter(out, source, palette, ignore_label), tile, overlap,
-                          ignore_label=ignore_label)
+                          window_batch, ignore_label)
         return out
     if bands:
         raise UserError(f"{path}: --bands is for GeoTIFF inputs (.tif, .tiff)")
     source = read_picture(path, len(model.mean))
     out = stem.with_name(stem.name + "_labels.png")
     predict_tiled(model, source, PngLabelWriter(out, source.height, source.width, palette), tile, overlap,
-                  ignore_label=ignore_label)
+                  window_batch, ignore_label)
     return out
 
 
@@ -672,6 +700,7 @@ def predict_files(
     tile: int | None = None,
     overlap: int = DEFAULT_OVERLAP,
     bands: Sequence[int] | None = None,
+    window_batch: int = 4,
 ) -> Iterator[tuple[Path, Path, list[str]]]:
     """`predict_file` for each image of `files` (output `stems`) with a `Segmenter`'s model; yields
     (image, label file, warnings about it, e.g. a GeoTIFF without georeferencing).
@@ -683,6 +712,7 @@ def predict_files(
         tile: window side; None: `DEFAULT_TILE`.
         overlap: pixels shared by neighbouring windows.
         bands: GeoTIFF bands to read (1-based); None for all.
+        window_batch: windows per forward pass (fewer: less memory, see `predict_file`).
     """
     from .geotiff import GeoWarning
 
@@ -691,5 +721,6 @@ def predict_files(
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", GeoWarning)
-            out = predict_file(model, path, stem, segmenter.meta["palette"], tile or DEFAULT_TILE, overlap, bands)
+            out = predict_file(model, path, stem, segmenter.meta["palette"], tile or DEFAULT_TILE, overlap, bands,
+                               window_batch=window_batch)
         yield Path(path), out, [str(w.message) for w in caught if issubclass(w.category, GeoWarning)]
