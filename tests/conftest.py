@@ -80,3 +80,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def segment_in_one_batch(segmenter, images: list) -> tuple[dict, list]:
+    """Queue `images` on a serve BatchWorker and run them in one forward pass: (batch sizes, results)."""
+    from upernet.serve.batching import BatchWorker, Job
+
+    worker = BatchWorker(segmenter, max_queue=4, max_batch=4)
+    try:
+        jobs = [Job(image) for image in images]
+        assert all(worker.prepare(job) for job in jobs)
+        results = worker.segment_together(jobs)
+    finally:
+        worker.close()
+    return dict(worker.batch_sizes), results

@@ -212,19 +212,13 @@ def test_serve_batches_same_size_uploads_of_a_sigmoid_four_band_model():
     """Several queued images share one forward pass: the batch path too splits at the threshold and
     draws its overlays from the first three bands."""
     pytest.importorskip("fastapi")
-    from upernet.serve.batching import BatchWorker, Job
+    from conftest import segment_in_one_batch
 
     images = [bands(seed=seed) for seed in (4, 5, 6)]
     model = binary_model(0.7, channels=4, image=images[0])
     segmenter = Segmenter(model, device="cpu", precision="fp32", size="none")
-    worker = BatchWorker(segmenter, max_queue=4, max_batch=4)
-    try:
-        jobs = [Job(image) for image in images]
-        assert all(worker.prepare(job) for job in jobs)
-        results = worker.segment_together(jobs)
-    finally:
-        worker.close()
-    assert worker.batch_sizes == {3: 1}
+    batch_sizes, results = segment_in_one_batch(segmenter, images)
+    assert batch_sizes == {3: 1}
     for image, result in zip(images, results):
         expected = segmenter(image)
         np.testing.assert_array_equal(result.labels, expected.labels)

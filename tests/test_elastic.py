@@ -188,7 +188,7 @@ def test_restarts_that_reuse_the_rendezvous_store_are_warned_about(monkeypatch, 
     """torchrun's default keeps one store for every restart; `upernet train` says so on each node's
     first process, with the variable that avoids it, and trains on."""
     from upernet.cli import main
-    from upernet.training.loop import restarts_reuse_the_rendezvous_store
+    from upernet.distributed import restarts_reuse_the_rendezvous_store
 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")

@@ -13,14 +13,14 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
 import httpx  # noqa: E402
-from conftest import tiny_model  # noqa: E402
+from conftest import segment_in_one_batch, tiny_model  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from upernet import Segmenter  # noqa: E402
 from upernet.inference.predict import SAMPLE_IMAGE  # noqa: E402
 from upernet.serve.app import Limits, create_app  # noqa: E402
-from upernet.serve.batching import BatchWorker, QueueFull  # noqa: E402
+from upernet.serve.batching import QueueFull  # noqa: E402
 from upernet.serve.server import background_server  # noqa: E402
 
 CLASSES = ["road", "sky", "building", "tree", "car"]
@@ -211,17 +211,9 @@ def test_streamed_upload_without_length_is_cut_at_the_limit(segmenter):
 
 # ---- batching and the bounded queue -------------------------------------------------------------------
 def test_batched_forward_equals_one_by_one(segmenter):
-    from upernet.serve.batching import Job
-
     images = [photo(32, 40, seed=s) for s in range(3)]
-    worker = BatchWorker(segmenter, max_queue=4, max_batch=4)
-    try:
-        jobs = [Job(im) for im in images]
-        assert all(worker.prepare(job) for job in jobs)
-        results = worker.segment_together(jobs)
-    finally:
-        worker.close()
-    assert worker.batch_sizes == {3: 1}
+    batch_sizes, results = segment_in_one_batch(segmenter, images)
+    assert batch_sizes == {3: 1}
     for image, result in zip(images, results):
         np.testing.assert_array_equal(result.labels, segmenter(image).labels)
         assert result.class_names == CLASSES

@@ -314,7 +314,8 @@ def add_train(sub) -> None:
 def run_train(args) -> None:
     from pathlib import Path
 
-    from .training.loop import TrainingDiverged, resolve_run, restarts_reuse_the_rendezvous_store, train
+    from .distributed import restarts_reuse_the_rendezvous_store
+    from .training.loop import TrainingDiverged, resolve_run, train
 
     if restarts_reuse_the_rendezvous_store() and os.environ.get("LOCAL_RANK", "0") == "0":
         say("upernet train: warning: torchrun keeps one rendezvous store for all restarts, and restarted "

@@ -44,6 +44,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def elastic_job() -> str | None:
+    """The rendezvous id (`--rdzv-id`) of the torchrun job of this process; None outside torchrun or
+    for torchrun's default id, which does not tell one job from another."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return run_id if run_id and run_id != "none" else None
+
+
+def restarts_reuse_the_rendezvous_store() -> bool:
+    """torchrun may restart the workers (`--max-restarts`) while they meet in the rendezvous store its
+    agents keep for the whole job. Restarted workers then find the dead workers' addresses still in
+    that store, try them, and fail again or hang (pytorch/pytorch#135712);
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every restart a new store."""
+    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group that `torchrun` describes in the environment (if any)."""
     dev = resolve_device(device)

@@ -36,8 +36,8 @@ from torch import nn
 from ..errors import UserError
 from ..config import (Config, ROOTLESS_KINDS, config_from_dict, dump_config, load_config, note, parse_override,
                       to_dict)
-from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed,
-                           prepare_model)
+from ..distributed import (DistInfo, all_gather_objects, all_reduce_mean, barrier, cleanup, elastic_job,
+                           init_distributed, prepare_model)
 from ..io import write_text
 from ..models.weights import load_state_dict_strict, save_model
 from .checkpoint import (atomic_save, find_resume, load_checkpoint, non_finite, remove_stale_temp_files, rng_state,
@@ -213,28 +213,7 @@ def check_training_config(config: Config) -> None:
                         f"set the kind of your data too, e.g. data.kind={other}")
 
 
-def elastic_restarts() -> int:
-    """How many times torchrun has restarted this job's workers (`--max-restarts`); 0 outside torchrun."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
 ELASTIC_RUN_FILE = "elastic_run_id"  # the rendezvous id of the torchrun job that writes the run folder
-
-
-def elastic_job() -> str | None:
-    """The rendezvous id (`--rdzv-id`) of the torchrun job of this process; None outside torchrun or
-    for torchrun's default id, which does not tell one job from another."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    return run_id if run_id and run_id != "none" else None
-
-
-def restarts_reuse_the_rendezvous_store() -> bool:
-    """torchrun may restart the workers (`--max-restarts`) while they meet in the rendezvous store its
-    agents keep for the whole job. Restarted workers then find the dead workers' addresses still in
-    that store, try them, and fail again or hang (pytorch/pytorch#135712);
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every restart a new store."""
-    return (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0)
 
 
 def restarted_by_torchrun(run_dir: Path) -> bool:
@@ -243,7 +222,8 @@ def restarted_by_torchrun(run_dir: Path) -> bool:
     restart from a new job."""
     marker = run_dir / ELASTIC_RUN_FILE
     job = elastic_job()
-    return bool(elastic_restarts()) or (job is not None and marker.is_file() and marker.read_text().strip() == job)
+    counted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+    return counted or (job is not None and marker.is_file() and marker.read_text().strip() == job)
 
 
 def check_same_checkpoint(checkpoint: dict | None, resume_file: Path | None, info: DistInfo) -> None:
@@ -380,8 +360,9 @@ def train_run(cfg: Config, run_dir: Path, resume, stop_at: int | None, progress:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir / "checkpoints")
         write_text(run_dir / "config.yaml", dump_config(cfg))
-        if elastic_job() is not None:
-            write_text(run_dir / ELASTIC_RUN_FILE, elastic_job() + "\n")
+        job = elastic_job()
+        if job is not None:
+            write_text(run_dir / ELASTIC_RUN_FILE, job + "\n")
     log = MetricsLog(run_dir, info.is_main, start)
     if changes:
         log.write({"kind": "config", "iter": start, "changes": changes})
